@@ -1,0 +1,264 @@
+//! The agent's loop. Everything the agent does happens here, in this order, once per
+//! tick:
+//!
+//! 1. **sample** every GPU and drain the backend's events ([`GpuBackend`]);
+//! 2. build one immutable [`NodeSnapshot`];
+//! 3. **decide**: the policy proposes power limits ([`Policy`]);
+//! 4. **check**: the guard clamps, fits the budget, rate-limits ([`PowerGuard`]);
+//! 5. **apply** what changed, reading back the enforced limit, and audit it;
+//! 6. **emit** one telemetry record to every sink ([`Sink`]).
+//!
+//! [`Agent::run`] drives ticks from a timer until the tick count is reached or a
+//! shutdown signal arrives; the reasons the loop wakes are the arms of its one `select!`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
+
+use crate::clock::{Clock, VirtualClock};
+use crate::gpu::{GpuBackend, GpuInfo, Health};
+use crate::guard::PowerGuard;
+use crate::policy::Policy;
+use crate::snapshot::NodeSnapshot;
+use crate::telemetry::{AgentStats, Event, Record, Sink};
+
+/// What an agent is made of; see `setup` for building it from a config.
+pub struct Parts {
+    pub node: String,
+    pub tick: Duration,
+    pub backend: Box<dyn GpuBackend>,
+    pub policy: Box<dyn Policy>,
+    pub guard: PowerGuard,
+    pub sinks: Vec<Box<dyn Sink>>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub struct Agent {
+    node: String,
+    tick: Duration,
+    backend: Box<dyn GpuBackend>,
+    inventory: Arc<[GpuInfo]>,
+    policy: Box<dyn Policy>,
+    guard: PowerGuard,
+    sinks: Vec<Box<dyn Sink>>,
+    clock: Arc<dyn Clock>,
+    seq: u64,
+    /// Health at the previous tick, to report transitions.
+    health: Vec<Health>,
+    /// The last failure setting each GPU's limit, to audit a repeated failure once.
+    last_failure: Vec<Option<String>>,
+    stats: AgentStats,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.node)
+            .field("backend", &self.backend.kind())
+            .field("policy", &self.policy.name())
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of one tick, for callers that look (tests, the demo).
+#[derive(Debug, Clone)]
+pub struct Tick {
+    pub snapshot: NodeSnapshot,
+    pub events: Vec<Event>,
+}
+
+/// How the loop is paced.
+#[derive(Debug, Clone)]
+pub enum Pacing {
+    /// One tick per tick period of wall time, on whatever clock the agent has.
+    RealTime,
+    /// The agent runs on `clock`, which the loop advances by one tick period before each
+    /// tick after the first; `speed` is simulated seconds per wall second (`None`: as
+    /// fast as possible).
+    Virtual { clock: VirtualClock, speed: Option<f64> },
+}
+
+impl Agent {
+    pub fn new(parts: Parts) -> Agent {
+        let inventory: Arc<[GpuInfo]> = parts.backend.inventory().into();
+        let n = inventory.len();
+        Agent {
+            node: parts.node,
+            tick: parts.tick,
+            backend: parts.backend,
+            inventory,
+            policy: parts.policy,
+            guard: parts.guard,
+            sinks: parts.sinks,
+            clock: parts.clock,
+            seq: 0,
+            health: vec![Health::Ok; n],
+            last_failure: vec![None; n],
+            stats: AgentStats::default(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn inventory(&self) -> &[GpuInfo] {
+        &self.inventory
+    }
+
+    /// One pass of sample → snapshot → decide → check → apply → emit.
+    pub fn tick(&mut self) -> Tick {
+        let started = Instant::now();
+        let mut events = Vec::new();
+
+        // 1. Sample.
+        let samples = self.backend.sample_all();
+        for x in self.backend.drain_events() {
+            let uuid = self.inventory.get(x.gpu as usize).map_or("", |g| g.uuid.as_str());
+            warn!(gpu = x.gpu, uuid, code = x.code, "XID event");
+            events.push(Event::xid(x.gpu, uuid, x.code));
+        }
+        for (s, prev) in samples.iter().zip(&mut self.health) {
+            if s.health != *prev {
+                let uuid = self.inventory[s.index as usize].uuid.clone();
+                warn!(gpu = s.index, %uuid, from = ?*prev, to = ?s.health, "GPU health changed");
+                events.push(Event::Health { gpu: s.index, uuid, from: *prev, to: s.health });
+                *prev = s.health;
+            }
+        }
+
+        // 2. Snapshot.
+        let snapshot = NodeSnapshot {
+            seq: self.seq,
+            ts_ms: self.clock.wall_ms(),
+            now_ms: self.clock.elapsed().as_millis() as u64,
+            inventory: self.inventory.clone(),
+            samples,
+            budget_w: self.guard.budget_w(),
+        };
+
+        // 3. Decide, 4. check.
+        let decisions = self.policy.decide(&snapshot);
+        let changes = self.guard.check(&snapshot, self.policy.name(), decisions, &mut events);
+
+        // 5. Apply and audit.
+        for change in changes {
+            let gpu = change.gpu;
+            let uuid = &self.inventory[gpu as usize].uuid;
+            match self.backend.set_power_limit(gpu, change.to_w) {
+                Ok(enforced) => {
+                    info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, reason = %change.reason, "power limit changed");
+                    self.guard.applied(&change, snapshot.now_ms);
+                    self.last_failure[gpu as usize] = None;
+                    events.push(Event::LimitChanged {
+                        gpu,
+                        uuid: uuid.clone(),
+                        from_w: change.from_w,
+                        to_w: enforced,
+                        source: self.policy.name().to_owned(),
+                        reason: change.reason,
+                    });
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    if self.last_failure[gpu as usize].as_ref() != Some(&error) {
+                        warn!(gpu, %uuid, to_w = change.to_w, %error, "power limit change failed");
+                        events.push(Event::LimitFailed { gpu, uuid: uuid.clone(), to_w: change.to_w, error: error.clone() });
+                        self.last_failure[gpu as usize] = Some(error);
+                    }
+                }
+            }
+        }
+
+        // 6. Emit.
+        let record = Record::new(&self.node, self.backend.kind(), &snapshot, &events, self.stats);
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.emit(&record) {
+                self.stats.sink_errors += 1;
+                warn!(error = %e, errors = self.stats.sink_errors, "telemetry sink failed; record dropped for this sink");
+            }
+        }
+        drop(record);
+
+        self.seq += 1;
+        self.stats.tick_us = started.elapsed().as_micros() as u64;
+        Tick { snapshot, events }
+    }
+
+    /// Tick until `ticks` ticks have run (forever if `None`) or `shutdown` completes.
+    /// A shutdown lets the tick in progress finish: a tick is never cut in half.
+    pub async fn run(&mut self, ticks: Option<u64>, pacing: Pacing, shutdown: impl Future<Output = ()>) -> u64 {
+        let (period, virtual_clock) = match &pacing {
+            Pacing::RealTime => (Some(self.tick), None),
+            Pacing::Virtual { clock, speed } => {
+                (speed.map(|s| self.tick.div_f64(s.max(1e-6))), Some(clock.clone()))
+            }
+        };
+        let mut timer = period.map(|p| {
+            let mut t = tokio::time::interval(p);
+            t.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            t
+        });
+        tokio::pin!(shutdown);
+        let mut done = 0u64;
+        info!(node = %self.node, backend = self.backend.kind(), gpus = self.inventory.len(), tick = ?self.tick, "agent started");
+        while ticks.is_none_or(|n| done < n) {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    info!(ticks = done, "shutdown requested; stopping");
+                    break;
+                }
+                late = next_tick(&mut timer) => {
+                    if late.is_some_and(|l| period.is_some_and(|p| l > p)) {
+                        self.stats.ticks_late += 1;
+                        debug!(late = ?late, "tick started late");
+                    }
+                }
+            }
+            if done > 0 {
+                if let Some(c) = &virtual_clock {
+                    c.advance(self.tick);
+                }
+            }
+            self.tick();
+            done += 1;
+        }
+        done
+    }
+}
+
+/// Wait for the next tick; returns how late it started, if paced by a timer.
+async fn next_tick(timer: &mut Option<tokio::time::Interval>) -> Option<Duration> {
+    match timer {
+        Some(t) => {
+            let due = t.tick().await;
+            Some(tokio::time::Instant::now().saturating_duration_since(due))
+        }
+        None => {
+            tokio::task::yield_now().await;
+            None
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

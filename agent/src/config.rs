@@ -1,0 +1,481 @@
+//! The agent's configuration: one TOML file, parsed strictly, then validated as a step of
+//! its own.
+//!
+//! Parsing rejects unknown keys and wrong types; validation checks values and how they
+//! relate, and collects every problem rather than stopping at the first. Each error names
+//! the key path, the bad value and what is accepted. Defaults are the `DEFAULT_*`
+//! constants below, and `examples/gpulet.toml` documents every key (a test loads it).
+//!
+//! What can only be checked against the hardware (a `power.gpu` index the node does not
+//! have, bounds outside the GPU's range) is checked when the agent starts, with the same
+//! kind of error.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::gpu::Field;
+use crate::gpu::sim::model::Preset;
+use crate::gpu::sim::workload::WorkloadKind;
+
+pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+pub const MIN_TICK: Duration = Duration::from_millis(10);
+pub const MAX_TICK: Duration = Duration::from_secs(3600);
+pub const DEFAULT_SEED: u64 = 1;
+pub const DEFAULT_DEADBAND_W: f64 = 1.0;
+pub const DEFAULT_RAISE_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest simulated node.
+pub const MAX_SIM_GPUS: u32 = 64;
+/// Largest power figure accepted anywhere, in watts (a node budget of 100 kW is already
+/// far beyond any one machine).
+const MAX_WATTS: f64 = 100_000.0;
+/// Trace names that refer to traces built into the binary rather than files.
+pub const BUILTIN_TRACE: &str = "builtin:h100x8-gpt-training";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id in telemetry (and MQTT topics). Default: the hostname.
+    pub node: Option<String>,
+    /// How often the agent samples, decides and reports.
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub tick: Duration,
+    #[serde(default)]
+    pub backend: BackendKind,
+    #[serde(default)]
+    pub power: PowerConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub sim: SimConfig,
+}
+
+fn default_tick() -> Duration {
+    DEFAULT_TICK
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The simulated node of `[sim]`.
+    #[default]
+    Sim,
+    /// Real GPUs through NVML.
+    Nvml,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Sim => "sim",
+            BackendKind::Nvml => "nvml",
+        }
+    }
+}
+
+/// Power limits: the static policy's caps, the operator's bounds and the node budget.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerConfig {
+    /// Node power budget: the sum of the GPUs' limits never exceeds it. When set, the
+    /// agent manages every GPU's limit.
+    pub budget_w: Option<f64>,
+    /// Operator bounds for every GPU, inside the hardware's own.
+    pub min_w: Option<f64>,
+    pub max_w: Option<f64>,
+    /// The static policy's cap for every GPU.
+    pub limit_w: Option<f64>,
+    /// Changes smaller than this are not applied.
+    #[serde(default = "default_deadband")]
+    pub deadband_w: f64,
+    /// A GPU's limit is raised at most once per this interval (lowering is never held
+    /// back: it is the safe direction).
+    #[serde(default = "default_raise_interval", with = "humantime_serde")]
+    pub raise_interval: Duration,
+    /// Per-GPU overrides.
+    #[serde(default, rename = "gpu")]
+    pub gpus: Vec<GpuPowerConfig>,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        PowerConfig {
+            budget_w: None,
+            min_w: None,
+            max_w: None,
+            limit_w: None,
+            deadband_w: DEFAULT_DEADBAND_W,
+            raise_interval: DEFAULT_RAISE_INTERVAL,
+            gpus: Vec::new(),
+        }
+    }
+}
+
+fn default_deadband() -> f64 {
+    DEFAULT_DEADBAND_W
+}
+fn default_raise_interval() -> Duration {
+    DEFAULT_RAISE_INTERVAL
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuPowerConfig {
+    pub index: u32,
+    pub limit_w: Option<f64>,
+    pub min_w: Option<f64>,
+    pub max_w: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    #[serde(default)]
+    pub sink: SinkKind,
+    /// The file for `sink = "file"` (appended to).
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// JSON lines on standard output.
+    #[default]
+    Stdout,
+    /// JSON lines appended to `telemetry.path`.
+    File,
+    /// No telemetry output.
+    None,
+}
+
+/// The simulated node, for `backend = "sim"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The GPUs, in index order. Default: 8 × `h100-sxm` running `training`.
+    #[serde(default, rename = "gpu")]
+    pub gpus: Vec<SimGpuConfig>,
+    /// Faults to inject at given simulated times.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<SimFaultConfig>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { seed: DEFAULT_SEED, gpus: Vec::new(), faults: Vec::new() }
+    }
+}
+
+fn default_seed() -> u64 {
+    DEFAULT_SEED
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimGpuConfig {
+    pub preset: String,
+    pub workload: WorkloadKind,
+    /// How many GPUs of this kind (default 1).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// For `workload = "trace"`: an `nvidia-smi` CSV (relative to the config file) or
+    /// `builtin:h100x8-gpt-training`.
+    pub trace: Option<String>,
+    /// Which GPU of the trace to replay. Default: the simulated GPU's own index.
+    pub trace_gpu: Option<usize>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimFaultConfig {
+    /// Simulated time since start.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    pub gpu: u32,
+    pub kind: FaultKind,
+    /// For `kind = "xid"`.
+    pub xid: Option<u32>,
+    /// For `kind = "field"`: the telemetry name of the field that starts failing.
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultKind {
+    /// The GPU falls off the bus.
+    Lost,
+    /// One field starts failing.
+    Field,
+    /// An XID event.
+    Xid,
+    /// All faults of the GPU cleared.
+    Clear,
+}
+
+/// One problem with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: String },
+    /// The file is not valid TOML or does not fit the schema; `key` is empty for the
+    /// top level, `line` is known for most syntax errors.
+    #[error("{}", parse_message(*.line, .key, .message))]
+    Parse { line: Option<usize>, key: String, message: String },
+    /// A value is wrong: `key` is its path, `message` names the value and what is accepted.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+/// Every problem found in a configuration, one per line when displayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// A loaded, validated configuration and where it came from (relative paths in it are
+/// relative to that file's folder).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub base_dir: PathBuf,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        let config = Config::parse(&text)?;
+        config.validate()?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(Loaded { config, base_dir })
+    }
+
+    /// Parse TOML strictly (unknown keys and wrong types are errors). Does not validate.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| parse_error(text, "", &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            parse_error(text, &key, e.inner())
+        })
+    }
+
+    /// Check values and their relations. Returns every problem found.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut v = Validator::default();
+        v.node(self.node.as_deref());
+        if self.tick < MIN_TICK || self.tick > MAX_TICK {
+            v.err("tick", format!("{} is out of range; accepted: 10ms to 1h", show(self.tick)));
+        }
+        v.power(&self.power);
+        v.telemetry(&self.telemetry);
+        v.sim(&self.sim);
+        if v.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(v.errors)) }
+    }
+
+    /// The node id: the configured one, or the hostname.
+    pub fn node_id(&self) -> String {
+        self.node.clone().unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+}
+
+fn parse_error(text: &str, key: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    // toml's message may span lines; the first says what is wrong.
+    let message = e.message().lines().next().unwrap_or("invalid TOML").trim().to_owned();
+    ConfigError::Parse { line, key: key.to_owned(), message }
+}
+
+fn parse_message(line: Option<usize>, key: &str, message: &str) -> String {
+    let mut out = String::new();
+    if let Some(line) = line {
+        out.push_str(&format!("line {line}: "));
+    }
+    if !key.is_empty() {
+        out.push_str(key);
+        out.push_str(": ");
+    }
+    out.push_str(message);
+    out
+}
+
+fn show(d: Duration) -> String {
+    format!("{:?}", humantime::format_duration(d).to_string())
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::invalid(key, message));
+    }
+
+    fn node(&mut self, node: Option<&str>) {
+        let Some(node) = node else { return };
+        let accepted = "1 to 128 characters, none of '+', '#', '/' or control characters";
+        if node.is_empty() || node.len() > 128 {
+            self.err("node", format!("{node:?} has {} characters; accepted: {accepted}", node.len()));
+        } else if let Some(c) = node.chars().find(|c| matches!(c, '+' | '#' | '/') || c.is_control()) {
+            self.err("node", format!("{node:?} contains {c:?}, which MQTT topics cannot carry; accepted: {accepted}"));
+        }
+    }
+
+    fn watts(&mut self, key: &str, w: Option<f64>) -> Option<f64> {
+        let w = w?;
+        if !w.is_finite() || w <= 0.0 || w > MAX_WATTS {
+            self.err(key, format!("{w} W is out of range; accepted: more than 0 up to {MAX_WATTS} W"));
+            return None;
+        }
+        Some(w)
+    }
+
+    /// min ≤ limit ≤ max among the ones given.
+    fn ordered(&mut self, prefix: &str, min: Option<f64>, limit: Option<f64>, max: Option<f64>) {
+        let key = |k: &str| format!("{prefix}{k}");
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                self.err(key("min_w"), format!("{lo} W is above {} ({hi} W); accepted: min_w ≤ max_w", key("max_w")));
+            }
+        }
+        if let (Some(l), Some(lo)) = (limit, min) {
+            if l < lo {
+                self.err(key("limit_w"), format!("{l} W is below {} ({lo} W); accepted: min_w ≤ limit_w ≤ max_w", key("min_w")));
+            }
+        }
+        if let (Some(l), Some(hi)) = (limit, max) {
+            if l > hi {
+                self.err(key("limit_w"), format!("{l} W is above {} ({hi} W); accepted: min_w ≤ limit_w ≤ max_w", key("max_w")));
+            }
+        }
+    }
+
+    fn power(&mut self, p: &PowerConfig) {
+        self.watts("power.budget_w", p.budget_w);
+        let min = self.watts("power.min_w", p.min_w);
+        let max = self.watts("power.max_w", p.max_w);
+        let limit = self.watts("power.limit_w", p.limit_w);
+        self.ordered("power.", min, limit, max);
+        if !(0.0..=50.0).contains(&p.deadband_w) {
+            self.err("power.deadband_w", format!("{} W is out of range; accepted: 0 to 50 W", p.deadband_w));
+        }
+        if p.raise_interval > MAX_TICK {
+            self.err("power.raise_interval", format!("{} is out of range; accepted: 0s to 1h", show(p.raise_interval)));
+        }
+        let mut seen = HashSet::new();
+        for (i, g) in p.gpus.iter().enumerate() {
+            let prefix = format!("power.gpu[{i}].");
+            if !seen.insert(g.index) {
+                self.err(format!("{prefix}index"), format!("GPU {} is configured twice; accepted: each index once", g.index));
+            }
+            let gmin = self.watts(&format!("{prefix}min_w"), g.min_w).or(min);
+            let gmax = self.watts(&format!("{prefix}max_w"), g.max_w).or(max);
+            let glimit = self.watts(&format!("{prefix}limit_w"), g.limit_w).or(limit);
+            self.ordered(&prefix, gmin, glimit, gmax);
+        }
+    }
+
+    fn telemetry(&mut self, t: &TelemetryConfig) {
+        match (t.sink, &t.path) {
+            (SinkKind::File, None) => {
+                self.err("telemetry.path", "missing; sink = \"file\" needs a path to append JSON lines to")
+            }
+            (SinkKind::Stdout | SinkKind::None, Some(p)) => self.err(
+                "telemetry.path",
+                format!("{} is set but sink is not \"file\"; accepted: a path only with sink = \"file\"", p.display()),
+            ),
+            _ => {}
+        }
+    }
+
+    fn sim(&mut self, s: &SimConfig) {
+        let mut total: u32 = 0;
+        for (i, g) in s.gpus.iter().enumerate() {
+            let key = |k: &str| format!("sim.gpu[{i}].{k}");
+            if Preset::by_key(&g.preset).is_none() {
+                self.err(key("preset"), format!("{:?} is not a known GPU; accepted: {}", g.preset, Preset::keys()));
+            }
+            if g.count == 0 || g.count > MAX_SIM_GPUS {
+                self.err(key("count"), format!("{} is out of range; accepted: 1 to {MAX_SIM_GPUS}", g.count));
+            }
+            total = total.saturating_add(g.count);
+            match (g.workload, &g.trace) {
+                (WorkloadKind::Trace, None) => self.err(
+                    key("trace"),
+                    format!("missing; workload = \"trace\" needs a CSV path or {BUILTIN_TRACE:?}"),
+                ),
+                (w, Some(_)) if w != WorkloadKind::Trace => self.err(
+                    key("trace"),
+                    "is set but workload is not \"trace\"; accepted: a trace only with workload = \"trace\"",
+                ),
+                _ => {}
+            }
+            if g.trace_gpu.is_some() && g.trace.is_none() {
+                self.err(key("trace_gpu"), "is set without a trace; accepted: only with workload = \"trace\"");
+            }
+        }
+        if total > MAX_SIM_GPUS {
+            self.err("sim.gpu", format!("{total} GPUs in all; accepted: at most {MAX_SIM_GPUS}"));
+        }
+        let n = if s.gpus.is_empty() { 8 } else { total };
+        for (i, f) in s.faults.iter().enumerate() {
+            let key = |k: &str| format!("sim.fault[{i}].{k}");
+            if f.gpu >= n {
+                self.err(key("gpu"), format!("{} does not exist; accepted: 0 to {} (the simulated node has {n} GPUs)", f.gpu, n - 1));
+            }
+            match (f.kind, f.xid, &f.field) {
+                (FaultKind::Xid, None, _) => self.err(key("xid"), "missing; kind = \"xid\" needs an XID code"),
+                (FaultKind::Field, _, None) => self.err(key("field"), format!("missing; kind = \"field\" needs one of: {}", field_names())),
+                (FaultKind::Field, _, Some(name)) if Field::from_name(name).is_none() => {
+                    self.err(key("field"), format!("{name:?} is not a field; accepted: {}", field_names()))
+                }
+                (k, Some(_), _) if k != FaultKind::Xid => self.err(key("xid"), "is set but kind is not \"xid\""),
+                (k, _, Some(_)) if k != FaultKind::Field => self.err(key("field"), "is set but kind is not \"field\""),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn field_names() -> String {
+    Field::ALL.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,135 @@
+//! `gpulet demo`: a simulated 8-GPU node under a node power budget, with a compact live
+//! view (one line per tick) or the raw telemetry records. Needs no config and no files:
+//! its config (`examples/demo.toml`) and trace are built in.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::agent::{Agent, Pacing};
+use crate::clock::VirtualClock;
+use crate::config::Config;
+use crate::error::Error;
+use crate::gpu::Health;
+use crate::setup;
+use crate::telemetry::{Event, JsonLines, Record, Sink, SinkError};
+
+/// The demo node's config.
+pub const DEMO_CONFIG: &str = include_str!("../../examples/demo.toml");
+
+/// The demo's config, parsed and validated.
+pub fn config() -> Config {
+    let config = Config::parse(DEMO_CONFIG).expect("the built-in demo config parses");
+    config.validate().expect("the built-in demo config is valid");
+    config
+}
+
+/// Options of `gpulet demo`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub ticks: Option<u64>,
+    pub json: bool,
+    /// Simulated seconds per wall second; `None` runs as fast as possible.
+    pub speed: Option<f64>,
+}
+
+/// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
+/// time), writing to `out`.
+pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, VirtualClock), Error> {
+    let config = config();
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let clock = VirtualClock::new(now_ms);
+    let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone()))?;
+    let sink: Box<dyn Sink> = if opts.json {
+        Box::new(JsonLines::new(out))
+    } else {
+        Box::new(LiveView::new(out, config.tick, backend.backend.inventory().len()))
+    };
+    let agent = setup::agent(&config, backend, vec![sink], Arc::new(clock.clone()))?;
+    Ok((agent, clock))
+}
+
+/// Run the demo until `ticks` or Ctrl-C.
+pub async fn run(opts: Options) -> Result<u64, Error> {
+    let (mut agent, clock) = agent(&opts, Box::new(std::io::stdout()))?;
+    let pacing = Pacing::Virtual { clock, speed: opts.speed };
+    Ok(agent.run(opts.ticks, pacing, crate::agent::shutdown_signal()).await)
+}
+
+/// The compact live view: a header, then one line per tick, then a line per event.
+pub struct LiveView<W: Write + Send> {
+    out: W,
+    tick: Duration,
+    header_done: bool,
+    gpus: usize,
+}
+
+impl<W: Write + Send> LiveView<W> {
+    pub fn new(out: W, tick: Duration, gpus: usize) -> LiveView<W> {
+        LiveView { out, tick, header_done: false, gpus }
+    }
+}
+
+impl<W: Write + Send> Sink for LiveView<W> {
+    fn emit(&mut self, r: &Record<'_>) -> Result<(), SinkError> {
+        let mut line = String::new();
+        if !self.header_done {
+            self.header_done = true;
+            let budget = r.budget_w.map_or("none".into(), |b| format!("{b:.0} W"));
+            writeln!(
+                line,
+                "gpulet demo: node {:?}, {} simulated GPUs, node budget {budget}. Ctrl-C stops.\n\
+                 Each GPU: index:power/limit W, temperature, utilisation.",
+                r.node, self.gpus
+            )
+            .expect("write to String");
+        }
+        let t = self.tick.mul_f64(r.seq as f64).as_secs();
+        write!(line, "{t:>5}s {:>5.0} W", r.power_w).expect("write to String");
+        if let Some(b) = r.budget_w {
+            write!(line, "/{b:.0}").expect("write to String");
+        }
+        for g in &r.gpus {
+            line.push_str(" |");
+            match (g.health, g.power_w, g.power_limit_w) {
+                (Health::Lost, ..) => write!(line, "{}: lost            ", g.index),
+                (h, Some(p), Some(l)) => write!(
+                    line,
+                    "{}:{p:>4.0}/{l:<3.0}W {:>2.0}C {:>3.0}%{}",
+                    g.index,
+                    g.temp_c.unwrap_or(f64::NAN),
+                    g.util_pct.unwrap_or(f64::NAN),
+                    if h == Health::Degraded { "!" } else { "" }
+                ),
+                _ => write!(line, "{}: ?               ", g.index),
+            }
+            .expect("write to String");
+        }
+        line.push('\n');
+        for e in r.events {
+            writeln!(line, "        {}", describe(e)).expect("write to String");
+        }
+        self.out.write_all(line.as_bytes())?;
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// One line for a person.
+pub fn describe(e: &Event) -> String {
+    match e {
+        Event::Xid { gpu, code, severity, action, .. } => format!("GPU {gpu}: XID {code} ({severity}): {action}"),
+        Event::Health { gpu, from, to, .. } => format!("GPU {gpu}: health {from:?} -> {to:?}"),
+        Event::LimitChanged { gpu, from_w, to_w, source, reason, .. } => {
+            let from = from_w.map_or("?".into(), |w| format!("{w:.0}"));
+            format!("GPU {gpu}: limit {from} -> {to_w:.0} W by {source} ({reason})")
+        }
+        Event::LimitFailed { gpu, to_w, error, .. } => format!("GPU {gpu}: setting {to_w:.0} W failed: {error}"),
+        Event::DecisionRejected { source, gpu, reason } => format!("{source}: decision for GPU {gpu} rejected: {reason}"),
+        Event::BudgetInfeasible { budget_w, min_total_w } => {
+            format!("node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W")
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The top-level error: each layer's error, wrapped, with the process exit code it maps to.
+
+use crate::config::ConfigErrors;
+use crate::gpu::GpuError;
+use crate::telemetry::SinkError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl Error {
+    /// 2 for configuration (and usage) errors, which the operator fixes in the file;
+    /// 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The physics of one simulated GPU: power, clock under a cap, useful work, temperature
+//! and the energy counter.
+//!
+//! The model, per time step `h` (see `ARCHITECTURE.md` for why each part is there):
+//!
+//! - Let `r = f / f_max` be the SM clock ratio, `a` the workload's activity (0..1) and
+//!   `m` its memory-boundness (0..1). Power is
+//!   `P(r) = idle + a · dyn · (w + (1 − w) · r^γ)`, with `w = 0.35 · m` the part of the
+//!   dynamic power (memory, I/O) that does not scale with the SM clock, and `γ = 2.5`
+//!   (dynamic power goes with f·V², and V rises with f in the DVFS range).
+//! - The firmware picks the highest clock whose power fits under the enforced limit
+//!   (and lowers it further above the slowdown temperature); the actual clock follows
+//!   that target with a first-order lag of time constant [`CLOCK_TAU_S`], as the power
+//!   controller of a real GPU does, so a newly lowered cap takes effect within about a
+//!   second.
+//! - Useful work per second is `a · 1 / ((1 − m) / r + m)`: the compute part of each unit
+//!   of work takes longer at a lower clock, the memory part does not. Compute-bound work
+//!   slows in proportion to the clock, memory-bound work much less.
+//! - Temperature follows power through a thermal RC: `T → amb + P·R` with time constant
+//!   `tau_th`.
+//! - The energy counter is the integral of power over the steps.
+
+use super::workload::Demand;
+use crate::gpu::{PowerConstraints, Throttle};
+
+/// Exponent of the SM clock in dynamic power.
+pub const CLOCK_EXP: f64 = 2.5;
+/// Time constant of the firmware's power controller, in seconds.
+pub const CLOCK_TAU_S: f64 = 0.2;
+/// Share of dynamic power that does not scale with the clock, per unit of memory-boundness.
+const MEM_POWER_SHARE: f64 = 0.35;
+/// Below this activity the GPU counts as idle (clocks drop, `gpu_idle` reason).
+const IDLE_ACTIVITY: f64 = 0.03;
+/// Clock reduction per degree above the slowdown temperature.
+const THERMAL_SLOPE: f64 = 0.05;
+
+/// A GPU model: the numbers the simulator needs about one SKU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    /// The name used in config: `h100-sxm`, `a100-sxm4`, `l40s`.
+    pub key: &'static str,
+    pub name: &'static str,
+    pub memory_total_mib: u64,
+    pub power: PowerConstraints,
+    /// Power at zero activity.
+    pub idle_w: f64,
+    /// Dynamic power at full activity and maximum clock.
+    pub dyn_w: f64,
+    pub max_clock_mhz: u32,
+    pub min_clock_mhz: u32,
+    pub idle_clock_mhz: u32,
+    pub ambient_c: f64,
+    /// Thermal resistance, °C per watt.
+    pub r_th: f64,
+    /// Thermal time constant, seconds.
+    pub tau_th_s: f64,
+    /// Above this temperature the firmware lowers the clock.
+    pub slowdown_c: f64,
+}
+
+pub const PRESETS: [Preset; 3] = [
+    Preset {
+        key: "h100-sxm",
+        name: "NVIDIA H100 80GB HBM3",
+        memory_total_mib: 81559,
+        power: PowerConstraints { min_w: 200.0, max_w: 700.0, default_w: 700.0 },
+        idle_w: 70.0,
+        dyn_w: 640.0,
+        max_clock_mhz: 1980,
+        min_clock_mhz: 345,
+        idle_clock_mhz: 345,
+        ambient_c: 28.0,
+        r_th: 0.075,
+        tau_th_s: 40.0,
+        slowdown_c: 87.0,
+    },
+    Preset {
+        key: "a100-sxm4",
+        name: "NVIDIA A100-SXM4-40GB",
+        memory_total_mib: 40960,
+        power: PowerConstraints { min_w: 100.0, max_w: 400.0, default_w: 400.0 },
+        idle_w: 55.0,
+        dyn_w: 360.0,
+        max_clock_mhz: 1410,
+        min_clock_mhz: 210,
+        idle_clock_mhz: 210,
+        ambient_c: 28.0,
+        r_th: 0.12,
+        tau_th_s: 35.0,
+        slowdown_c: 85.0,
+    },
+    Preset {
+        key: "l40s",
+        name: "NVIDIA L40S",
+        memory_total_mib: 46068,
+        power: PowerConstraints { min_w: 100.0, max_w: 350.0, default_w: 350.0 },
+        idle_w: 35.0,
+        dyn_w: 330.0,
+        max_clock_mhz: 2520,
+        min_clock_mhz: 210,
+        idle_clock_mhz: 210,
+        ambient_c: 28.0,
+        r_th: 0.15,
+        tau_th_s: 30.0,
+        slowdown_c: 84.0,
+    },
+];
+
+impl Preset {
+    pub fn by_key(key: &str) -> Option<&'static Preset> {
+        PRESETS.iter().find(|p| p.key == key)
+    }
+
+    pub fn keys() -> String {
+        PRESETS.iter().map(|p| p.key).collect::<Vec<_>>().join(", ")
+    }
+
+    fn min_ratio(&self) -> f64 {
+        f64::from(self.min_clock_mhz) / f64::from(self.max_clock_mhz)
+    }
+
+    /// Power at clock ratio `r` under demand `d`.
+    pub fn power_at(&self, d: &Demand, r: f64) -> f64 {
+        let w = MEM_POWER_SHARE * d.mem_bound;
+        self.idle_w + d.activity * self.dyn_w * (w + (1.0 - w) * r.powf(CLOCK_EXP))
+    }
+
+    /// Useful work per second at clock ratio `r`, in full-speed GPU-seconds per second.
+    pub fn work_rate_at(d: &Demand, r: f64) -> f64 {
+        d.activity / ((1.0 - d.mem_bound) / r + d.mem_bound)
+    }
+
+    /// The highest clock ratio whose power fits under `limit_w` (the firmware's target,
+    /// before thermal slowdown).
+    pub fn capped_ratio(&self, d: &Demand, limit_w: f64) -> f64 {
+        let rmin = self.min_ratio();
+        if d.activity < 1e-9 {
+            return 1.0;
+        }
+        let w = MEM_POWER_SHARE * d.mem_bound;
+        let x = ((limit_w - self.idle_w) / (d.activity * self.dyn_w) - w) / (1.0 - w);
+        if x >= 1.0 {
+            1.0
+        } else if x <= 0.0 {
+            rmin
+        } else {
+            x.powf(1.0 / CLOCK_EXP).max(rmin)
+        }
+    }
+
+    /// Steady state under a limit, ignoring temperature: (power, work rate). The
+    /// simulator's view of a GPU's work-versus-watts curve, for oracles and tests.
+    pub fn steady_state(&self, d: &Demand, limit_w: f64) -> (f64, f64) {
+        let r = self.capped_ratio(d, limit_w);
+        (self.power_at(d, r), Self::work_rate_at(d, r))
+    }
+}
+
+/// The evolving physical state of one GPU.
+#[derive(Debug, Clone)]
+pub struct GpuPhysics {
+    pub preset: &'static Preset,
+    /// Enforced power limit, watts.
+    pub limit_w: f64,
+    /// SM clock ratio, `min_ratio..=1`.
+    pub ratio: f64,
+    pub temp_c: f64,
+    pub power_w: f64,
+    pub energy_j: f64,
+    /// Useful work done so far, in full-speed GPU-seconds.
+    pub work: f64,
+    pub throttle: Throttle,
+    pub demand: Demand,
+}
+
+impl GpuPhysics {
+    pub fn new(preset: &'static Preset) -> GpuPhysics {
+        let demand = Demand::IDLE;
+        GpuPhysics {
+            preset,
+            limit_w: preset.power.default_w,
+            ratio: 1.0,
+            temp_c: preset.ambient_c + preset.idle_w * preset.r_th,
+            power_w: preset.idle_w,
+            energy_j: 0.0,
+            work: 0.0,
+            throttle: Throttle::GPU_IDLE,
+            demand,
+        }
+    }
+
+    /// Advance by `h` seconds under demand `d`.
+    pub fn step(&mut self, d: Demand, h: f64) {
+        let p = self.preset;
+        let cap_ratio = p.capped_ratio(&d, self.limit_w);
+        let mut target = cap_ratio;
+        let mut throttle = Throttle::default();
+        if cap_ratio < 1.0 {
+            throttle = throttle | Throttle::SW_POWER_CAP;
+        }
+        if self.temp_c > p.slowdown_c {
+            let thermal = (1.0 - (self.temp_c - p.slowdown_c) * THERMAL_SLOPE).max(0.5);
+            if thermal < target {
+                target = thermal.max(p.min_ratio());
+                throttle = throttle | Throttle::SW_THERMAL;
+            }
+        }
+        if d.activity < IDLE_ACTIVITY {
+            throttle = throttle | Throttle::GPU_IDLE;
+        }
+        self.ratio = target + (self.ratio - target) * (-h / CLOCK_TAU_S).exp();
+        self.power_w = p.power_at(&d, self.ratio);
+        self.energy_j += self.power_w * h;
+        self.work += Preset::work_rate_at(&d, self.ratio) * h;
+        let t_ss = p.ambient_c + self.power_w * p.r_th;
+        self.temp_c = t_ss + (self.temp_c - t_ss) * (-h / p.tau_th_s).exp();
+        self.throttle = throttle;
+        self.demand = d;
+    }
+
+    pub fn sm_clock_mhz(&self) -> u32 {
+        if self.demand.activity < IDLE_ACTIVITY {
+            self.preset.idle_clock_mhz
+        } else {
+            (self.ratio * f64::from(self.preset.max_clock_mhz)).round() as u32
+        }
+    }
+}

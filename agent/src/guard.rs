@@ -1,0 +1,235 @@
+//! The guard: every power decision is checked here before it can reach a GPU.
+//!
+//! The rules, in order (see `ARCHITECTURE.md`, "Invariants"):
+//!
+//! 1. A decision for a GPU that does not exist, or that is not a finite number, is
+//!    rejected and audited.
+//! 2. Each limit is clamped into the GPU's effective bounds: the hardware's
+//!    [`PowerConstraints`](crate::gpu::PowerConstraints) narrowed by the operator's
+//!    `power.min_w`/`max_w` (per GPU or for all).
+//! 3. With a node budget, GPUs without a decision ask for their upper bound; GPUs that
+//!    are lost or cannot be controlled keep their last known limit, reserved out of the
+//!    budget. If the asked-for limits add up to more than the rest of the budget, every
+//!    managed GPU's headroom above its lower bound is scaled by the same factor. If even
+//!    the lower bounds do not fit, all go to their lower bound and a `budget-infeasible`
+//!    event is raised.
+//! 4. Changes below the deadband are skipped (but never a decrease needed for the
+//!    budget), and a GPU's limit is raised at most once per `raise_interval`; lowering is
+//!    never held back.
+//! 5. Decreases are applied before increases, so the sum of limits never exceeds the
+//!    budget midway.
+
+use crate::config::{ConfigError, ConfigErrors, PowerConfig};
+use crate::gpu::{GpuInfo, Health};
+use crate::policy::PowerDecision;
+use crate::snapshot::NodeSnapshot;
+use crate::telemetry::Event;
+
+/// A GPU's effective limit range, watts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// A checked change, ready for the hardware.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub gpu: u32,
+    pub from_w: Option<f64>,
+    pub to_w: f64,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct PowerGuard {
+    bounds: Vec<Bounds>,
+    controllable: Vec<bool>,
+    budget_w: Option<f64>,
+    deadband_w: f64,
+    raise_interval_ms: u64,
+    /// When each GPU's limit was last raised (monotonic ms).
+    last_raise_ms: Vec<Option<u64>>,
+    /// Whether the budget is currently infeasible (the event fires on the transition).
+    infeasible: bool,
+}
+
+impl PowerGuard {
+    /// Bounds from the hardware and the operator's config. Fails if the config names a
+    /// GPU the node lacks or bounds that leave no room inside the hardware's range.
+    pub fn new(inventory: &[GpuInfo], power: &PowerConfig) -> Result<PowerGuard, ConfigErrors> {
+        let mut errors = Vec::new();
+        let n = inventory.len();
+        for (i, g) in power.gpus.iter().enumerate() {
+            if g.index as usize >= n {
+                let accepted = if n == 0 { "none: the node has no GPUs".into() } else { format!("0 to {}", n - 1) };
+                errors.push(ConfigError::invalid(
+                    format!("power.gpu[{i}].index"),
+                    format!("GPU {} does not exist on this node; accepted: {accepted}", g.index),
+                ));
+            }
+        }
+        let mut bounds = Vec::with_capacity(n);
+        for info in inventory {
+            let own = power.gpus.iter().position(|g| g.index == info.index);
+            let pick = |f: fn(&crate::config::GpuPowerConfig) -> Option<f64>, all: Option<f64>, name: &str| {
+                match own.and_then(|i| f(&power.gpus[i]).map(|w| (w, format!("power.gpu[{i}].{name}")))) {
+                    Some(x) => Some(x),
+                    None => all.map(|w| (w, format!("power.{name}"))),
+                }
+            };
+            let hw = info.power_limit;
+            let min = pick(|g| g.min_w, power.min_w, "min_w");
+            let max = pick(|g| g.max_w, power.max_w, "max_w");
+            let lo = min.as_ref().map_or(hw.min_w, |(w, _)| w.max(hw.min_w));
+            let hi = max.as_ref().map_or(hw.max_w, |(w, _)| w.min(hw.max_w));
+            let range = format!("GPU {} accepts {} to {} W", info.index, hw.min_w, hw.max_w);
+            if let Some((w, key)) = &min {
+                if *w > hw.max_w {
+                    errors.push(ConfigError::invalid(key, format!("{w} W is above what {range}")));
+                }
+            }
+            if let Some((w, key)) = &max {
+                if *w < hw.min_w {
+                    errors.push(ConfigError::invalid(key, format!("{w} W is below what {range}")));
+                }
+            }
+            bounds.push(Bounds { lo: lo.min(hi), hi });
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(PowerGuard {
+            bounds,
+            controllable: inventory.iter().map(|g| g.can_set_power_limit).collect(),
+            budget_w: power.budget_w,
+            deadband_w: power.deadband_w,
+            raise_interval_ms: power.raise_interval.as_millis() as u64,
+            last_raise_ms: vec![None; n],
+            infeasible: false,
+        })
+    }
+
+    pub fn budget_w(&self) -> Option<f64> {
+        self.budget_w
+    }
+
+    pub fn bounds(&self, gpu: u32) -> Bounds {
+        self.bounds[gpu as usize]
+    }
+
+    /// Check a policy's decisions against the snapshot; returns the changes to apply,
+    /// decreases first, and pushes audit events for what was refused.
+    pub fn check(
+        &mut self,
+        snap: &NodeSnapshot,
+        source: &str,
+        decisions: Vec<PowerDecision>,
+        events: &mut Vec<Event>,
+    ) -> Vec<Change> {
+        let n = self.bounds.len();
+        let mut desired: Vec<Option<(f64, String)>> = vec![None; n];
+        for d in decisions {
+            let reject = |reason: String| Event::DecisionRejected { source: source.to_owned(), gpu: d.gpu, reason };
+            let Some(b) = self.bounds.get(d.gpu as usize) else {
+                events.push(reject(format!("GPU {} does not exist; the node has {n} GPUs", d.gpu)));
+                continue;
+            };
+            if !d.limit_w.is_finite() {
+                events.push(reject(format!("limit {} is not a number of watts", d.limit_w)));
+                continue;
+            }
+            let w = d.limit_w.clamp(b.lo, b.hi);
+            let reason = if w == d.limit_w {
+                d.reason
+            } else {
+                format!("{}; clamped from {} W to bounds {}..{} W", d.reason, d.limit_w, b.lo, b.hi)
+            };
+            desired[d.gpu as usize] = Some((w, reason));
+        }
+
+        let current: Vec<Option<f64>> = snap.samples.iter().map(|s| s.power_limit_w.value()).collect();
+        let lost: Vec<bool> = snap.samples.iter().map(|s| s.health == Health::Lost).collect();
+        if let Some(budget) = self.budget_w {
+            self.fit_budget(budget, &mut desired, &current, &lost, events);
+        }
+
+        let mut changes = Vec::new();
+        for (i, want) in desired.into_iter().enumerate() {
+            let Some((to_w, reason)) = want else { continue };
+            if lost[i] || !self.controllable[i] {
+                continue;
+            }
+            let from_w = current[i];
+            if let Some(c) = from_w {
+                let raise = to_w > c;
+                if (to_w - c).abs() < self.deadband_w && (raise || self.budget_w.is_none()) {
+                    continue;
+                }
+                if (to_w - c).abs() < 1e-3 {
+                    continue;
+                }
+                let recently = self.last_raise_ms[i].is_some_and(|t| snap.now_ms < t + self.raise_interval_ms);
+                if raise && recently {
+                    continue;
+                }
+            }
+            changes.push(Change { gpu: i as u32, from_w, to_w, reason });
+        }
+        // Decreases first: the sum of limits only ever falls until the raises.
+        changes.sort_by(|a, b| {
+            let delta = |c: &Change| c.to_w - c.from_w.unwrap_or(f64::INFINITY);
+            delta(a).total_cmp(&delta(b))
+        });
+        changes
+    }
+
+    fn fit_budget(
+        &mut self,
+        budget: f64,
+        desired: &mut [Option<(f64, String)>],
+        current: &[Option<f64>],
+        lost: &[bool],
+        events: &mut Vec<Event>,
+    ) {
+        let mut reserved = 0.0;
+        let (mut sum, mut sum_lo) = (0.0, 0.0);
+        for i in 0..desired.len() {
+            let b = self.bounds[i];
+            if lost[i] || !self.controllable[i] {
+                // Unmanaged: assume it may draw up to its last known limit.
+                reserved += current[i].unwrap_or(b.hi);
+                desired[i] = None;
+                continue;
+            }
+            let (w, _) = desired[i].get_or_insert_with(|| (b.hi, "no policy limit: its share of the node budget".into()));
+            sum += *w;
+            sum_lo += b.lo;
+        }
+        let avail = budget - reserved;
+        if sum <= avail + 1e-9 {
+            self.infeasible = false;
+            return;
+        }
+        let infeasible = sum_lo > avail;
+        let k = if infeasible { 0.0 } else { (avail - sum_lo) / (sum - sum_lo) };
+        for (i, want) in desired.iter_mut().enumerate() {
+            let Some((w, reason)) = want else { continue };
+            let lo = self.bounds[i].lo;
+            // Round down to whole milliwatts (NVML's unit) so rounding never overshoots.
+            *w = ((lo + (*w - lo) * k) * 1000.0).floor() / 1000.0;
+            reason.push_str(&format!("; scaled to fit node budget {budget} W"));
+        }
+        if infeasible && !self.infeasible {
+            events.push(Event::BudgetInfeasible { budget_w: budget, min_total_w: sum_lo + reserved });
+        }
+        self.infeasible = infeasible;
+    }
+
+    /// Record that a change was applied at `now_ms`.
+    pub fn applied(&mut self, change: &Change, now_ms: u64) {
+        if change.from_w.is_none_or(|from| change.to_w > from) {
+            self.last_raise_ms[change.gpu as usize] = Some(now_ms);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! gpulet: a per-node agent that watches and controls a machine's NVIDIA GPUs, decides
+//! through sandboxed policies and reports to the fleet. See `ARCHITECTURE.md` for the map.
+
+pub mod agent;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod gpu;
+pub mod guard;
+pub mod policy;
+pub mod setup;
+pub mod snapshot;
+pub mod telemetry;
