@@ -189,6 +189,9 @@ pub struct SimGpuConfig {
     pub trace: Option<String>,
     /// Which GPU of the trace to replay. Default: the simulated GPU's own index.
     pub trace_gpu: Option<usize>,
+    /// Where in the trace to start (it loops at its end). Default: its beginning.
+    #[serde(default, with = "humantime_serde")]
+    pub trace_start: Duration,
 }
 
 fn one() -> u32 {
@@ -451,6 +454,9 @@ impl Validator {
             }
             if g.trace_gpu.is_some() && g.trace.is_none() {
                 self.err(key("trace_gpu"), "is set without a trace; accepted: only with workload = \"trace\"");
+            }
+            if !g.trace_start.is_zero() && g.trace.is_none() {
+                self.err(key("trace_start"), "is set without a trace; accepted: only with workload = \"trace\"");
             }
         }
         if total > MAX_SIM_GPUS {

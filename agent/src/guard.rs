@@ -233,3 +233,134 @@ impl PowerGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, GpuPowerConfig};
+    use crate::gpu::{FieldSet, GpuError, GpuSample, PowerConstraints, Reading};
+
+    fn inventory(n: u32) -> Vec<GpuInfo> {
+        (0..n)
+            .map(|index| GpuInfo {
+                index,
+                uuid: format!("GPU-{index}"),
+                name: "test".into(),
+                memory_total_mib: 1,
+                power_limit: PowerConstraints { min_w: 200.0, max_w: 700.0, default_w: 700.0 },
+                fields: FieldSet::ALL,
+                can_set_power_limit: true,
+            })
+            .collect()
+    }
+
+    fn snap(limits: &[f64], now_ms: u64) -> NodeSnapshot {
+        let samples = limits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let mut s = GpuSample::lost(i as u32, &GpuError::Lost(i as u32));
+                if l > 0.0 {
+                    s.power_limit_w = Reading::Value(l);
+                    s.health = Health::Ok;
+                }
+                s
+            })
+            .collect();
+        NodeSnapshot { seq: 0, ts_ms: 0, now_ms, inventory: inventory(limits.len() as u32).into(), samples, budget_w: None }
+    }
+
+    fn power(toml: &str) -> PowerConfig {
+        let c = Config::parse(&format!("[power]\n{toml}")).unwrap();
+        c.validate().unwrap();
+        c.power
+    }
+
+    fn decide(gpu: u32, limit_w: f64) -> PowerDecision {
+        PowerDecision { gpu, limit_w, reason: "test".into() }
+    }
+
+    fn targets(changes: &[Change]) -> Vec<(u32, f64)> {
+        changes.iter().map(|c| (c.gpu, c.to_w)).collect()
+    }
+
+    #[test]
+    fn decisions_are_clamped_to_hardware_and_operator_bounds() {
+        let mut p = power("max_w = 600");
+        p.gpus.push(GpuPowerConfig { index: 1, limit_w: None, min_w: Some(300.0), max_w: None });
+        let mut g = PowerGuard::new(&inventory(3), &p).unwrap();
+        let mut ev = Vec::new();
+        let c = g.check(&snap(&[700.0; 3], 0), "t", vec![decide(0, 650.0), decide(1, 250.0), decide(2, 100.0)], &mut ev);
+        assert_eq!(targets(&c), vec![(2, 200.0), (1, 300.0), (0, 600.0)], "decreases, largest first");
+        assert!(c[2].reason.contains("clamped from 650 W to bounds 200..600 W"), "{}", c[2].reason);
+        assert!(ev.is_empty());
+    }
+
+    #[test]
+    fn bad_decisions_are_rejected_and_audited() {
+        let mut g = PowerGuard::new(&inventory(2), &power("")).unwrap();
+        let mut ev = Vec::new();
+        let c = g.check(&snap(&[700.0; 2], 0), "p", vec![decide(5, 300.0), decide(0, f64::NAN), decide(1, 400.0)], &mut ev);
+        assert_eq!(targets(&c), vec![(1, 400.0)]);
+        assert_eq!(ev.len(), 2);
+        assert!(matches!(&ev[0], Event::DecisionRejected { source, gpu: 5, reason } if source == "p" && reason.contains("does not exist")));
+        assert!(matches!(&ev[1], Event::DecisionRejected { gpu: 0, reason, .. } if reason.contains("not a number")));
+    }
+
+    #[test]
+    fn a_budget_scales_headroom_above_the_minimum() {
+        let mut g = PowerGuard::new(&inventory(4), &power("budget_w = 2000")).unwrap();
+        let mut ev = Vec::new();
+        // GPU 0 asks 700, GPU 1 asks 450, GPUs 2 and 3 ask nothing (their upper bound).
+        let c = g.check(&snap(&[700.0; 4], 0), "t", vec![decide(0, 700.0), decide(1, 450.0)], &mut ev);
+        // sum 2550, mins 800: k = (2000 - 800) / (2550 - 800)
+        let k = 1200.0 / 1750.0;
+        let total: f64 = c.iter().map(|c| c.to_w).sum();
+        assert!(total <= 2000.0 && total > 1999.9, "{total}");
+        assert!((c.iter().find(|c| c.gpu == 1).unwrap().to_w - (200.0 + 250.0 * k)).abs() < 0.01);
+        assert!(c.iter().all(|c| c.reason.contains("scaled to fit node budget 2000 W")));
+    }
+
+    #[test]
+    fn an_infeasible_budget_puts_every_gpu_at_its_minimum_and_says_so_once() {
+        let mut g = PowerGuard::new(&inventory(2), &power("budget_w = 300")).unwrap();
+        let mut ev = Vec::new();
+        let c = g.check(&snap(&[700.0; 2], 0), "t", vec![], &mut ev);
+        assert_eq!(targets(&c), vec![(0, 200.0), (1, 200.0)]);
+        assert_eq!(ev, vec![Event::BudgetInfeasible { budget_w: 300.0, min_total_w: 400.0 }]);
+        g.check(&snap(&[200.0; 2], 1000), "t", vec![], &mut ev);
+        assert_eq!(ev.len(), 1, "not repeated while it stays infeasible");
+    }
+
+    #[test]
+    fn a_lost_gpu_keeps_its_last_limit_reserved_from_the_budget() {
+        let mut g = PowerGuard::new(&inventory(3), &power("budget_w = 1500")).unwrap();
+        let mut s = snap(&[700.0, 700.0, 700.0], 0);
+        s.samples[2] = GpuSample::lost(2, &GpuError::Lost(2));
+        let c = g.check(&s, "t", vec![], &mut Vec::new());
+        // Nothing is known of GPU 2's limit: its upper bound (700) is reserved.
+        assert_eq!(targets(&c), vec![(0, 400.0), (1, 400.0)]);
+    }
+
+    #[test]
+    fn small_changes_and_fast_raises_are_held_back_but_decreases_never() {
+        let mut g = PowerGuard::new(&inventory(1), &power("deadband_w = 5\nraise_interval = \"10s\"")).unwrap();
+        let mut ev = Vec::new();
+        assert!(g.check(&snap(&[500.0], 0), "t", vec![decide(0, 503.0)], &mut ev).is_empty(), "inside the deadband");
+        let c = g.check(&snap(&[500.0], 0), "t", vec![decide(0, 600.0)], &mut ev);
+        assert_eq!(targets(&c), vec![(0, 600.0)]);
+        g.applied(&c[0], 0);
+        assert!(g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 650.0)], &mut ev).is_empty(), "raised 5 s ago");
+        assert_eq!(targets(&g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 300.0)], &mut ev)), vec![(0, 300.0)]);
+        assert_eq!(targets(&g.check(&snap(&[300.0], 10_000), "t", vec![decide(0, 650.0)], &mut ev)), vec![(0, 650.0)]);
+    }
+
+    #[test]
+    fn config_that_does_not_fit_the_hardware_is_refused_at_start() {
+        let mut p = power("min_w = 800");
+        p.gpus.push(GpuPowerConfig { index: 7, limit_w: Some(300.0), min_w: None, max_w: None });
+        let errs = PowerGuard::new(&inventory(2), &p).unwrap_err().to_string();
+        assert!(errs.contains("power.gpu[0].index: GPU 7 does not exist on this node; accepted: 0 to 1"), "{errs}");
+        assert!(errs.contains("power.min_w: 800 W is above what GPU 0 accepts 200 to 700 W"), "{errs}");
+    }
+}

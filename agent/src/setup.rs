@@ -12,7 +12,7 @@ use crate::config::{BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigError
 use crate::error::Error;
 use crate::gpu::sim::model::Preset;
 use crate::gpu::sim::trace::Trace;
-use crate::gpu::sim::workload::WorkloadKind;
+use crate::gpu::sim::workload::{TraceReplay, WorkloadKind};
 use crate::gpu::sim::{self, Fault, GpuSpec, ScheduledFault, SimBackend, SimHandle, SimNode};
 use crate::gpu::{Field, GpuBackend, GpuError};
 use crate::guard::PowerGuard;
@@ -83,7 +83,14 @@ pub fn sim_node(cfg: &SimConfig, base_dir: &Path) -> Result<SimNode, ConfigError
         for _ in 0..g.count {
             let index = specs.len();
             specs.push(match &trace {
-                Some(t) => GpuSpec::trace(preset, t.clone(), g.trace_gpu.unwrap_or(index)),
+                Some(t) => GpuSpec::trace(
+                    preset,
+                    TraceReplay {
+                        trace: t.clone(),
+                        gpu: g.trace_gpu.unwrap_or(index),
+                        start_s: g.trace_start.as_secs_f64(),
+                    },
+                ),
                 None => GpuSpec::new(preset, g.workload),
             });
         }

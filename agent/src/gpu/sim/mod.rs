@@ -20,8 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use self::model::{GpuPhysics, Preset};
-use self::trace::Trace;
-use self::workload::{Demand, Workload, WorkloadKind};
+use self::workload::{Demand, TraceReplay, Workload, WorkloadKind};
 use super::{
     Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, Reading, XidEvent,
 };
@@ -41,8 +40,8 @@ pub const MAX_STEP: Duration = Duration::from_millis(50);
 pub struct GpuSpec {
     pub preset: &'static Preset,
     pub workload: WorkloadKind,
-    /// For [`WorkloadKind::Trace`]: the trace and which of its GPUs to replay.
-    pub trace: Option<(Arc<Trace>, usize)>,
+    /// For [`WorkloadKind::Trace`]: what to replay.
+    pub trace: Option<TraceReplay>,
 }
 
 impl GpuSpec {
@@ -50,8 +49,8 @@ impl GpuSpec {
         GpuSpec { preset, workload, trace: None }
     }
 
-    pub fn trace(preset: &'static Preset, trace: Arc<Trace>, trace_gpu: usize) -> GpuSpec {
-        GpuSpec { preset, workload: WorkloadKind::Trace, trace: Some((trace, trace_gpu)) }
+    pub fn trace(preset: &'static Preset, replay: TraceReplay) -> GpuSpec {
+        GpuSpec { preset, workload: WorkloadKind::Trace, trace: Some(replay) }
     }
 }
 
@@ -358,5 +357,178 @@ impl GpuBackend for SimBackend {
 
     fn drain_events(&mut self) -> Vec<XidEvent> {
         self.node.lock().drain_events()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::sim::trace::Trace;
+
+    fn h100() -> &'static Preset {
+        Preset::by_key("h100-sxm").unwrap()
+    }
+
+    fn mixed(seed: u64) -> SimNode {
+        let trace = Arc::new(Trace::parse(H100_TRAINING_TRACE).unwrap());
+        let specs = [
+            GpuSpec::new(h100(), WorkloadKind::Training),
+            GpuSpec::new(h100(), WorkloadKind::Inference),
+            GpuSpec::new(Preset::by_key("a100-sxm4").unwrap(), WorkloadKind::MemoryBound),
+            GpuSpec::trace(h100(), TraceReplay { trace, gpu: 3, start_s: 100.0 }),
+        ];
+        SimNode::new(&specs, seed)
+    }
+
+    #[test]
+    fn energy_is_the_integral_of_power() {
+        let mut node = mixed(1);
+        let dt = Duration::from_millis(10);
+        let mut integral = [0.0; 4];
+        for _ in 0..3000 {
+            node.advance(dt);
+            for (i, s) in node.sample_all().iter().enumerate() {
+                integral[i] += s.power_w.value().unwrap() * dt.as_secs_f64();
+            }
+        }
+        for (i, s) in node.sample_all().iter().enumerate() {
+            let counter = s.energy_j.value().unwrap();
+            assert!((counter - integral[i]).abs() < 1e-6 * counter, "GPU {i}: counter {counter} J, integral {} J", integral[i]);
+        }
+    }
+
+    #[test]
+    fn coarse_samples_of_steady_power_agree_with_the_energy_counter() {
+        // Only steady workloads: 1 Hz samples of bursty inference miss bursts, which is
+        // why the counter, not sampled power, is what energy accounting uses.
+        let mut node = mixed(2);
+        let mut prev = node.sample_all();
+        let mut est = [0.0; 4];
+        for _ in 0..120 {
+            node.advance(Duration::from_secs(1));
+            let now = node.sample_all();
+            for i in 0..4 {
+                est[i] += (prev[i].power_w.value().unwrap() + now[i].power_w.value().unwrap()) / 2.0;
+            }
+            prev = now;
+        }
+        for i in [0, 2] {
+            let counter = prev[i].energy_j.value().unwrap();
+            assert!((counter - est[i]).abs() < 0.02 * counter, "GPU {i}: counter {counter}, 1 Hz trapezoid {}", est[i]);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_run_and_another_seed_another_run() {
+        let run = |seed| {
+            let mut node = mixed(seed);
+            let mut out = Vec::new();
+            for _ in 0..200 {
+                node.advance(Duration::from_millis(250));
+                out.push(node.sample_all());
+            }
+            (node.inventory(), out, node.total_work())
+        };
+        let (a, b, c) = (run(5), run(5), run(6));
+        assert_eq!(a, b);
+        assert_ne!(a.0[0].uuid, c.0[0].uuid);
+        assert_ne!(a.1, c.1, "the inference bursts differ with the seed");
+    }
+
+    #[test]
+    fn the_step_size_does_not_change_when_bursts_happen() {
+        let switches = |step_ms: u64| {
+            let mut node = SimNode::new(&[GpuSpec::new(h100(), WorkloadKind::Inference)], 9);
+            let (mut out, mut last) = (Vec::new(), 0.0);
+            while node.now() < Duration::from_secs(60) {
+                node.advance(Duration::from_millis(step_ms));
+                let util = node.sample_all()[0].util_pct.value().unwrap();
+                if util != last {
+                    out.push(node.now().as_secs_f64());
+                    last = util;
+                }
+            }
+            out
+        };
+        let (fine, coarse) = (switches(10), switches(40));
+        assert!(fine.len() > 10, "a minute of inference has bursts: {fine:?}");
+        assert_eq!(fine.len(), coarse.len(), "{fine:?} vs {coarse:?}");
+        for (f, c) in fine.iter().zip(&coarse) {
+            // Demand is read at the start of each step, so a switch shows within two steps.
+            assert!((f - c).abs() <= 0.081, "a switch seen at {f} s with 10 ms steps and {c} s with 40 ms steps");
+        }
+    }
+
+    #[test]
+    fn one_gpu_falling_off_the_bus_leaves_the_others_alone() {
+        let mut node = mixed(3);
+        node.advance(Duration::from_secs(5));
+        node.inject(1, Fault::FallOffBus);
+        node.advance(Duration::from_secs(1));
+        let s = node.sample_all();
+        assert_eq!(s[1].health, Health::Lost);
+        assert!(matches!(s[1].power_w, Reading::Failed(GpuError::Lost(1))));
+        for i in [0, 2, 3] {
+            assert_eq!(s[i].health, Health::Ok);
+            assert!(s[i].errors().is_empty(), "GPU {i}: {:?}", s[i].errors());
+        }
+        assert_eq!(node.set_power_limit(1, 500.0), Err(GpuError::Lost(1)));
+        assert_eq!(node.drain_events(), vec![XidEvent { gpu: 1, code: 79, at_ms: 5000 }]);
+        assert!(node.drain_events().is_empty(), "events are drained once");
+    }
+
+    #[test]
+    fn a_failing_field_fails_alone_and_unsupported_is_a_value() {
+        let mut node = mixed(4);
+        node.set_unsupported(0, Field::EnergyJ);
+        node.inject(2, Fault::FailField(Field::TempC));
+        node.advance(Duration::from_secs(1));
+        let s = node.sample_all();
+        assert_eq!(s[0].energy_j, Reading::Unsupported);
+        assert!(s[0].errors().is_empty(), "unsupported is not an error");
+        assert!(s[0].power_w.value().is_some());
+        assert_eq!(s[2].errors().len(), 1);
+        assert!(matches!(s[2].temp_c, Reading::Failed(GpuError::FieldFailed { gpu: 2, field: "temp_c", .. })));
+        assert!(s[2].power_w.value().is_some());
+        node.inject(2, Fault::Clear);
+        assert!(node.sample_all()[2].errors().is_empty());
+    }
+
+    #[test]
+    fn scheduled_faults_fire_at_their_time() {
+        let mut node = mixed(5);
+        node.schedule([
+            ScheduledFault { at: Duration::from_millis(1500), gpu: 0, fault: Fault::Xid(48) },
+            ScheduledFault { at: Duration::from_secs(3), gpu: 3, fault: Fault::Clear },
+        ]);
+        node.advance(Duration::from_secs(1));
+        assert!(node.drain_events().is_empty());
+        node.advance(Duration::from_secs(1));
+        assert_eq!(node.drain_events(), vec![XidEvent { gpu: 0, code: 48, at_ms: 1500 }]);
+        assert_eq!(node.sample_all()[0].health, Health::Degraded, "XID 48 degrades the GPU");
+    }
+
+    #[test]
+    fn limits_outside_the_hardware_range_are_refused() {
+        let mut node = mixed(6);
+        assert!(matches!(node.set_power_limit(0, 100.0), Err(GpuError::InvalidArgument { gpu: 0, .. })));
+        assert!(matches!(node.set_power_limit(0, f64::NAN), Err(GpuError::InvalidArgument { .. })));
+        assert_eq!(node.set_power_limit(9, 300.0), Err(GpuError::NoSuchGpu(9)));
+        assert_eq!(node.set_power_limit(0, 450.0), Ok(450.0));
+        assert_eq!(node.sample_all()[0].power_limit_w, Reading::Value(450.0));
+    }
+
+    #[test]
+    fn a_replayed_trace_follows_the_recorded_power_when_uncapped() {
+        let trace = Arc::new(Trace::parse(H100_TRAINING_TRACE).unwrap());
+        let replay = TraceReplay { trace: trace.clone(), gpu: 0, start_s: 0.0 };
+        let mut node = SimNode::new(&[GpuSpec::trace(h100(), replay)], 1);
+        let mut cursor = 0;
+        for t in [150.0, 300.0, 330.0] {
+            node.advance_to(Duration::from_secs_f64(t));
+            let recorded = f64::from(trace.at(0, t - 0.05, &mut cursor).power_w);
+            let simulated = node.sample_all()[0].power_w.value().unwrap();
+            assert!((simulated - recorded).abs() < 0.1 * recorded + 10.0, "t={t}: simulated {simulated} W, recorded {recorded} W");
+        }
     }
 }

@@ -226,3 +226,90 @@ impl GpuPhysics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H100: &Preset = &PRESETS[0];
+    const COMPUTE: Demand = Demand { activity: 0.82, mem_bound: 0.1, util_pct: 100.0, mem_used_mib: 1000 };
+    const MEMORY: Demand = Demand { activity: 0.82, mem_bound: 0.8, util_pct: 100.0, mem_used_mib: 1000 };
+
+    fn run(g: &mut GpuPhysics, d: Demand, seconds: f64) {
+        let h = 0.01;
+        for _ in 0..(seconds / h).round() as usize {
+            g.step(d, h);
+        }
+    }
+
+    #[test]
+    fn uncapped_power_is_idle_plus_activity_times_dynamic_power() {
+        let mut g = GpuPhysics::new(H100);
+        run(&mut g, COMPUTE, 2.0);
+        let want = H100.idle_w + 0.82 * H100.dyn_w;
+        assert!((g.power_w - want).abs() < 0.01, "{} vs {want}", g.power_w);
+        assert!(!g.throttle.contains(Throttle::SW_POWER_CAP));
+    }
+
+    #[test]
+    fn a_cap_lowers_power_within_the_lag_and_lowers_throughput() {
+        let mut g = GpuPhysics::new(H100);
+        run(&mut g, COMPUTE, 2.0);
+        let (w0, p0) = (g.work, g.power_w);
+        run(&mut g, COMPUTE, 1.0);
+        let uncapped_rate = g.work - w0;
+
+        g.limit_w = 400.0;
+        run(&mut g, COMPUTE, 0.05);
+        assert!(g.power_w > 430.0, "the firmware lag means power is still above the cap at 50 ms: {}", g.power_w);
+        assert!(g.power_w < p0, "but it is already falling");
+        run(&mut g, COMPUTE, 0.95);
+        assert!(g.power_w <= 400.0 * 1.01 && g.power_w >= 400.0 * 0.97, "within 1 s power settles at the cap: {}", g.power_w);
+        assert!(g.throttle.contains(Throttle::SW_POWER_CAP));
+        let w1 = g.work;
+        run(&mut g, COMPUTE, 1.0);
+        let capped_rate = g.work - w1;
+        assert!(capped_rate < uncapped_rate * 0.95, "throughput falls under the cap: {capped_rate} vs {uncapped_rate}");
+        assert!(capped_rate > uncapped_rate * 0.6, "but not in proportion to power: {capped_rate} vs {uncapped_rate}");
+        assert!(g.sm_clock_mhz() < H100.max_clock_mhz);
+    }
+
+    #[test]
+    fn memory_bound_work_loses_less_to_a_cap_than_compute_bound_work() {
+        let loss = |d: Demand| {
+            let (p, full) = H100.steady_state(&d, H100.power.max_w);
+            let (_, capped) = H100.steady_state(&d, H100.idle_w + (p - H100.idle_w) * 0.6);
+            1.0 - capped / full
+        };
+        let (c, m) = (loss(COMPUTE), loss(MEMORY));
+        assert!(c > 0.05 && m < c / 2.0, "compute loses {c:.3}, memory-bound {m:.3}");
+    }
+
+    #[test]
+    fn temperature_follows_power_through_a_thermal_rc() {
+        let mut g = GpuPhysics::new(H100);
+        let t0 = g.temp_c;
+        run(&mut g, COMPUTE, H100.tau_th_s);
+        let t_ss = H100.ambient_c + g.power_w * H100.r_th;
+        let frac = (g.temp_c - t0) / (t_ss - t0);
+        assert!((frac - 0.632).abs() < 0.02, "one time constant covers 63% of the step: {frac}");
+        run(&mut g, COMPUTE, 10.0 * H100.tau_th_s);
+        assert!((g.temp_c - t_ss).abs() < 0.1);
+    }
+
+    #[test]
+    fn above_the_slowdown_temperature_the_clock_drops() {
+        let mut g = GpuPhysics::new(H100);
+        g.temp_c = H100.slowdown_c + 5.0;
+        g.step(COMPUTE, 0.5);
+        assert!(g.throttle.contains(Throttle::SW_THERMAL));
+        assert!(g.ratio < 0.95);
+    }
+
+    #[test]
+    fn capped_ratio_never_goes_below_the_minimum_clock() {
+        let r = H100.capped_ratio(&COMPUTE, 1.0);
+        assert_eq!(r, f64::from(H100.min_clock_mhz) / f64::from(H100.max_clock_mhz));
+        assert_eq!(H100.capped_ratio(&Demand::IDLE, 1.0), 1.0, "an idle GPU is never capped");
+    }
+}

@@ -48,6 +48,16 @@ impl WorkloadKind {
     pub const ACCEPTED: &'static str = "idle, training, memory-bound, inference, trace";
 }
 
+/// Which part of a trace a GPU replays.
+#[derive(Debug, Clone)]
+pub struct TraceReplay {
+    pub trace: Arc<Trace>,
+    /// Which GPU of the trace.
+    pub gpu: usize,
+    /// Where in the trace to start, seconds.
+    pub start_s: f64,
+}
+
 /// Memory-boundness assumed for a replayed trace (a training job: mostly compute).
 pub const TRACE_MEM_BOUND: f64 = 0.2;
 
@@ -70,7 +80,7 @@ enum Profile {
     Training { phase_s: f64 },
     MemoryBound,
     Inference { in_burst: bool, next_switch_s: f64 },
-    Trace { trace: Arc<Trace>, gpu: usize, cursor: usize },
+    Trace { trace: Arc<Trace>, gpu: usize, start_s: f64, cursor: usize },
 }
 
 impl Workload {
@@ -78,11 +88,11 @@ impl Workload {
         Workload::new(WorkloadKind::Idle, None, 0, preset)
     }
 
-    /// A workload of `kind`; `trace` is `(trace, which GPU of it)` and is required for
-    /// [`WorkloadKind::Trace`] (validated by config before this is called).
+    /// A workload of `kind`; `trace` is required for [`WorkloadKind::Trace`] (config
+    /// validation sees to it; without one the GPU idles).
     pub fn new(
         kind: WorkloadKind,
-        trace: Option<(Arc<Trace>, usize)>,
+        trace: Option<TraceReplay>,
         seed: u64,
         preset: &'static Preset,
     ) -> Workload {
@@ -99,7 +109,7 @@ impl Workload {
                 Profile::Inference { in_burst: false, next_switch_s: next }
             }
             WorkloadKind::Trace => match trace {
-                Some((trace, gpu)) => Profile::Trace { trace, gpu, cursor: 0 },
+                Some(r) => Profile::Trace { trace: r.trace, gpu: r.gpu, start_s: r.start_s, cursor: 0 },
                 None => Profile::Idle,
             },
         };
@@ -140,8 +150,8 @@ impl Workload {
                     Demand { activity: 0.04, mem_bound: 0.5, util_pct: 3.0, mem_used_mib }
                 }
             }
-            Profile::Trace { trace, gpu, cursor } => {
-                let p = trace.at(*gpu, t_s, cursor);
+            Profile::Trace { trace, gpu, start_s, cursor } => {
+                let p = trace.at(*gpu, t_s + *start_s, cursor);
                 // The trace holds uncapped power; at full clock P = idle + a·dyn.
                 let preset = self.preset;
                 Demand {
