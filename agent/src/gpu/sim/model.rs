@@ -9,10 +9,12 @@
 //!   dynamic power (memory, I/O) that does not scale with the SM clock, and `γ = 2.5`
 //!   (dynamic power goes with f·V², and V rises with f in the DVFS range).
 //! - The firmware picks the highest clock whose power fits under the enforced limit
-//!   (and lowers it further above the slowdown temperature); the actual clock follows
-//!   that target with a first-order lag of time constant [`CLOCK_TAU_S`], as the power
-//!   controller of a real GPU does, so a newly lowered cap takes effect within about a
-//!   second.
+//!   (lower still above the slowdown temperature; the idle clock when there is no work);
+//!   the actual clock follows that target with a first-order lag, as the power
+//!   controller of a real GPU does: [`CLOCK_TAU_DOWN_S`] when slowing down, so a newly
+//!   lowered cap takes effect within about half a second, and the slower
+//!   [`CLOCK_TAU_UP_S`] when boosting, so a GPU waking from idle ramps up to its cap
+//!   rather than overshooting it.
 //! - Useful work per second is `a · 1 / ((1 − m) / r + m)`: the compute part of each unit
 //!   of work takes longer at a lower clock, the memory part does not. Compute-bound work
 //!   slows in proportion to the clock, memory-bound work much less.
@@ -25,8 +27,10 @@ use crate::gpu::{PowerConstraints, Throttle};
 
 /// Exponent of the SM clock in dynamic power.
 pub const CLOCK_EXP: f64 = 2.5;
-/// Time constant of the firmware's power controller, in seconds.
-pub const CLOCK_TAU_S: f64 = 0.2;
+/// Time constants of the firmware's clock control, in seconds: slowing down (to meet a
+/// cap) is faster than boosting.
+pub const CLOCK_TAU_DOWN_S: f64 = 0.1;
+pub const CLOCK_TAU_UP_S: f64 = 0.25;
 /// Share of dynamic power that does not scale with the clock, per unit of memory-boundness.
 const MEM_POWER_SHARE: f64 = 0.35;
 /// Below this activity the GPU counts as idle (clocks drop, `gpu_idle` reason).
@@ -48,7 +52,6 @@ pub struct Preset {
     pub dyn_w: f64,
     pub max_clock_mhz: u32,
     pub min_clock_mhz: u32,
-    pub idle_clock_mhz: u32,
     pub ambient_c: f64,
     /// Thermal resistance, °C per watt.
     pub r_th: f64,
@@ -68,7 +71,6 @@ pub const PRESETS: [Preset; 3] = [
         dyn_w: 640.0,
         max_clock_mhz: 1980,
         min_clock_mhz: 345,
-        idle_clock_mhz: 345,
         ambient_c: 28.0,
         r_th: 0.075,
         tau_th_s: 40.0,
@@ -83,7 +85,6 @@ pub const PRESETS: [Preset; 3] = [
         dyn_w: 360.0,
         max_clock_mhz: 1410,
         min_clock_mhz: 210,
-        idle_clock_mhz: 210,
         ambient_c: 28.0,
         r_th: 0.12,
         tau_th_s: 35.0,
@@ -98,7 +99,6 @@ pub const PRESETS: [Preset; 3] = [
         dyn_w: 330.0,
         max_clock_mhz: 2520,
         min_clock_mhz: 210,
-        idle_clock_mhz: 210,
         ambient_c: 28.0,
         r_th: 0.15,
         tau_th_s: 30.0,
@@ -179,7 +179,7 @@ impl GpuPhysics {
         GpuPhysics {
             preset,
             limit_w: preset.power.default_w,
-            ratio: 1.0,
+            ratio: preset.min_ratio(),
             temp_c: preset.ambient_c + preset.idle_w * preset.r_th,
             power_w: preset.idle_w,
             energy_j: 0.0,
@@ -206,9 +206,12 @@ impl GpuPhysics {
             }
         }
         if d.activity < IDLE_ACTIVITY {
-            throttle = throttle | Throttle::GPU_IDLE;
+            // No work: the GPU drops to its idle clock; a cap does not bind.
+            target = p.min_ratio();
+            throttle = Throttle::GPU_IDLE;
         }
-        self.ratio = target + (self.ratio - target) * (-h / CLOCK_TAU_S).exp();
+        let tau = if target < self.ratio { CLOCK_TAU_DOWN_S } else { CLOCK_TAU_UP_S };
+        self.ratio = target + (self.ratio - target) * (-h / tau).exp();
         self.power_w = p.power_at(&d, self.ratio);
         self.energy_j += self.power_w * h;
         self.work += Preset::work_rate_at(&d, self.ratio) * h;
@@ -219,11 +222,7 @@ impl GpuPhysics {
     }
 
     pub fn sm_clock_mhz(&self) -> u32 {
-        if self.demand.activity < IDLE_ACTIVITY {
-            self.preset.idle_clock_mhz
-        } else {
-            (self.ratio * f64::from(self.preset.max_clock_mhz)).round() as u32
-        }
+        (self.ratio * f64::from(self.preset.max_clock_mhz)).round() as u32
     }
 }
 
@@ -245,7 +244,7 @@ mod tests {
     #[test]
     fn uncapped_power_is_idle_plus_activity_times_dynamic_power() {
         let mut g = GpuPhysics::new(H100);
-        run(&mut g, COMPUTE, 2.0);
+        run(&mut g, COMPUTE, 5.0);
         let want = H100.idle_w + 0.82 * H100.dyn_w;
         assert!((g.power_w - want).abs() < 0.01, "{} vs {want}", g.power_w);
         assert!(!g.throttle.contains(Throttle::SW_POWER_CAP));
@@ -275,6 +274,22 @@ mod tests {
     }
 
     #[test]
+    fn a_gpu_waking_from_idle_ramps_up_to_its_cap_without_overshoot() {
+        let mut g = GpuPhysics::new(H100);
+        g.limit_w = 400.0;
+        run(&mut g, Demand::IDLE, 5.0);
+        assert!(g.throttle.contains(Throttle::GPU_IDLE));
+        assert_eq!(g.sm_clock_mhz(), H100.min_clock_mhz);
+        let mut peak: f64 = 0.0;
+        for _ in 0..200 {
+            g.step(COMPUTE, 0.01);
+            peak = peak.max(g.power_w);
+        }
+        assert!(peak <= 400.0 + 1e-6, "peak {peak} W");
+        assert!(g.power_w > 395.0, "reaches its cap within 2 s: {}", g.power_w);
+    }
+
+    #[test]
     fn memory_bound_work_loses_less_to_a_cap_than_compute_bound_work() {
         let loss = |d: Demand| {
             let (p, full) = H100.steady_state(&d, H100.power.max_w);
@@ -300,6 +315,7 @@ mod tests {
     #[test]
     fn above_the_slowdown_temperature_the_clock_drops() {
         let mut g = GpuPhysics::new(H100);
+        run(&mut g, COMPUTE, 2.0);
         g.temp_c = H100.slowdown_c + 5.0;
         g.step(COMPUTE, 0.5);
         assert!(g.throttle.contains(Throttle::SW_THERMAL));

@@ -1,0 +1,71 @@
+//! Integration tests: the whole agent in-process against the simulator, the config
+//! contract, the command line as a user runs it, and the docs against the code. One
+//! test binary (faster to link than one per file).
+
+mod agent_loop;
+mod cli;
+mod config;
+mod docs;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use gpulet::agent::Agent;
+use gpulet::clock::VirtualClock;
+use gpulet::config::Config;
+use gpulet::gpu::sim::SimHandle;
+use gpulet::setup;
+use gpulet::telemetry::JsonLines;
+use serde_json::Value;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A writer that keeps what is written, shared with the test.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// Every line written, parsed as JSON.
+    pub fn records(&self) -> Vec<Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+/// An agent on a virtual clock over the simulated node `toml` describes, its telemetry
+/// captured.
+pub struct Harness {
+    pub agent: Agent,
+    pub clock: VirtualClock,
+    pub sim: SimHandle,
+    pub out: Capture,
+}
+
+pub fn harness(toml: &str) -> Harness {
+    let config = Config::parse(toml).unwrap();
+    config.validate().unwrap();
+    let clock = VirtualClock::new(1_800_000_000_000);
+    let backend = setup::open_backend(&config, &repo(), Arc::new(clock.clone())).unwrap();
+    let sim = backend.sim.clone().unwrap();
+    let out = Capture::default();
+    let agent = setup::agent(&config, backend, vec![Box::new(JsonLines::new(out.clone()))], Arc::new(clock.clone())).unwrap();
+    Harness { agent, clock, sim, out }
+}
