@@ -79,7 +79,10 @@ pub enum Pacing {
     /// The agent runs on `clock`, which the loop advances by one tick period before each
     /// tick after the first; `speed` is simulated seconds per wall second (`None`: as
     /// fast as possible).
-    Virtual { clock: VirtualClock, speed: Option<f64> },
+    Virtual {
+        clock: VirtualClock,
+        speed: Option<f64>,
+    },
 }
 
 impl Agent {
@@ -118,7 +121,10 @@ impl Agent {
         // 1. Sample.
         let samples = self.backend.sample_all();
         for x in self.backend.drain_events() {
-            let uuid = self.inventory.get(x.gpu as usize).map_or("", |g| g.uuid.as_str());
+            let uuid = self
+                .inventory
+                .get(x.gpu as usize)
+                .map_or("", |g| g.uuid.as_str());
             warn!(gpu = x.gpu, uuid, code = x.code, "XID event");
             events.push(Event::xid(x.gpu, uuid, x.code));
         }
@@ -126,7 +132,12 @@ impl Agent {
             if s.health != *prev {
                 let uuid = self.inventory[s.index as usize].uuid.clone();
                 warn!(gpu = s.index, %uuid, from = ?*prev, to = ?s.health, "GPU health changed");
-                events.push(Event::Health { gpu: s.index, uuid, from: *prev, to: s.health });
+                events.push(Event::Health {
+                    gpu: s.index,
+                    uuid,
+                    from: *prev,
+                    to: s.health,
+                });
                 *prev = s.health;
             }
         }
@@ -143,7 +154,9 @@ impl Agent {
 
         // 3. Decide, 4. check.
         let decisions = self.policy.decide(&snapshot);
-        let changes = self.guard.check(&snapshot, self.policy.name(), decisions, &mut events);
+        let changes = self
+            .guard
+            .check(&snapshot, self.policy.name(), decisions, &mut events);
 
         // 5. Apply and audit.
         for change in changes {
@@ -167,7 +180,12 @@ impl Agent {
                     let error = e.to_string();
                     if self.last_failure[gpu as usize].as_ref() != Some(&error) {
                         warn!(gpu, %uuid, to_w = change.to_w, %error, "power limit change failed");
-                        events.push(Event::LimitFailed { gpu, uuid: uuid.clone(), to_w: change.to_w, error: error.clone() });
+                        events.push(Event::LimitFailed {
+                            gpu,
+                            uuid: uuid.clone(),
+                            to_w: change.to_w,
+                            error: error.clone(),
+                        });
                         self.last_failure[gpu as usize] = Some(error);
                     }
                 }
@@ -175,7 +193,13 @@ impl Agent {
         }
 
         // 6. Emit.
-        let record = Record::new(&self.node, self.backend.kind(), &snapshot, &events, self.stats);
+        let record = Record::new(
+            &self.node,
+            self.backend.kind(),
+            &snapshot,
+            &events,
+            self.stats,
+        );
         for sink in &mut self.sinks {
             if let Err(e) = sink.emit(&record) {
                 self.stats.sink_errors += 1;
@@ -191,12 +215,18 @@ impl Agent {
 
     /// Tick until `ticks` ticks have run (forever if `None`) or `shutdown` completes.
     /// A shutdown lets the tick in progress finish: a tick is never cut in half.
-    pub async fn run(&mut self, ticks: Option<u64>, pacing: Pacing, shutdown: impl Future<Output = ()>) -> u64 {
+    pub async fn run(
+        &mut self,
+        ticks: Option<u64>,
+        pacing: Pacing,
+        shutdown: impl Future<Output = ()>,
+    ) -> u64 {
         let (period, virtual_clock) = match &pacing {
             Pacing::RealTime => (Some(self.tick), None),
-            Pacing::Virtual { clock, speed } => {
-                (speed.map(|s| self.tick.div_f64(s.max(1e-6))), Some(clock.clone()))
-            }
+            Pacing::Virtual { clock, speed } => (
+                speed.map(|s| self.tick.div_f64(s.max(1e-6))),
+                Some(clock.clone()),
+            ),
         };
         let mut timer = period.map(|p| {
             let mut t = tokio::time::interval(p);
@@ -220,10 +250,10 @@ impl Agent {
                     }
                 }
             }
-            if done > 0 {
-                if let Some(c) = &virtual_clock {
-                    c.advance(self.tick);
-                }
+            if done > 0
+                && let Some(c) = &virtual_clock
+            {
+                c.advance(self.tick);
             }
             self.tick();
             done += 1;

@@ -168,7 +168,11 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { seed: DEFAULT_SEED, gpus: Vec::new(), faults: Vec::new() }
+        SimConfig {
+            seed: DEFAULT_SEED,
+            gpus: Vec::new(),
+            faults: Vec::new(),
+        }
     }
 }
 
@@ -233,7 +237,11 @@ pub enum ConfigError {
     /// The file is not valid TOML or does not fit the schema; `key` is empty for the
     /// top level, `line` is known for most syntax errors.
     #[error("{}", parse_message(*.line, .key, .message))]
-    Parse { line: Option<usize>, key: String, message: String },
+    Parse {
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
     /// A value is wrong: `key` is its path, `message` names the value and what is accepted.
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
@@ -241,7 +249,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { key: key.into(), message: message.into() }
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -305,25 +316,46 @@ impl Config {
         let mut v = Validator::default();
         v.node(self.node.as_deref());
         if self.tick < MIN_TICK || self.tick > MAX_TICK {
-            v.err("tick", format!("{} is out of range; accepted: 10ms to 1h", show(self.tick)));
+            v.err(
+                "tick",
+                format!("{} is out of range; accepted: 10ms to 1h", show(self.tick)),
+            );
         }
         v.power(&self.power);
         v.telemetry(&self.telemetry);
         v.sim(&self.sim);
-        if v.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(v.errors)) }
+        if v.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
     }
 
     /// The node id: the configured one, or the hostname.
     pub fn node_id(&self) -> String {
-        self.node.clone().unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+        self.node
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
     }
 }
 
 fn parse_error(text: &str, key: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
     // toml's message may span lines; the first says what is wrong.
-    let message = e.message().lines().next().unwrap_or("invalid TOML").trim().to_owned();
-    ConfigError::Parse { line, key: key.to_owned(), message }
+    let message = e
+        .message()
+        .lines()
+        .next()
+        .unwrap_or("invalid TOML")
+        .trim()
+        .to_owned();
+    ConfigError::Parse {
+        line,
+        key: key.to_owned(),
+        message,
+    }
 }
 
 fn parse_message(line: Option<usize>, key: &str, message: &str) -> String {
@@ -357,16 +389,33 @@ impl Validator {
         let Some(node) = node else { return };
         let accepted = "1 to 128 characters, none of '+', '#', '/' or control characters";
         if node.is_empty() || node.len() > 128 {
-            self.err("node", format!("{node:?} has {} characters; accepted: {accepted}", node.len()));
-        } else if let Some(c) = node.chars().find(|c| matches!(c, '+' | '#' | '/') || c.is_control()) {
-            self.err("node", format!("{node:?} contains {c:?}, which MQTT topics cannot carry; accepted: {accepted}"));
+            self.err(
+                "node",
+                format!(
+                    "{node:?} has {} characters; accepted: {accepted}",
+                    node.len()
+                ),
+            );
+        } else if let Some(c) = node
+            .chars()
+            .find(|c| matches!(c, '+' | '#' | '/') || c.is_control())
+        {
+            self.err(
+                "node",
+                format!(
+                    "{node:?} contains {c:?}, which MQTT topics cannot carry; accepted: {accepted}"
+                ),
+            );
         }
     }
 
     fn watts(&mut self, key: &str, w: Option<f64>) -> Option<f64> {
         let w = w?;
         if !w.is_finite() || w <= 0.0 || w > MAX_WATTS {
-            self.err(key, format!("{w} W is out of range; accepted: more than 0 up to {MAX_WATTS} W"));
+            self.err(
+                key,
+                format!("{w} W is out of range; accepted: more than 0 up to {MAX_WATTS} W"),
+            );
             return None;
         }
         Some(w)
@@ -375,20 +424,38 @@ impl Validator {
     /// min ≤ limit ≤ max among the ones given.
     fn ordered(&mut self, prefix: &str, min: Option<f64>, limit: Option<f64>, max: Option<f64>) {
         let key = |k: &str| format!("{prefix}{k}");
-        if let (Some(lo), Some(hi)) = (min, max) {
-            if lo > hi {
-                self.err(key("min_w"), format!("{lo} W is above {} ({hi} W); accepted: min_w ≤ max_w", key("max_w")));
-            }
+        if let (Some(lo), Some(hi)) = (min, max)
+            && lo > hi
+        {
+            self.err(
+                key("min_w"),
+                format!(
+                    "{lo} W is above {} ({hi} W); accepted: min_w ≤ max_w",
+                    key("max_w")
+                ),
+            );
         }
-        if let (Some(l), Some(lo)) = (limit, min) {
-            if l < lo {
-                self.err(key("limit_w"), format!("{l} W is below {} ({lo} W); accepted: min_w ≤ limit_w ≤ max_w", key("min_w")));
-            }
+        if let (Some(l), Some(lo)) = (limit, min)
+            && l < lo
+        {
+            self.err(
+                key("limit_w"),
+                format!(
+                    "{l} W is below {} ({lo} W); accepted: min_w ≤ limit_w ≤ max_w",
+                    key("min_w")
+                ),
+            );
         }
-        if let (Some(l), Some(hi)) = (limit, max) {
-            if l > hi {
-                self.err(key("limit_w"), format!("{l} W is above {} ({hi} W); accepted: min_w ≤ limit_w ≤ max_w", key("max_w")));
-            }
+        if let (Some(l), Some(hi)) = (limit, max)
+            && l > hi
+        {
+            self.err(
+                key("limit_w"),
+                format!(
+                    "{l} W is above {} ({hi} W); accepted: min_w ≤ limit_w ≤ max_w",
+                    key("max_w")
+                ),
+            );
         }
     }
 
@@ -399,16 +466,31 @@ impl Validator {
         let limit = self.watts("power.limit_w", p.limit_w);
         self.ordered("power.", min, limit, max);
         if !(0.0..=50.0).contains(&p.deadband_w) {
-            self.err("power.deadband_w", format!("{} W is out of range; accepted: 0 to 50 W", p.deadband_w));
+            self.err(
+                "power.deadband_w",
+                format!("{} W is out of range; accepted: 0 to 50 W", p.deadband_w),
+            );
         }
         if p.raise_interval > MAX_TICK {
-            self.err("power.raise_interval", format!("{} is out of range; accepted: 0s to 1h", show(p.raise_interval)));
+            self.err(
+                "power.raise_interval",
+                format!(
+                    "{} is out of range; accepted: 0s to 1h",
+                    show(p.raise_interval)
+                ),
+            );
         }
         let mut seen = HashSet::new();
         for (i, g) in p.gpus.iter().enumerate() {
             let prefix = format!("power.gpu[{i}].");
             if !seen.insert(g.index) {
-                self.err(format!("{prefix}index"), format!("GPU {} is configured twice; accepted: each index once", g.index));
+                self.err(
+                    format!("{prefix}index"),
+                    format!(
+                        "GPU {} is configured twice; accepted: each index once",
+                        g.index
+                    ),
+                );
             }
             let gmin = self.watts(&format!("{prefix}min_w"), g.min_w).or(min);
             let gmax = self.watts(&format!("{prefix}max_w"), g.max_w).or(max);
@@ -435,10 +517,20 @@ impl Validator {
         for (i, g) in s.gpus.iter().enumerate() {
             let key = |k: &str| format!("sim.gpu[{i}].{k}");
             if Preset::by_key(&g.preset).is_none() {
-                self.err(key("preset"), format!("{:?} is not a known GPU; accepted: {}", g.preset, Preset::keys()));
+                self.err(
+                    key("preset"),
+                    format!(
+                        "{:?} is not a known GPU; accepted: {}",
+                        g.preset,
+                        Preset::keys()
+                    ),
+                );
             }
             if g.count == 0 || g.count > MAX_SIM_GPUS {
-                self.err(key("count"), format!("{} is out of range; accepted: 1 to {MAX_SIM_GPUS}", g.count));
+                self.err(
+                    key("count"),
+                    format!("{} is out of range; accepted: 1 to {MAX_SIM_GPUS}", g.count),
+                );
             }
             total = total.saturating_add(g.count);
             match (g.workload, &g.trace) {
@@ -453,29 +545,55 @@ impl Validator {
                 _ => {}
             }
             if g.trace_gpu.is_some() && g.trace.is_none() {
-                self.err(key("trace_gpu"), "is set without a trace; accepted: only with workload = \"trace\"");
+                self.err(
+                    key("trace_gpu"),
+                    "is set without a trace; accepted: only with workload = \"trace\"",
+                );
             }
             if !g.trace_start.is_zero() && g.trace.is_none() {
-                self.err(key("trace_start"), "is set without a trace; accepted: only with workload = \"trace\"");
+                self.err(
+                    key("trace_start"),
+                    "is set without a trace; accepted: only with workload = \"trace\"",
+                );
             }
         }
         if total > MAX_SIM_GPUS {
-            self.err("sim.gpu", format!("{total} GPUs in all; accepted: at most {MAX_SIM_GPUS}"));
+            self.err(
+                "sim.gpu",
+                format!("{total} GPUs in all; accepted: at most {MAX_SIM_GPUS}"),
+            );
         }
         let n = if s.gpus.is_empty() { 8 } else { total };
         for (i, f) in s.faults.iter().enumerate() {
             let key = |k: &str| format!("sim.fault[{i}].{k}");
             if f.gpu >= n {
-                self.err(key("gpu"), format!("{} does not exist; accepted: 0 to {} (the simulated node has {n} GPUs)", f.gpu, n - 1));
+                self.err(
+                    key("gpu"),
+                    format!(
+                        "{} does not exist; accepted: 0 to {} (the simulated node has {n} GPUs)",
+                        f.gpu,
+                        n - 1
+                    ),
+                );
             }
             match (f.kind, f.xid, &f.field) {
-                (FaultKind::Xid, None, _) => self.err(key("xid"), "missing; kind = \"xid\" needs an XID code"),
-                (FaultKind::Field, _, None) => self.err(key("field"), format!("missing; kind = \"field\" needs one of: {}", field_names())),
-                (FaultKind::Field, _, Some(name)) if Field::from_name(name).is_none() => {
-                    self.err(key("field"), format!("{name:?} is not a field; accepted: {}", field_names()))
+                (FaultKind::Xid, None, _) => {
+                    self.err(key("xid"), "missing; kind = \"xid\" needs an XID code")
                 }
-                (k, Some(_), _) if k != FaultKind::Xid => self.err(key("xid"), "is set but kind is not \"xid\""),
-                (k, _, Some(_)) if k != FaultKind::Field => self.err(key("field"), "is set but kind is not \"field\""),
+                (FaultKind::Field, _, None) => self.err(
+                    key("field"),
+                    format!("missing; kind = \"field\" needs one of: {}", field_names()),
+                ),
+                (FaultKind::Field, _, Some(name)) if Field::from_name(name).is_none() => self.err(
+                    key("field"),
+                    format!("{name:?} is not a field; accepted: {}", field_names()),
+                ),
+                (k, Some(_), _) if k != FaultKind::Xid => {
+                    self.err(key("xid"), "is set but kind is not \"xid\"")
+                }
+                (k, _, Some(_)) if k != FaultKind::Field => {
+                    self.err(key("field"), "is set but kind is not \"field\"")
+                }
                 _ => {}
             }
         }
@@ -483,5 +601,9 @@ impl Validator {
 }
 
 fn field_names() -> String {
-    Field::ALL.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+    Field::ALL
+        .iter()
+        .map(|f| f.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -22,7 +22,9 @@ pub const DEMO_CONFIG: &str = include_str!("../../examples/demo.toml");
 /// The demo's config, parsed and validated.
 pub fn config() -> Config {
     let config = Config::parse(DEMO_CONFIG).expect("the built-in demo config parses");
-    config.validate().expect("the built-in demo config is valid");
+    config
+        .validate()
+        .expect("the built-in demo config is valid");
     config
 }
 
@@ -39,13 +41,19 @@ pub struct Options {
 /// time), writing to `out`.
 pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, VirtualClock), Error> {
     let config = config();
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let clock = VirtualClock::new(now_ms);
     let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone()))?;
     let sink: Box<dyn Sink> = if opts.json {
         Box::new(JsonLines::new(out))
     } else {
-        Box::new(LiveView::new(out, config.tick, backend.backend.inventory().len()))
+        Box::new(LiveView::new(
+            out,
+            config.tick,
+            backend.backend.inventory().len(),
+        ))
     };
     let agent = setup::agent(&config, backend, vec![sink], Arc::new(clock.clone()))?;
     Ok((agent, clock))
@@ -54,8 +62,13 @@ pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, Virtu
 /// Run the demo until `ticks` or Ctrl-C.
 pub async fn run(opts: Options) -> Result<u64, Error> {
     let (mut agent, clock) = agent(&opts, Box::new(std::io::stdout()))?;
-    let pacing = Pacing::Virtual { clock, speed: opts.speed };
-    Ok(agent.run(opts.ticks, pacing, crate::agent::shutdown_signal()).await)
+    let pacing = Pacing::Virtual {
+        clock,
+        speed: opts.speed,
+    };
+    Ok(agent
+        .run(opts.ticks, pacing, crate::agent::shutdown_signal())
+        .await)
 }
 
 /// The compact live view: a header, then one line per tick, then a line per event.
@@ -68,7 +81,12 @@ pub struct LiveView<W: Write + Send> {
 
 impl<W: Write + Send> LiveView<W> {
     pub fn new(out: W, tick: Duration, gpus: usize) -> LiveView<W> {
-        LiveView { out, tick, header_done: false, gpus }
+        LiveView {
+            out,
+            tick,
+            header_done: false,
+            gpus,
+        }
     }
 }
 
@@ -120,16 +138,40 @@ impl<W: Write + Send> Sink for LiveView<W> {
 /// One line for a person.
 pub fn describe(e: &Event) -> String {
     match e {
-        Event::Xid { gpu, code, severity, action, .. } => format!("GPU {gpu}: XID {code} ({severity}): {action}"),
+        Event::Xid {
+            gpu,
+            code,
+            severity,
+            action,
+            ..
+        } => format!("GPU {gpu}: XID {code} ({severity}): {action}"),
         Event::Health { gpu, from, to, .. } => format!("GPU {gpu}: health {from:?} -> {to:?}"),
-        Event::LimitChanged { gpu, from_w, to_w, source, reason, .. } => {
+        Event::LimitChanged {
+            gpu,
+            from_w,
+            to_w,
+            source,
+            reason,
+            ..
+        } => {
             let from = from_w.map_or("?".into(), |w| format!("{w:.0}"));
             format!("GPU {gpu}: limit {from} -> {to_w:.0} W by {source} ({reason})")
         }
-        Event::LimitFailed { gpu, to_w, error, .. } => format!("GPU {gpu}: setting {to_w:.0} W failed: {error}"),
-        Event::DecisionRejected { source, gpu, reason } => format!("{source}: decision for GPU {gpu} rejected: {reason}"),
-        Event::BudgetInfeasible { budget_w, min_total_w } => {
-            format!("node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W")
+        Event::LimitFailed {
+            gpu, to_w, error, ..
+        } => format!("GPU {gpu}: setting {to_w:.0} W failed: {error}"),
+        Event::DecisionRejected {
+            source,
+            gpu,
+            reason,
+        } => format!("{source}: decision for GPU {gpu} rejected: {reason}"),
+        Event::BudgetInfeasible {
+            budget_w,
+            min_total_w,
+        } => {
+            format!(
+                "node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W"
+            )
         }
     }
 }

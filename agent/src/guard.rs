@@ -62,18 +62,29 @@ impl PowerGuard {
         let n = inventory.len();
         for (i, g) in power.gpus.iter().enumerate() {
             if g.index as usize >= n {
-                let accepted = if n == 0 { "none: the node has no GPUs".into() } else { format!("0 to {}", n - 1) };
+                let accepted = if n == 0 {
+                    "none: the node has no GPUs".into()
+                } else {
+                    format!("0 to {}", n - 1)
+                };
                 errors.push(ConfigError::invalid(
                     format!("power.gpu[{i}].index"),
-                    format!("GPU {} does not exist on this node; accepted: {accepted}", g.index),
+                    format!(
+                        "GPU {} does not exist on this node; accepted: {accepted}",
+                        g.index
+                    ),
                 ));
             }
         }
         let mut bounds = Vec::with_capacity(n);
         for info in inventory {
             let own = power.gpus.iter().position(|g| g.index == info.index);
-            let pick = |f: fn(&crate::config::GpuPowerConfig) -> Option<f64>, all: Option<f64>, name: &str| {
-                match own.and_then(|i| f(&power.gpus[i]).map(|w| (w, format!("power.gpu[{i}].{name}")))) {
+            let pick = |f: fn(&crate::config::GpuPowerConfig) -> Option<f64>,
+                        all: Option<f64>,
+                        name: &str| {
+                match own
+                    .and_then(|i| f(&power.gpus[i]).map(|w| (w, format!("power.gpu[{i}].{name}"))))
+                {
                     Some(x) => Some(x),
                     None => all.map(|w| (w, format!("power.{name}"))),
                 }
@@ -84,15 +95,21 @@ impl PowerGuard {
             let lo = min.as_ref().map_or(hw.min_w, |(w, _)| w.max(hw.min_w));
             let hi = max.as_ref().map_or(hw.max_w, |(w, _)| w.min(hw.max_w));
             let range = format!("GPU {} accepts {} to {} W", info.index, hw.min_w, hw.max_w);
-            if let Some((w, key)) = &min {
-                if *w > hw.max_w {
-                    errors.push(ConfigError::invalid(key, format!("{w} W is above what {range}")));
-                }
+            if let Some((w, key)) = &min
+                && *w > hw.max_w
+            {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!("{w} W is above what {range}"),
+                ));
             }
-            if let Some((w, key)) = &max {
-                if *w < hw.min_w {
-                    errors.push(ConfigError::invalid(key, format!("{w} W is below what {range}")));
-                }
+            if let Some((w, key)) = &max
+                && *w < hw.min_w
+            {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!("{w} W is below what {range}"),
+                ));
             }
             bounds.push(Bounds { lo: lo.min(hi), hi });
         }
@@ -130,26 +147,47 @@ impl PowerGuard {
         let n = self.bounds.len();
         let mut desired: Vec<Option<(f64, String)>> = vec![None; n];
         for d in decisions {
-            let reject = |reason: String| Event::DecisionRejected { source: source.to_owned(), gpu: d.gpu, reason };
+            let reject = |reason: String| Event::DecisionRejected {
+                source: source.to_owned(),
+                gpu: d.gpu,
+                reason,
+            };
             let Some(b) = self.bounds.get(d.gpu as usize) else {
-                events.push(reject(format!("GPU {} does not exist; the node has {n} GPUs", d.gpu)));
+                events.push(reject(format!(
+                    "GPU {} does not exist; the node has {n} GPUs",
+                    d.gpu
+                )));
                 continue;
             };
             if !d.limit_w.is_finite() {
-                events.push(reject(format!("limit {} is not a number of watts", d.limit_w)));
+                events.push(reject(format!(
+                    "limit {} is not a number of watts",
+                    d.limit_w
+                )));
                 continue;
             }
             let w = d.limit_w.clamp(b.lo, b.hi);
             let reason = if w == d.limit_w {
                 d.reason
             } else {
-                format!("{}; clamped from {} W to bounds {}..{} W", d.reason, d.limit_w, b.lo, b.hi)
+                format!(
+                    "{}; clamped from {} W to bounds {}..{} W",
+                    d.reason, d.limit_w, b.lo, b.hi
+                )
             };
             desired[d.gpu as usize] = Some((w, reason));
         }
 
-        let current: Vec<Option<f64>> = snap.samples.iter().map(|s| s.power_limit_w.value()).collect();
-        let lost: Vec<bool> = snap.samples.iter().map(|s| s.health == Health::Lost).collect();
+        let current: Vec<Option<f64>> = snap
+            .samples
+            .iter()
+            .map(|s| s.power_limit_w.value())
+            .collect();
+        let lost: Vec<bool> = snap
+            .samples
+            .iter()
+            .map(|s| s.health == Health::Lost)
+            .collect();
         if let Some(budget) = self.budget_w {
             self.fit_budget(budget, &mut desired, &current, &lost, events);
         }
@@ -169,12 +207,18 @@ impl PowerGuard {
                 if (to_w - c).abs() < 1e-3 {
                     continue;
                 }
-                let recently = self.last_raise_ms[i].is_some_and(|t| snap.now_ms < t + self.raise_interval_ms);
+                let recently =
+                    self.last_raise_ms[i].is_some_and(|t| snap.now_ms < t + self.raise_interval_ms);
                 if raise && recently {
                     continue;
                 }
             }
-            changes.push(Change { gpu: i as u32, from_w, to_w, reason });
+            changes.push(Change {
+                gpu: i as u32,
+                from_w,
+                to_w,
+                reason,
+            });
         }
         // Decreases first: the sum of limits only ever falls until the raises.
         changes.sort_by(|a, b| {
@@ -202,7 +246,9 @@ impl PowerGuard {
                 desired[i] = None;
                 continue;
             }
-            let (w, _) = desired[i].get_or_insert_with(|| (b.hi, "no policy limit: its share of the node budget".into()));
+            let (w, _) = desired[i].get_or_insert_with(|| {
+                (b.hi, "no policy limit: its share of the node budget".into())
+            });
             sum += *w;
             sum_lo += b.lo;
         }
@@ -212,7 +258,11 @@ impl PowerGuard {
             return;
         }
         let infeasible = sum_lo > avail;
-        let k = if infeasible { 0.0 } else { (avail - sum_lo) / (sum - sum_lo) };
+        let k = if infeasible {
+            0.0
+        } else {
+            (avail - sum_lo) / (sum - sum_lo)
+        };
         for (i, want) in desired.iter_mut().enumerate() {
             let Some((w, reason)) = want else { continue };
             let lo = self.bounds[i].lo;
@@ -221,7 +271,10 @@ impl PowerGuard {
             reason.push_str(&format!("; scaled to fit node budget {budget} W"));
         }
         if infeasible && !self.infeasible {
-            events.push(Event::BudgetInfeasible { budget_w: budget, min_total_w: sum_lo + reserved });
+            events.push(Event::BudgetInfeasible {
+                budget_w: budget,
+                min_total_w: sum_lo + reserved,
+            });
         }
         self.infeasible = infeasible;
     }
@@ -247,7 +300,11 @@ mod tests {
                 uuid: format!("GPU-{index}"),
                 name: "test".into(),
                 memory_total_mib: 1,
-                power_limit: PowerConstraints { min_w: 200.0, max_w: 700.0, default_w: 700.0 },
+                power_limit: PowerConstraints {
+                    min_w: 200.0,
+                    max_w: 700.0,
+                    default_w: 700.0,
+                },
                 fields: FieldSet::ALL,
                 can_set_power_limit: true,
             })
@@ -267,7 +324,14 @@ mod tests {
                 s
             })
             .collect();
-        NodeSnapshot { seq: 0, ts_ms: 0, now_ms, inventory: inventory(limits.len() as u32).into(), samples, budget_w: None }
+        NodeSnapshot {
+            seq: 0,
+            ts_ms: 0,
+            now_ms,
+            inventory: inventory(limits.len() as u32).into(),
+            samples,
+            budget_w: None,
+        }
     }
 
     fn power(toml: &str) -> PowerConfig {
@@ -277,7 +341,11 @@ mod tests {
     }
 
     fn decide(gpu: u32, limit_w: f64) -> PowerDecision {
-        PowerDecision { gpu, limit_w, reason: "test".into() }
+        PowerDecision {
+            gpu,
+            limit_w,
+            reason: "test".into(),
+        }
     }
 
     fn targets(changes: &[Change]) -> Vec<(u32, f64)> {
@@ -287,12 +355,31 @@ mod tests {
     #[test]
     fn decisions_are_clamped_to_hardware_and_operator_bounds() {
         let mut p = power("max_w = 600");
-        p.gpus.push(GpuPowerConfig { index: 1, limit_w: None, min_w: Some(300.0), max_w: None });
+        p.gpus.push(GpuPowerConfig {
+            index: 1,
+            limit_w: None,
+            min_w: Some(300.0),
+            max_w: None,
+        });
         let mut g = PowerGuard::new(&inventory(3), &p).unwrap();
         let mut ev = Vec::new();
-        let c = g.check(&snap(&[700.0; 3], 0), "t", vec![decide(0, 650.0), decide(1, 250.0), decide(2, 100.0)], &mut ev);
-        assert_eq!(targets(&c), vec![(2, 200.0), (1, 300.0), (0, 600.0)], "decreases, largest first");
-        assert!(c[2].reason.contains("clamped from 650 W to bounds 200..600 W"), "{}", c[2].reason);
+        let c = g.check(
+            &snap(&[700.0; 3], 0),
+            "t",
+            vec![decide(0, 650.0), decide(1, 250.0), decide(2, 100.0)],
+            &mut ev,
+        );
+        assert_eq!(
+            targets(&c),
+            vec![(2, 200.0), (1, 300.0), (0, 600.0)],
+            "decreases, largest first"
+        );
+        assert!(
+            c[2].reason
+                .contains("clamped from 650 W to bounds 200..600 W"),
+            "{}",
+            c[2].reason
+        );
         assert!(ev.is_empty());
     }
 
@@ -300,11 +387,20 @@ mod tests {
     fn bad_decisions_are_rejected_and_audited() {
         let mut g = PowerGuard::new(&inventory(2), &power("")).unwrap();
         let mut ev = Vec::new();
-        let c = g.check(&snap(&[700.0; 2], 0), "p", vec![decide(5, 300.0), decide(0, f64::NAN), decide(1, 400.0)], &mut ev);
+        let c = g.check(
+            &snap(&[700.0; 2], 0),
+            "p",
+            vec![decide(5, 300.0), decide(0, f64::NAN), decide(1, 400.0)],
+            &mut ev,
+        );
         assert_eq!(targets(&c), vec![(1, 400.0)]);
         assert_eq!(ev.len(), 2);
-        assert!(matches!(&ev[0], Event::DecisionRejected { source, gpu: 5, reason } if source == "p" && reason.contains("does not exist")));
-        assert!(matches!(&ev[1], Event::DecisionRejected { gpu: 0, reason, .. } if reason.contains("not a number")));
+        assert!(
+            matches!(&ev[0], Event::DecisionRejected { source, gpu: 5, reason } if source == "p" && reason.contains("does not exist"))
+        );
+        assert!(
+            matches!(&ev[1], Event::DecisionRejected { gpu: 0, reason, .. } if reason.contains("not a number"))
+        );
     }
 
     #[test]
@@ -312,13 +408,21 @@ mod tests {
         let mut g = PowerGuard::new(&inventory(4), &power("budget_w = 2000")).unwrap();
         let mut ev = Vec::new();
         // GPU 0 asks 700, GPU 1 asks 450, GPUs 2 and 3 ask nothing (their upper bound).
-        let c = g.check(&snap(&[700.0; 4], 0), "t", vec![decide(0, 700.0), decide(1, 450.0)], &mut ev);
+        let c = g.check(
+            &snap(&[700.0; 4], 0),
+            "t",
+            vec![decide(0, 700.0), decide(1, 450.0)],
+            &mut ev,
+        );
         // sum 2550, mins 800: k = (2000 - 800) / (2550 - 800)
         let k = 1200.0 / 1750.0;
         let total: f64 = c.iter().map(|c| c.to_w).sum();
         assert!(total <= 2000.0 && total > 1999.9, "{total}");
         assert!((c.iter().find(|c| c.gpu == 1).unwrap().to_w - (200.0 + 250.0 * k)).abs() < 0.01);
-        assert!(c.iter().all(|c| c.reason.contains("scaled to fit node budget 2000 W")));
+        assert!(
+            c.iter()
+                .all(|c| c.reason.contains("scaled to fit node budget 2000 W"))
+        );
     }
 
     #[test]
@@ -327,7 +431,13 @@ mod tests {
         let mut ev = Vec::new();
         let c = g.check(&snap(&[700.0; 2], 0), "t", vec![], &mut ev);
         assert_eq!(targets(&c), vec![(0, 200.0), (1, 200.0)]);
-        assert_eq!(ev, vec![Event::BudgetInfeasible { budget_w: 300.0, min_total_w: 400.0 }]);
+        assert_eq!(
+            ev,
+            vec![Event::BudgetInfeasible {
+                budget_w: 300.0,
+                min_total_w: 400.0
+            }]
+        );
         g.check(&snap(&[200.0; 2], 1000), "t", vec![], &mut ev);
         assert_eq!(ev.len(), 1, "not repeated while it stays infeasible");
     }
@@ -344,23 +454,59 @@ mod tests {
 
     #[test]
     fn small_changes_and_fast_raises_are_held_back_but_decreases_never() {
-        let mut g = PowerGuard::new(&inventory(1), &power("deadband_w = 5\nraise_interval = \"10s\"")).unwrap();
+        let mut g = PowerGuard::new(
+            &inventory(1),
+            &power("deadband_w = 5\nraise_interval = \"10s\""),
+        )
+        .unwrap();
         let mut ev = Vec::new();
-        assert!(g.check(&snap(&[500.0], 0), "t", vec![decide(0, 503.0)], &mut ev).is_empty(), "inside the deadband");
+        assert!(
+            g.check(&snap(&[500.0], 0), "t", vec![decide(0, 503.0)], &mut ev)
+                .is_empty(),
+            "inside the deadband"
+        );
         let c = g.check(&snap(&[500.0], 0), "t", vec![decide(0, 600.0)], &mut ev);
         assert_eq!(targets(&c), vec![(0, 600.0)]);
         g.applied(&c[0], 0);
-        assert!(g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 650.0)], &mut ev).is_empty(), "raised 5 s ago");
-        assert_eq!(targets(&g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 300.0)], &mut ev)), vec![(0, 300.0)]);
-        assert_eq!(targets(&g.check(&snap(&[300.0], 10_000), "t", vec![decide(0, 650.0)], &mut ev)), vec![(0, 650.0)]);
+        assert!(
+            g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 650.0)], &mut ev)
+                .is_empty(),
+            "raised 5 s ago"
+        );
+        assert_eq!(
+            targets(&g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 300.0)], &mut ev)),
+            vec![(0, 300.0)]
+        );
+        assert_eq!(
+            targets(&g.check(
+                &snap(&[300.0], 10_000),
+                "t",
+                vec![decide(0, 650.0)],
+                &mut ev
+            )),
+            vec![(0, 650.0)]
+        );
     }
 
     #[test]
     fn config_that_does_not_fit_the_hardware_is_refused_at_start() {
         let mut p = power("min_w = 800");
-        p.gpus.push(GpuPowerConfig { index: 7, limit_w: Some(300.0), min_w: None, max_w: None });
+        p.gpus.push(GpuPowerConfig {
+            index: 7,
+            limit_w: Some(300.0),
+            min_w: None,
+            max_w: None,
+        });
         let errs = PowerGuard::new(&inventory(2), &p).unwrap_err().to_string();
-        assert!(errs.contains("power.gpu[0].index: GPU 7 does not exist on this node; accepted: 0 to 1"), "{errs}");
-        assert!(errs.contains("power.min_w: 800 W is above what GPU 0 accepts 200 to 700 W"), "{errs}");
+        assert!(
+            errs.contains(
+                "power.gpu[0].index: GPU 7 does not exist on this node; accepted: 0 to 1"
+            ),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("power.min_w: 800 W is above what GPU 0 accepts 200 to 700 W"),
+            "{errs}"
+        );
     }
 }

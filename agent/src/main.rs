@@ -1,8 +1,8 @@
 //! The `gpulet` command line. Exit codes: 0 success; 1 a runtime failure; 2 a usage or
 //! configuration error.
 
-use std::path::PathBuf;
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +13,11 @@ use gpulet::error::Error;
 use gpulet::{demo, setup};
 
 #[derive(Debug, Parser)]
-#[command(name = "gpulet", version, about = "Watches and controls a node's NVIDIA GPUs, decides through sandboxed policies, reports to the fleet")]
+#[command(
+    name = "gpulet",
+    version,
+    about = "Watches and controls a node's NVIDIA GPUs, decides through sandboxed policies, reports to the fleet"
+)]
 struct Cli {
     /// Log level for messages on stderr: error, warn, info, debug, trace.
     #[arg(long, global = true, value_name = "LEVEL")]
@@ -101,7 +105,11 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Error> {
     match command {
-        Command::Run { config, ticks, backend } => {
+        Command::Run {
+            config,
+            ticks,
+            backend,
+        } => {
             let mut loaded = Config::load(&config)?;
             if let Some(b) = backend {
                 loaded.config.backend = b.into();
@@ -124,10 +132,17 @@ fn run(command: Command) -> Result<(), Error> {
             block_on(demo::run(demo::Options { ticks, json, speed }))??;
             Ok(())
         }
-        Command::Inventory { config, backend, json } => {
+        Command::Inventory {
+            config,
+            backend,
+            json,
+        } => {
             let mut loaded = match config {
                 Some(path) => Config::load(&path)?,
-                None => Loaded { config: demo::config(), base_dir: PathBuf::from(".") },
+                None => Loaded {
+                    config: demo::config(),
+                    base_dir: PathBuf::from("."),
+                },
             };
             if let Some(b) = backend {
                 loaded.config.backend = b.into();
@@ -135,7 +150,10 @@ fn run(command: Command) -> Result<(), Error> {
             let opened = setup::open_backend(&loaded.config, &loaded.base_dir, SystemClock::new())?;
             let inventory = opened.backend.inventory();
             if json {
-                println!("{}", serde_json::to_string_pretty(inventory).expect("inventory serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(inventory).expect("inventory serialises")
+                );
             } else {
                 println!("backend: {}", opened.backend.kind());
                 for g in inventory {
@@ -171,7 +189,9 @@ fn check_against_sim(loaded: &Loaded) -> Result<(), Error> {
 
 /// The agent is one loop: a single-threaded runtime is all it needs, and the smallest.
 fn block_on<F: Future>(f: F) -> Result<F::Output, Error> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
     Ok(rt.block_on(f))
 }
-

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::agent::{Agent, Parts};
 use crate::clock::Clock;
-use crate::config::{BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SinkKind, SimConfig};
+use crate::config::{
+    BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SimConfig, SinkKind,
+};
 use crate::error::Error;
 use crate::gpu::sim::model::Preset;
 use crate::gpu::sim::trace::Trace;
@@ -27,18 +29,27 @@ pub struct Backend {
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend").field("kind", &self.backend.kind()).finish_non_exhaustive()
+        f.debug_struct("Backend")
+            .field("kind", &self.backend.kind())
+            .finish_non_exhaustive()
     }
 }
 
 /// Open the configured backend. `base_dir` resolves relative trace paths.
-pub fn open_backend(config: &Config, base_dir: &Path, clock: Arc<dyn Clock>) -> Result<Backend, Error> {
+pub fn open_backend(
+    config: &Config,
+    base_dir: &Path,
+    clock: Arc<dyn Clock>,
+) -> Result<Backend, Error> {
     match config.backend {
         BackendKind::Sim => {
             let node = sim_node(&config.sim, base_dir)?;
             let backend = SimBackend::new(node, clock);
             let sim = Some(backend.handle());
-            Ok(Backend { backend: Box::new(backend), sim })
+            Ok(Backend {
+                backend: Box::new(backend),
+                sim,
+            })
         }
         BackendKind::Nvml => Err(Error::Gpu(GpuError::Unavailable {
             backend: "nvml",
@@ -72,7 +83,10 @@ pub fn sim_node(cfg: &SimConfig, base_dir: &Path) -> Result<SimNode, ConfigError
                             traces.insert(name, Arc::new(t));
                         }
                         Err(e) => {
-                            errors.push(ConfigError::invalid(format!("sim.gpu[{i}].trace"), e.to_string()));
+                            errors.push(ConfigError::invalid(
+                                format!("sim.gpu[{i}].trace"),
+                                e.to_string(),
+                            ));
                             continue;
                         }
                     }
@@ -99,17 +113,22 @@ pub fn sim_node(cfg: &SimConfig, base_dir: &Path) -> Result<SimNode, ConfigError
         return Err(ConfigErrors(errors));
     }
     let mut node = SimNode::new(&specs, cfg.seed);
-    node.schedule(cfg.faults.iter().map(|f| ScheduledFault {
-        at: f.at,
-        gpu: f.gpu,
-        fault: match f.kind {
-            FaultKind::Lost => Fault::FallOffBus,
-            FaultKind::Field => Fault::FailField(
-                f.field.as_deref().and_then(Field::from_name).expect("validated"),
-            ),
-            FaultKind::Xid => Fault::Xid(f.xid.expect("validated")),
-            FaultKind::Clear => Fault::Clear,
-        },
+    node.schedule(cfg.faults.iter().map(|f| {
+        ScheduledFault {
+            at: f.at,
+            gpu: f.gpu,
+            fault: match f.kind {
+                FaultKind::Lost => Fault::FallOffBus,
+                FaultKind::Field => Fault::FailField(
+                    f.field
+                        .as_deref()
+                        .and_then(Field::from_name)
+                        .expect("validated"),
+                ),
+                FaultKind::Xid => Fault::Xid(f.xid.expect("validated")),
+                FaultKind::Clear => Fault::Clear,
+            },
+        }
     }));
     Ok(node)
 }
@@ -127,7 +146,12 @@ pub fn sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
 }
 
 /// A whole agent from a validated config, its backend and its sinks.
-pub fn agent(config: &Config, backend: Backend, sinks: Vec<Box<dyn Sink>>, clock: Arc<dyn Clock>) -> Result<Agent, Error> {
+pub fn agent(
+    config: &Config,
+    backend: Backend,
+    sinks: Vec<Box<dyn Sink>>,
+    clock: Arc<dyn Clock>,
+) -> Result<Agent, Error> {
     let guard = PowerGuard::new(backend.backend.inventory(), &config.power)?;
     let policy = StaticPolicy::new(&config.power, backend.backend.inventory().len() as u32);
     Ok(Agent::new(Parts {

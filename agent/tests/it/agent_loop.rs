@@ -11,11 +11,18 @@ use serde_json::Value;
 use crate::harness;
 
 fn block_on<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 fn run_ticks(h: &mut crate::Harness, n: u64) {
-    let pacing = Pacing::Virtual { clock: h.clock.clone(), speed: None };
+    let pacing = Pacing::Virtual {
+        clock: h.clock.clone(),
+        speed: None,
+    };
     let done = block_on(h.agent.run(Some(n), pacing, std::future::pending()));
     assert_eq!(done, n);
 }
@@ -30,23 +37,34 @@ fn telemetry_is_contiguous_and_energy_only_grows() {
     run_ticks(&mut h, 300);
     let records = h.out.records();
     assert_eq!(records.len(), 300);
-    let mut last_energy = vec![-1.0; 8];
+    let mut last_energy = [-1.0; 8];
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r["schema"], SCHEMA);
         assert_eq!(r["node"], "demo-node");
         assert_eq!(r["seq"], i as u64, "seq is contiguous from 0");
-        assert_eq!(r["ts_ms"], 1_800_000_000_000u64 + 1000 * i as u64, "one tick per simulated second");
+        assert_eq!(
+            r["ts_ms"],
+            1_800_000_000_000u64 + 1000 * i as u64,
+            "one tick per simulated second"
+        );
         assert_eq!(gpus(r).len(), 8);
         for g in gpus(r) {
             let idx = g["index"].as_u64().unwrap() as usize;
             let e = g["energy_j"].as_f64().unwrap();
-            assert!(e >= last_energy[idx], "record {i}, GPU {idx}: energy fell from {} to {e}", last_energy[idx]);
+            assert!(
+                e >= last_energy[idx],
+                "record {i}, GPU {idx}: energy fell from {} to {e}",
+                last_energy[idx]
+            );
             last_energy[idx] = e;
         }
     }
     // 300 s of an 8-GPU node at a few hundred watts each.
     let total: f64 = last_energy.iter().sum();
-    assert!(total > 300.0 * 8.0 * 70.0 && total < 300.0 * 4000.0, "{total} J");
+    assert!(
+        total > 300.0 * 8.0 * 70.0 && total < 300.0 * 4000.0,
+        "{total} J"
+    );
 }
 
 #[test]
@@ -56,17 +74,36 @@ fn the_node_budget_holds_on_every_tick_once_applied() {
     let records = h.out.records();
     let first = &records[0];
     let changes = first["events"].as_array().unwrap();
-    assert_eq!(changes.len(), 8, "the first tick brings every GPU under the budget");
-    assert!(changes.iter().all(|e| e["kind"] == "limit-changed" && e["source"] == "static"));
+    assert_eq!(
+        changes.len(),
+        8,
+        "the first tick brings every GPU under the budget"
+    );
+    assert!(
+        changes
+            .iter()
+            .all(|e| e["kind"] == "limit-changed" && e["source"] == "static")
+    );
     for r in &records[1..] {
-        let limits: f64 = gpus(r).iter().map(|g| g["power_limit_w"].as_f64().unwrap()).sum();
-        assert!(limits <= 4000.0 + 1e-6, "seq {}: limits add up to {limits} W", r["seq"]);
+        let limits: f64 = gpus(r)
+            .iter()
+            .map(|g| g["power_limit_w"].as_f64().unwrap())
+            .sum();
+        assert!(
+            limits <= 4000.0 + 1e-6,
+            "seq {}: limits add up to {limits} W",
+            r["seq"]
+        );
         let power = r["power_w"].as_f64().unwrap();
         assert!(power <= 4000.0, "seq {}: node draws {power} W", r["seq"]);
     }
     // The trace GPUs do real work and are capped by the equal split.
     let capped = records.iter().flat_map(gpus).filter(|g| {
-        g["throttle"].as_array().unwrap().iter().any(|t| t == "sw_power_cap")
+        g["throttle"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "sw_power_cap")
     });
     assert!(capped.count() > 100);
 }
@@ -99,14 +136,31 @@ fn a_failing_gpu_or_field_leaves_the_rest_of_the_node_reporting() {
     assert!(at(3, 1)["temp_c"].is_f64() && at(3, 2)["power_w"].is_f64());
     // GPU 1's temperature fails alone.
     assert!(at(4, 1)["temp_c"].is_null());
-    assert!(at(4, 1)["errors"]["temp_c"].as_str().unwrap().contains("reading temp_c failed"));
+    assert!(
+        at(4, 1)["errors"]["temp_c"]
+            .as_str()
+            .unwrap()
+            .contains("reading temp_c failed")
+    );
     assert!(at(4, 1)["power_w"].is_f64());
     assert_eq!(at(4, 1)["health"], "ok");
     // GPU 2 falls off the bus: lost, every field null, each with the reason.
     assert_eq!(at(6, 2)["health"], "lost");
-    for f in ["power_w", "energy_j", "temp_c", "power_limit_w", "sm_clock_mhz"] {
+    for f in [
+        "power_w",
+        "energy_j",
+        "temp_c",
+        "power_limit_w",
+        "sm_clock_mhz",
+    ] {
         assert!(at(6, 2)[f].is_null(), "{f}");
-        assert!(at(6, 2)["errors"][f].as_str().unwrap().contains("not answering"), "{f}");
+        assert!(
+            at(6, 2)["errors"][f]
+                .as_str()
+                .unwrap()
+                .contains("not answering"),
+            "{f}"
+        );
     }
     // The others go on as before.
     for seq in 6..10 {
@@ -118,11 +172,25 @@ fn a_failing_gpu_or_field_leaves_the_rest_of_the_node_reporting() {
     // The transition and the XID are reported once, in the tick they happened.
     let kinds: Vec<(u64, String)> = records
         .iter()
-        .flat_map(|r| r["events"].as_array().into_iter().flatten().map(move |e| (r["seq"].as_u64().unwrap(), e["kind"].as_str().unwrap().to_owned())))
+        .flat_map(|r| {
+            r["events"].as_array().into_iter().flatten().map(move |e| {
+                (
+                    r["seq"].as_u64().unwrap(),
+                    e["kind"].as_str().unwrap().to_owned(),
+                )
+            })
+        })
         .collect();
     assert_eq!(kinds, vec![(6, "xid".to_owned()), (6, "health".to_owned())]);
     let xid = &records[6]["events"][0];
-    assert_eq!((xid["gpu"].as_u64(), xid["code"].as_u64(), xid["severity"].as_str()), (Some(2), Some(79), Some("critical")));
+    assert_eq!(
+        (
+            xid["gpu"].as_u64(),
+            xid["code"].as_u64(),
+            xid["severity"].as_str()
+        ),
+        (Some(2), Some(79), Some("critical"))
+    );
 }
 
 #[test]
@@ -143,26 +211,54 @@ fn a_limit_changed_behind_the_agents_back_is_put_back_and_audited() {
     h.sim.lock().set_power_limit(1, 400.0).unwrap(); // someone ran `nvidia-smi -pl 400`
     h.clock.advance(Duration::from_secs(1));
     let t = h.agent.tick();
-    assert_eq!(t.snapshot.samples[1].power_limit_w.value(), Some(400.0), "the snapshot shows what was enforced");
+    assert_eq!(
+        t.snapshot.samples[1].power_limit_w.value(),
+        Some(400.0),
+        "the snapshot shows what was enforced"
+    );
     match &t.events[..] {
-        [Event::LimitChanged { gpu: 1, from_w: Some(400.0), to_w: 300.0, source, reason, .. }] => {
+        [
+            Event::LimitChanged {
+                gpu: 1,
+                from_w: Some(400.0),
+                to_w: 300.0,
+                source,
+                reason,
+                ..
+            },
+        ] => {
             assert_eq!(source, "static");
             assert!(reason.contains("power.limit_w = 300 W"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
     h.clock.advance(Duration::from_secs(1));
-    assert!(h.agent.tick().events.is_empty(), "nothing to do once it holds");
+    assert!(
+        h.agent.tick().events.is_empty(),
+        "nothing to do once it holds"
+    );
 }
 
 #[test]
 fn the_loop_stops_on_shutdown_and_paces_by_speed() {
     let mut h = harness(DEMO_CONFIG);
     // 1 s ticks at 50× speed: 20 ms of wall time per tick; stop after ~100 ms.
-    let pacing = Pacing::Virtual { clock: h.clock.clone(), speed: Some(50.0) };
-    let done = block_on(h.agent.run(None, pacing, async { tokio::time::sleep(Duration::from_millis(100)).await }));
-    assert!((2..=8).contains(&done), "{done} ticks in 100 ms at 20 ms a tick");
-    assert_eq!(h.out.records().len() as u64, done, "every tick that ran was emitted whole");
+    let pacing = Pacing::Virtual {
+        clock: h.clock.clone(),
+        speed: Some(50.0),
+    };
+    let done = block_on(h.agent.run(None, pacing, async {
+        tokio::time::sleep(Duration::from_millis(100)).await
+    }));
+    assert!(
+        (2..=8).contains(&done),
+        "{done} ticks in 100 ms at 20 ms a tick"
+    );
+    assert_eq!(
+        h.out.records().len() as u64,
+        done,
+        "every tick that ran was emitted whole"
+    );
 }
 
 #[test]
@@ -174,5 +270,9 @@ fn inventory_describes_every_gpu() {
     uuids.sort();
     uuids.dedup();
     assert_eq!(uuids.len(), 8);
-    assert!(inv.iter().all(|g| g.name.contains("H100") && g.power_limit.max_w == 700.0 && g.can_set_power_limit));
+    assert!(
+        inv.iter().all(|g| g.name.contains("H100")
+            && g.power_limit.max_w == 700.0
+            && g.can_set_power_limit)
+    );
 }

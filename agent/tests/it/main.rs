@@ -21,7 +21,10 @@ use serde_json::Value;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A writer that keeps what is written, shared with the test.
@@ -66,6 +69,17 @@ pub fn harness(toml: &str) -> Harness {
     let backend = setup::open_backend(&config, &repo(), Arc::new(clock.clone())).unwrap();
     let sim = backend.sim.clone().unwrap();
     let out = Capture::default();
-    let agent = setup::agent(&config, backend, vec![Box::new(JsonLines::new(out.clone()))], Arc::new(clock.clone())).unwrap();
-    Harness { agent, clock, sim, out }
+    let agent = setup::agent(
+        &config,
+        backend,
+        vec![Box::new(JsonLines::new(out.clone()))],
+        Arc::new(clock.clone()),
+    )
+    .unwrap();
+    Harness {
+        agent,
+        clock,
+        sim,
+        out,
+    }
 }

@@ -21,9 +21,7 @@ use rand_chacha::ChaCha8Rng;
 
 use self::model::{GpuPhysics, Preset};
 use self::workload::{Demand, TraceReplay, Workload, WorkloadKind};
-use super::{
-    Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, Reading, XidEvent,
-};
+use super::{Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, Reading, XidEvent};
 use crate::clock::Clock;
 
 /// The real 8× H100 GPT training trace (see `examples/traces/README.md`), built in so that
@@ -46,11 +44,19 @@ pub struct GpuSpec {
 
 impl GpuSpec {
     pub fn new(preset: &'static Preset, workload: WorkloadKind) -> GpuSpec {
-        GpuSpec { preset, workload, trace: None }
+        GpuSpec {
+            preset,
+            workload,
+            trace: None,
+        }
     }
 
     pub fn trace(preset: &'static Preset, replay: TraceReplay) -> GpuSpec {
-        GpuSpec { preset, workload: WorkloadKind::Trace, trace: Some(replay) }
+        GpuSpec {
+            preset,
+            workload: WorkloadKind::Trace,
+            trace: Some(replay),
+        }
     }
 }
 
@@ -134,7 +140,12 @@ impl SimNode {
                 }
             })
             .collect();
-        SimNode { gpus, now: Duration::ZERO, events: Vec::new(), schedule: Vec::new() }
+        SimNode {
+            gpus,
+            now: Duration::ZERO,
+            events: Vec::new(),
+            schedule: Vec::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -153,7 +164,7 @@ impl SimNode {
     /// Faults to fire as simulated time passes.
     pub fn schedule(&mut self, faults: impl IntoIterator<Item = ScheduledFault>) {
         self.schedule.extend(faults);
-        self.schedule.sort_by(|a, b| b.at.cmp(&a.at));
+        self.schedule.sort_by_key(|f| std::cmp::Reverse(f.at));
     }
 
     /// Mark a field unsupported on a GPU, as on SKUs that lack it.
@@ -183,7 +194,11 @@ impl SimNode {
             let h = (until - self.now).as_secs_f64();
             let t_s = self.now.as_secs_f64();
             for g in &mut self.gpus {
-                let d = if g.lost { Demand::IDLE } else { g.workload.demand(t_s) };
+                let d = if g.lost {
+                    Demand::IDLE
+                } else {
+                    g.workload.demand(t_s)
+                };
                 g.phys.step(d, h);
             }
             self.now = until;
@@ -197,11 +212,17 @@ impl SimNode {
     /// Inject a fault now. Unknown GPUs are ignored (config validation names them).
     pub fn inject(&mut self, gpu: u32, fault: Fault) {
         let at_ms = self.now.as_millis() as u64;
-        let Some(g) = self.gpus.get_mut(gpu as usize) else { return };
+        let Some(g) = self.gpus.get_mut(gpu as usize) else {
+            return;
+        };
         match fault {
             Fault::FallOffBus => {
                 g.lost = true;
-                self.events.push(XidEvent { gpu, code: 79, at_ms });
+                self.events.push(XidEvent {
+                    gpu,
+                    code: 79,
+                    at_ms,
+                });
             }
             Fault::FailField(f) => g.failing = g.failing.with(f),
             Fault::Xid(code) => {
@@ -245,7 +266,10 @@ impl SimNode {
     }
 
     pub fn set_power_limit(&mut self, gpu: u32, watts: f64) -> Result<f64, GpuError> {
-        let g = self.gpus.get_mut(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
+        let g = self
+            .gpus
+            .get_mut(gpu as usize)
+            .ok_or(GpuError::NoSuchGpu(gpu))?;
         if g.lost {
             return Err(GpuError::Lost(gpu));
         }
@@ -285,7 +309,11 @@ impl SimGpu {
             sm_clock_mhz: self.read(Field::SmClockMhz, p.sm_clock_mhz()),
             power_limit_w: read(Field::PowerLimitW, p.limit_w),
             throttle: self.read(Field::Throttle, p.throttle),
-            health: if self.degraded { Health::Degraded } else { Health::Ok },
+            health: if self.degraded {
+                Health::Degraded
+            } else {
+                Health::Ok
+            },
         }
     }
 
@@ -328,7 +356,11 @@ pub struct SimBackend {
 impl SimBackend {
     pub fn new(node: SimNode, clock: Arc<dyn Clock>) -> SimBackend {
         let inventory = node.inventory();
-        SimBackend { node: SimHandle(Arc::new(Mutex::new(node))), inventory, clock }
+        SimBackend {
+            node: SimHandle(Arc::new(Mutex::new(node))),
+            inventory,
+            clock,
+        }
     }
 
     pub fn handle(&self) -> SimHandle {
@@ -374,8 +406,18 @@ mod tests {
         let specs = [
             GpuSpec::new(h100(), WorkloadKind::Training),
             GpuSpec::new(h100(), WorkloadKind::Inference),
-            GpuSpec::new(Preset::by_key("a100-sxm4").unwrap(), WorkloadKind::MemoryBound),
-            GpuSpec::trace(h100(), TraceReplay { trace, gpu: 3, start_s: 100.0 }),
+            GpuSpec::new(
+                Preset::by_key("a100-sxm4").unwrap(),
+                WorkloadKind::MemoryBound,
+            ),
+            GpuSpec::trace(
+                h100(),
+                TraceReplay {
+                    trace,
+                    gpu: 3,
+                    start_s: 100.0,
+                },
+            ),
         ];
         SimNode::new(&specs, seed)
     }
@@ -393,7 +435,11 @@ mod tests {
         }
         for (i, s) in node.sample_all().iter().enumerate() {
             let counter = s.energy_j.value().unwrap();
-            assert!((counter - integral[i]).abs() < 1e-6 * counter, "GPU {i}: counter {counter} J, integral {} J", integral[i]);
+            assert!(
+                (counter - integral[i]).abs() < 1e-6 * counter,
+                "GPU {i}: counter {counter} J, integral {} J",
+                integral[i]
+            );
         }
     }
 
@@ -408,13 +454,18 @@ mod tests {
             node.advance(Duration::from_secs(1));
             let now = node.sample_all();
             for i in 0..4 {
-                est[i] += (prev[i].power_w.value().unwrap() + now[i].power_w.value().unwrap()) / 2.0;
+                est[i] +=
+                    (prev[i].power_w.value().unwrap() + now[i].power_w.value().unwrap()) / 2.0;
             }
             prev = now;
         }
         for i in [0, 2] {
             let counter = prev[i].energy_j.value().unwrap();
-            assert!((counter - est[i]).abs() < 0.02 * counter, "GPU {i}: counter {counter}, 1 Hz trapezoid {}", est[i]);
+            assert!(
+                (counter - est[i]).abs() < 0.02 * counter,
+                "GPU {i}: counter {counter}, 1 Hz trapezoid {}",
+                est[i]
+            );
         }
     }
 
@@ -451,11 +502,17 @@ mod tests {
             out
         };
         let (fine, coarse) = (switches(10), switches(40));
-        assert!(fine.len() > 10, "a minute of inference has bursts: {fine:?}");
+        assert!(
+            fine.len() > 10,
+            "a minute of inference has bursts: {fine:?}"
+        );
         assert_eq!(fine.len(), coarse.len(), "{fine:?} vs {coarse:?}");
         for (f, c) in fine.iter().zip(&coarse) {
             // Demand is read at the start of each step, so a switch shows within two steps.
-            assert!((f - c).abs() <= 0.081, "a switch seen at {f} s with 10 ms steps and {c} s with 40 ms steps");
+            assert!(
+                (f - c).abs() <= 0.081,
+                "a switch seen at {f} s with 10 ms steps and {c} s with 40 ms steps"
+            );
         }
     }
 
@@ -473,7 +530,14 @@ mod tests {
             assert!(s[i].errors().is_empty(), "GPU {i}: {:?}", s[i].errors());
         }
         assert_eq!(node.set_power_limit(1, 500.0), Err(GpuError::Lost(1)));
-        assert_eq!(node.drain_events(), vec![XidEvent { gpu: 1, code: 79, at_ms: 5000 }]);
+        assert_eq!(
+            node.drain_events(),
+            vec![XidEvent {
+                gpu: 1,
+                code: 79,
+                at_ms: 5000
+            }]
+        );
         assert!(node.drain_events().is_empty(), "events are drained once");
     }
 
@@ -488,7 +552,14 @@ mod tests {
         assert!(s[0].errors().is_empty(), "unsupported is not an error");
         assert!(s[0].power_w.value().is_some());
         assert_eq!(s[2].errors().len(), 1);
-        assert!(matches!(s[2].temp_c, Reading::Failed(GpuError::FieldFailed { gpu: 2, field: "temp_c", .. })));
+        assert!(matches!(
+            s[2].temp_c,
+            Reading::Failed(GpuError::FieldFailed {
+                gpu: 2,
+                field: "temp_c",
+                ..
+            })
+        ));
         assert!(s[2].power_w.value().is_some());
         node.inject(2, Fault::Clear);
         assert!(node.sample_all()[2].errors().is_empty());
@@ -498,21 +569,46 @@ mod tests {
     fn scheduled_faults_fire_at_their_time() {
         let mut node = mixed(5);
         node.schedule([
-            ScheduledFault { at: Duration::from_millis(1500), gpu: 0, fault: Fault::Xid(48) },
-            ScheduledFault { at: Duration::from_secs(3), gpu: 3, fault: Fault::Clear },
+            ScheduledFault {
+                at: Duration::from_millis(1500),
+                gpu: 0,
+                fault: Fault::Xid(48),
+            },
+            ScheduledFault {
+                at: Duration::from_secs(3),
+                gpu: 3,
+                fault: Fault::Clear,
+            },
         ]);
         node.advance(Duration::from_secs(1));
         assert!(node.drain_events().is_empty());
         node.advance(Duration::from_secs(1));
-        assert_eq!(node.drain_events(), vec![XidEvent { gpu: 0, code: 48, at_ms: 1500 }]);
-        assert_eq!(node.sample_all()[0].health, Health::Degraded, "XID 48 degrades the GPU");
+        assert_eq!(
+            node.drain_events(),
+            vec![XidEvent {
+                gpu: 0,
+                code: 48,
+                at_ms: 1500
+            }]
+        );
+        assert_eq!(
+            node.sample_all()[0].health,
+            Health::Degraded,
+            "XID 48 degrades the GPU"
+        );
     }
 
     #[test]
     fn limits_outside_the_hardware_range_are_refused() {
         let mut node = mixed(6);
-        assert!(matches!(node.set_power_limit(0, 100.0), Err(GpuError::InvalidArgument { gpu: 0, .. })));
-        assert!(matches!(node.set_power_limit(0, f64::NAN), Err(GpuError::InvalidArgument { .. })));
+        assert!(matches!(
+            node.set_power_limit(0, 100.0),
+            Err(GpuError::InvalidArgument { gpu: 0, .. })
+        ));
+        assert!(matches!(
+            node.set_power_limit(0, f64::NAN),
+            Err(GpuError::InvalidArgument { .. })
+        ));
         assert_eq!(node.set_power_limit(9, 300.0), Err(GpuError::NoSuchGpu(9)));
         assert_eq!(node.set_power_limit(0, 450.0), Ok(450.0));
         assert_eq!(node.sample_all()[0].power_limit_w, Reading::Value(450.0));
@@ -521,14 +617,21 @@ mod tests {
     #[test]
     fn a_replayed_trace_follows_the_recorded_power_when_uncapped() {
         let trace = Arc::new(Trace::parse(H100_TRAINING_TRACE).unwrap());
-        let replay = TraceReplay { trace: trace.clone(), gpu: 0, start_s: 0.0 };
+        let replay = TraceReplay {
+            trace: trace.clone(),
+            gpu: 0,
+            start_s: 0.0,
+        };
         let mut node = SimNode::new(&[GpuSpec::trace(h100(), replay)], 1);
         let mut cursor = 0;
         for t in [150.0, 300.0, 330.0] {
             node.advance_to(Duration::from_secs_f64(t));
             let recorded = f64::from(trace.at(0, t - 0.05, &mut cursor).power_w);
             let simulated = node.sample_all()[0].power_w.value().unwrap();
-            assert!((simulated - recorded).abs() < 0.1 * recorded + 10.0, "t={t}: simulated {simulated} W, recorded {recorded} W");
+            assert!(
+                (simulated - recorded).abs() < 0.1 * recorded + 10.0,
+                "t={t}: simulated {simulated} W, recorded {recorded} W"
+            );
         }
     }
 }

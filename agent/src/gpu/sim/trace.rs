@@ -47,16 +47,27 @@ pub enum TraceError {
 
 impl Trace {
     pub fn load(path: &Path) -> Result<Trace, TraceError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TraceError::Io { path: path.display().to_string(), error: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| TraceError::Io {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?;
         Trace::parse(&text)
     }
 
     pub fn parse(text: &str) -> Result<Trace, TraceError> {
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty());
         let (_, header) = lines.next().ok_or(TraceError::Empty)?;
-        let cols: Vec<String> = header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
-        let find = |name: &'static str| cols.iter().position(|c| c == name || c.starts_with(&format!("{name} ")));
+        let cols: Vec<String> = header
+            .split(',')
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
+        let find = |name: &'static str| {
+            cols.iter()
+                .position(|c| c == name || c.starts_with(&format!("{name} ")))
+        };
         let c_ts = find("timestamp").ok_or(TraceError::MissingColumn("timestamp"))?;
         let c_idx = find("index").ok_or(TraceError::MissingColumn("index"))?;
         let c_pow = find("power.draw").ok_or(TraceError::MissingColumn("power.draw"))?;
@@ -67,13 +78,24 @@ impl Trace {
         let mut t0: Option<f64> = None;
         for (n, line) in lines {
             let lineno = n + 1;
-            let err = |message: String| TraceError::Line { line: lineno, message };
+            let err = |message: String| TraceError::Line {
+                line: lineno,
+                message,
+            };
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             if fields.len() < cols.len() {
-                return Err(err(format!("{} fields, the header has {}", fields.len(), cols.len())));
+                return Err(err(format!(
+                    "{} fields, the header has {}",
+                    fields.len(),
+                    cols.len()
+                )));
             }
-            let ts = parse_timestamp(fields[c_ts])
-                .ok_or_else(|| err(format!("bad timestamp {:?}; expected YYYY/MM/DD HH:MM:SS.mmm", fields[c_ts])))?;
+            let ts = parse_timestamp(fields[c_ts]).ok_or_else(|| {
+                err(format!(
+                    "bad timestamp {:?}; expected YYYY/MM/DD HH:MM:SS.mmm",
+                    fields[c_ts]
+                ))
+            })?;
             let idx: usize = fields[c_idx]
                 .parse()
                 .ok()
@@ -101,7 +123,8 @@ impl Trace {
                 t_s: t.max(prev.map_or(0.0, |p| p.t_s)),
                 power_w: num(Some(c_pow), "W", prev.map_or(0.0, |p| p.power_w))?,
                 util_pct: num(c_util, "%", prev.map_or(0.0, |p| p.util_pct))?,
-                mem_used_mib: num(c_mem, "MiB", prev.map_or(0.0, |p| p.mem_used_mib as f32))? as u32,
+                mem_used_mib: num(c_mem, "MiB", prev.map_or(0.0, |p| p.mem_used_mib as f32))?
+                    as u32,
             };
             gpus[idx].push(point);
         }
@@ -111,7 +134,11 @@ impl Trace {
         if let Some(i) = gpus.iter().position(|g| g.len() < 2) {
             return Err(TraceError::TooShort(i));
         }
-        let duration_s = gpus.iter().filter_map(|g| g.last()).map(|p| p.t_s).fold(0.0, f64::max);
+        let duration_s = gpus
+            .iter()
+            .filter_map(|g| g.last())
+            .map(|p| p.t_s)
+            .fold(0.0, f64::max);
         Ok(Trace { gpus, duration_s })
     }
 
@@ -128,7 +155,11 @@ impl Trace {
     /// position, so that replaying forward in time costs O(1) per call.
     pub fn at(&self, gpu: usize, t_s: f64, cursor: &mut usize) -> TracePoint {
         let points = &self.gpus[gpu % self.gpus.len()];
-        let t = if self.duration_s > 0.0 { t_s % self.duration_s } else { 0.0 };
+        let t = if self.duration_s > 0.0 {
+            t_s % self.duration_s
+        } else {
+            0.0
+        };
         if *cursor >= points.len() || points[*cursor].t_s > t {
             *cursor = 0; // looped
         }
@@ -145,7 +176,11 @@ fn parse_timestamp(s: &str) -> Option<f64> {
     let mut d = date.split(['/', '-']).map(|x| x.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
     let mut t = time.split(':');
-    let (h, min, sec) = (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    let (h, min, sec) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
         return None;
     }
@@ -183,7 +218,11 @@ mod tests {
         assert_eq!(t.at(0, 0.0, &mut c).power_w, 72.36);
         assert_eq!(t.at(0, 0.14, &mut c).power_w, 300.0);
         let mut c1 = 0;
-        assert_eq!(t.at(1, 0.14, &mut c1).power_w, 72.79, "[N/A] holds the previous value");
+        assert_eq!(
+            t.at(1, 0.14, &mut c1).power_w,
+            72.79,
+            "[N/A] holds the previous value"
+        );
         assert_eq!(t.at(1, 0.14, &mut c1).util_pct, 50.0);
     }
 
@@ -201,13 +240,25 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("", "trace is empty"),
             ("timestamp, power.draw [W]\n", "trace has no `index` column"),
-            ("timestamp, index, power.draw [W]\n2025/07/27 00:00:00.0, 0, lots W\n", "trace line 2: bad value \"lots W\""),
-            ("timestamp, index, power.draw [W]\nyesterday, 0, 1 W\n", "trace line 2: bad timestamp"),
-            ("timestamp, index, power.draw [W]\n2025/07/27 00:00:00.0, 0, 1 W\n", "fewer than two samples for GPU 0"),
+            (
+                "timestamp, index, power.draw [W]\n2025/07/27 00:00:00.0, 0, lots W\n",
+                "trace line 2: bad value \"lots W\"",
+            ),
+            (
+                "timestamp, index, power.draw [W]\nyesterday, 0, 1 W\n",
+                "trace line 2: bad timestamp",
+            ),
+            (
+                "timestamp, index, power.draw [W]\n2025/07/27 00:00:00.0, 0, 1 W\n",
+                "fewer than two samples for GPU 0",
+            ),
         ];
         for (input, want) in cases {
             let got = Trace::parse(input).unwrap_err().to_string();
-            assert!(got.contains(want), "input {input:?}: got {got:?}, want {want:?}");
+            assert!(
+                got.contains(want),
+                "input {input:?}: got {got:?}, want {want:?}"
+            );
         }
     }
 
@@ -215,6 +266,10 @@ mod tests {
     fn the_shipped_h100_trace_parses() {
         let t = Trace::parse(super::super::H100_TRAINING_TRACE).unwrap();
         assert_eq!(t.gpu_count(), 8);
-        assert!(t.duration_s() > 600.0 && t.duration_s() < 720.0, "{}", t.duration_s());
+        assert!(
+            t.duration_s() > 600.0 && t.duration_s() < 720.0,
+            "{}",
+            t.duration_s()
+        );
     }
 }
