@@ -32,9 +32,7 @@ fn tick(c: &mut Criterion) {
     // The agent's work alone: sample, snapshot, decide, check, serialise a record to JSON.
     // Time does not move, so the simulator does no physics.
     let (mut agent, _clock) = demo_agent(vec![Box::new(JsonLines::new(std::io::sink()))]);
-    g.bench_function("agent_work_json_record", |b| {
-        b.iter(|| black_box(agent.tick()))
-    });
+    g.bench_function("agent_work_json_record", |b| b.iter(|| black_box(agent.tick())));
     let (mut agent, _clock) = demo_agent(Vec::new());
     g.bench_function("agent_work_no_sink", |b| b.iter(|| black_box(agent.tick())));
     // A whole 1 s tick as the demo runs it, including simulating 1 s of 8 GPUs.
@@ -55,9 +53,7 @@ fn simulator(c: &mut Criterion) {
     let seconds = 60;
     // Elements are simulated GPU-seconds: criterion's elem/s is GPU-s per wall second.
     g.throughput(Throughput::Elements(node.len() as u64 * seconds));
-    g.bench_function("8_gpus_60s", |b| {
-        b.iter(|| node.advance(Duration::from_secs(seconds)))
-    });
+    g.bench_function("8_gpus_60s", |b| b.iter(|| node.advance(Duration::from_secs(seconds))));
     g.finish();
 }
 

@@ -50,6 +50,8 @@ pub struct Agent {
     health: Vec<Health>,
     /// The last failure setting each GPU's limit, to audit a repeated failure once.
     last_failure: Vec<Option<String>>,
+    /// Whether each sink failed last time, to log a failing sink once.
+    sink_failing: Vec<bool>,
     stats: AgentStats,
 }
 
@@ -79,10 +81,7 @@ pub enum Pacing {
     /// The agent runs on `clock`, which the loop advances by one tick period before each
     /// tick after the first; `speed` is simulated seconds per wall second (`None`: as
     /// fast as possible).
-    Virtual {
-        clock: VirtualClock,
-        speed: Option<f64>,
-    },
+    Virtual { clock: VirtualClock, speed: Option<f64> },
 }
 
 impl Agent {
@@ -96,11 +95,12 @@ impl Agent {
             inventory,
             policy: parts.policy,
             guard: parts.guard,
-            sinks: parts.sinks,
             clock: parts.clock,
             seq: 0,
             health: vec![Health::Ok; n],
             last_failure: vec![None; n],
+            sink_failing: vec![false; parts.sinks.len()],
+            sinks: parts.sinks,
             stats: AgentStats::default(),
         }
     }
@@ -121,10 +121,7 @@ impl Agent {
         // 1. Sample.
         let samples = self.backend.sample_all();
         for x in self.backend.drain_events() {
-            let uuid = self
-                .inventory
-                .get(x.gpu as usize)
-                .map_or("", |g| g.uuid.as_str());
+            let uuid = self.inventory.get(x.gpu as usize).map_or("", |g| g.uuid.as_str());
             warn!(gpu = x.gpu, uuid, code = x.code, "XID event");
             events.push(Event::xid(x.gpu, uuid, x.code));
         }
@@ -132,12 +129,7 @@ impl Agent {
             if s.health != *prev {
                 let uuid = self.inventory[s.index as usize].uuid.clone();
                 warn!(gpu = s.index, %uuid, from = ?*prev, to = ?s.health, "GPU health changed");
-                events.push(Event::Health {
-                    gpu: s.index,
-                    uuid,
-                    from: *prev,
-                    to: s.health,
-                });
+                events.push(Event::Health { gpu: s.index, uuid, from: *prev, to: s.health });
                 *prev = s.health;
             }
         }
@@ -154,9 +146,7 @@ impl Agent {
 
         // 3. Decide, 4. check.
         let decisions = self.policy.decide(&snapshot);
-        let changes = self
-            .guard
-            .check(&snapshot, self.policy.name(), decisions, &mut events);
+        let changes = self.guard.check(&snapshot, self.policy.name(), decisions, &mut events);
 
         // 5. Apply and audit.
         for change in changes {
@@ -193,17 +183,22 @@ impl Agent {
         }
 
         // 6. Emit.
-        let record = Record::new(
-            &self.node,
-            self.backend.kind(),
-            &snapshot,
-            &events,
-            self.stats,
-        );
-        for sink in &mut self.sinks {
-            if let Err(e) = sink.emit(&record) {
-                self.stats.sink_errors += 1;
-                warn!(error = %e, errors = self.stats.sink_errors, "telemetry sink failed; record dropped for this sink");
+        let record = Record::new(&self.node, self.backend.kind(), &snapshot, &events, self.stats);
+        for (sink, failing) in self.sinks.iter_mut().zip(&mut self.sink_failing) {
+            match sink.emit(&record) {
+                Ok(()) if *failing => {
+                    info!("telemetry sink recovered");
+                    *failing = false;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    self.stats.sink_errors += 1;
+                    // Warn when a sink starts failing, not on every tick it goes on failing.
+                    if !*failing {
+                        warn!(error = %e, "telemetry sink failed; its records are dropped until it recovers");
+                    }
+                    *failing = true;
+                }
             }
         }
         drop(record);
@@ -223,10 +218,9 @@ impl Agent {
     ) -> u64 {
         let (period, virtual_clock) = match &pacing {
             Pacing::RealTime => (Some(self.tick), None),
-            Pacing::Virtual { clock, speed } => (
-                speed.map(|s| self.tick.div_f64(s.max(1e-6))),
-                Some(clock.clone()),
-            ),
+            Pacing::Virtual { clock, speed } => {
+                (speed.map(|s| self.tick.div_f64(s.max(1e-6))), Some(clock.clone()))
+            }
         };
         let mut timer = period.map(|p| {
             let mut t = tokio::time::interval(p);

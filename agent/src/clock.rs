@@ -23,17 +23,13 @@ pub struct SystemClock {
 
 impl SystemClock {
     pub fn new() -> Arc<SystemClock> {
-        Arc::new(SystemClock {
-            start: Instant::now(),
-        })
+        Arc::new(SystemClock { start: Instant::now() })
     }
 }
 
 impl Clock for SystemClock {
     fn wall_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
     fn elapsed(&self) -> Duration {
         self.start.elapsed()
@@ -50,15 +46,11 @@ pub struct VirtualClock {
 impl VirtualClock {
     /// A virtual clock whose wall time starts at `start_wall_ms`.
     pub fn new(start_wall_ms: u64) -> VirtualClock {
-        VirtualClock {
-            start_wall_ms,
-            elapsed_ns: Arc::new(AtomicU64::new(0)),
-        }
+        VirtualClock { start_wall_ms, elapsed_ns: Arc::new(AtomicU64::new(0)) }
     }
 
     pub fn advance(&self, by: Duration) {
-        self.elapsed_ns
-            .fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
+        self.elapsed_ns.fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
     }
 }
 

@@ -168,11 +168,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig {
-            seed: DEFAULT_SEED,
-            gpus: Vec::new(),
-            faults: Vec::new(),
-        }
+        SimConfig { seed: DEFAULT_SEED, gpus: Vec::new(), faults: Vec::new() }
     }
 }
 
@@ -237,11 +233,7 @@ pub enum ConfigError {
     /// The file is not valid TOML or does not fit the schema; `key` is empty for the
     /// top level, `line` is known for most syntax errors.
     #[error("{}", parse_message(*.line, .key, .message))]
-    Parse {
-        line: Option<usize>,
-        key: String,
-        message: String,
-    },
+    Parse { line: Option<usize>, key: String, message: String },
     /// A value is wrong: `key` is its path, `message` names the value and what is accepted.
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
@@ -249,10 +241,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { key: key.into(), message: message.into() }
     }
 }
 
@@ -316,19 +305,12 @@ impl Config {
         let mut v = Validator::default();
         v.node(self.node.as_deref());
         if self.tick < MIN_TICK || self.tick > MAX_TICK {
-            v.err(
-                "tick",
-                format!("{} is out of range; accepted: 10ms to 1h", show(self.tick)),
-            );
+            v.err("tick", format!("{} is out of range; accepted: 10ms to 1h", show(self.tick)));
         }
         v.power(&self.power);
         v.telemetry(&self.telemetry);
         v.sim(&self.sim);
-        if v.errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(v.errors))
-        }
+        if v.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(v.errors)) }
     }
 
     /// The node id: the configured one, or the hostname.
@@ -340,22 +322,10 @@ impl Config {
 }
 
 fn parse_error(text: &str, key: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e
-        .span()
-        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
     // toml's message may span lines; the first says what is wrong.
-    let message = e
-        .message()
-        .lines()
-        .next()
-        .unwrap_or("invalid TOML")
-        .trim()
-        .to_owned();
-    ConfigError::Parse {
-        line,
-        key: key.to_owned(),
-        message,
-    }
+    let message = e.message().lines().next().unwrap_or("invalid TOML").trim().to_owned();
+    ConfigError::Parse { line, key: key.to_owned(), message }
 }
 
 fn parse_message(line: Option<usize>, key: &str, message: &str) -> String {
@@ -391,14 +361,10 @@ impl Validator {
         if node.is_empty() || node.len() > 128 {
             self.err(
                 "node",
-                format!(
-                    "{node:?} has {} characters; accepted: {accepted}",
-                    node.len()
-                ),
+                format!("{node:?} has {} characters; accepted: {accepted}", node.len()),
             );
-        } else if let Some(c) = node
-            .chars()
-            .find(|c| matches!(c, '+' | '#' | '/') || c.is_control())
+        } else if let Some(c) =
+            node.chars().find(|c| matches!(c, '+' | '#' | '/') || c.is_control())
         {
             self.err(
                 "node",
@@ -429,10 +395,7 @@ impl Validator {
         {
             self.err(
                 key("min_w"),
-                format!(
-                    "{lo} W is above {} ({hi} W); accepted: min_w ≤ max_w",
-                    key("max_w")
-                ),
+                format!("{lo} W is above {} ({hi} W); accepted: min_w ≤ max_w", key("max_w")),
             );
         }
         if let (Some(l), Some(lo)) = (limit, min)
@@ -474,10 +437,7 @@ impl Validator {
         if p.raise_interval > MAX_TICK {
             self.err(
                 "power.raise_interval",
-                format!(
-                    "{} is out of range; accepted: 0s to 1h",
-                    show(p.raise_interval)
-                ),
+                format!("{} is out of range; accepted: 0s to 1h", show(p.raise_interval)),
             );
         }
         let mut seen = HashSet::new();
@@ -486,10 +446,7 @@ impl Validator {
             if !seen.insert(g.index) {
                 self.err(
                     format!("{prefix}index"),
-                    format!(
-                        "GPU {} is configured twice; accepted: each index once",
-                        g.index
-                    ),
+                    format!("GPU {} is configured twice; accepted: each index once", g.index),
                 );
             }
             let gmin = self.watts(&format!("{prefix}min_w"), g.min_w).or(min);
@@ -519,11 +476,7 @@ impl Validator {
             if Preset::by_key(&g.preset).is_none() {
                 self.err(
                     key("preset"),
-                    format!(
-                        "{:?} is not a known GPU; accepted: {}",
-                        g.preset,
-                        Preset::keys()
-                    ),
+                    format!("{:?} is not a known GPU; accepted: {}", g.preset, Preset::keys()),
                 );
             }
             if g.count == 0 || g.count > MAX_SIM_GPUS {
@@ -558,10 +511,7 @@ impl Validator {
             }
         }
         if total > MAX_SIM_GPUS {
-            self.err(
-                "sim.gpu",
-                format!("{total} GPUs in all; accepted: at most {MAX_SIM_GPUS}"),
-            );
+            self.err("sim.gpu", format!("{total} GPUs in all; accepted: at most {MAX_SIM_GPUS}"));
         }
         let n = if s.gpus.is_empty() { 8 } else { total };
         for (i, f) in s.faults.iter().enumerate() {
@@ -601,9 +551,5 @@ impl Validator {
 }
 
 fn field_names() -> String {
-    Field::ALL
-        .iter()
-        .map(|f| f.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+    Field::ALL.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
 }

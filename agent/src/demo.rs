@@ -8,6 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::Notify;
+
 use crate::agent::{Agent, Pacing};
 use crate::clock::VirtualClock;
 use crate::config::Config;
@@ -22,9 +24,7 @@ pub const DEMO_CONFIG: &str = include_str!("../../examples/demo.toml");
 /// The demo's config, parsed and validated.
 pub fn config() -> Config {
     let config = Config::parse(DEMO_CONFIG).expect("the built-in demo config parses");
-    config
-        .validate()
-        .expect("the built-in demo config is valid");
+    config.validate().expect("the built-in demo config is valid");
     config
 }
 
@@ -41,34 +41,55 @@ pub struct Options {
 /// time), writing to `out`.
 pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, VirtualClock), Error> {
     let config = config();
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let clock = VirtualClock::new(now_ms);
     let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone()))?;
     let sink: Box<dyn Sink> = if opts.json {
         Box::new(JsonLines::new(out))
     } else {
-        Box::new(LiveView::new(
-            out,
-            config.tick,
-            backend.backend.inventory().len(),
-        ))
+        Box::new(LiveView::new(out, config.tick, backend.backend.inventory().len()))
     };
     let agent = setup::agent(&config, backend, vec![sink], Arc::new(clock.clone()))?;
     Ok((agent, clock))
 }
 
-/// Run the demo until `ticks` or Ctrl-C.
+/// Run the demo until `ticks`, Ctrl-C, or its output is closed (`gpulet demo | head`).
 pub async fn run(opts: Options) -> Result<u64, Error> {
-    let (mut agent, clock) = agent(&opts, Box::new(std::io::stdout()))?;
-    let pacing = Pacing::Virtual {
-        clock,
-        speed: opts.speed,
+    let closed = Arc::new(Notify::new());
+    let out = ClosedPipeNotifier { out: std::io::stdout(), closed: closed.clone() };
+    let (mut agent, clock) = agent(&opts, Box::new(out))?;
+    let pacing = Pacing::Virtual { clock, speed: opts.speed };
+    let stop = async {
+        tokio::select! {
+            () = crate::agent::shutdown_signal() => {}
+            () = closed.notified() => {}
+        }
     };
-    Ok(agent
-        .run(opts.ticks, pacing, crate::agent::shutdown_signal())
-        .await)
+    Ok(agent.run(opts.ticks, pacing, stop).await)
+}
+
+/// Standard output that tells the demo to stop when the reader has gone, as command-line
+/// tools do, rather than simulating on for nobody.
+struct ClosedPipeNotifier {
+    out: std::io::Stdout,
+    closed: Arc<Notify>,
+}
+
+impl Write for ClosedPipeNotifier {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf).inspect_err(|e| self.notify(e))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush().inspect_err(|e| self.notify(e))
+    }
+}
+
+impl ClosedPipeNotifier {
+    fn notify(&self, e: &std::io::Error) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            self.closed.notify_one();
+        }
+    }
 }
 
 /// The compact live view: a header, then one line per tick, then a line per event.
@@ -81,12 +102,7 @@ pub struct LiveView<W: Write + Send> {
 
 impl<W: Write + Send> LiveView<W> {
     pub fn new(out: W, tick: Duration, gpus: usize) -> LiveView<W> {
-        LiveView {
-            out,
-            tick,
-            header_done: false,
-            gpus,
-        }
+        LiveView { out, tick, header_done: false, gpus }
     }
 }
 
@@ -138,37 +154,21 @@ impl<W: Write + Send> Sink for LiveView<W> {
 /// One line for a person.
 pub fn describe(e: &Event) -> String {
     match e {
-        Event::Xid {
-            gpu,
-            code,
-            severity,
-            action,
-            ..
-        } => format!("GPU {gpu}: XID {code} ({severity}): {action}"),
+        Event::Xid { gpu, code, severity, action, .. } => {
+            format!("GPU {gpu}: XID {code} ({severity}): {action}")
+        }
         Event::Health { gpu, from, to, .. } => format!("GPU {gpu}: health {from:?} -> {to:?}"),
-        Event::LimitChanged {
-            gpu,
-            from_w,
-            to_w,
-            source,
-            reason,
-            ..
-        } => {
+        Event::LimitChanged { gpu, from_w, to_w, source, reason, .. } => {
             let from = from_w.map_or("?".into(), |w| format!("{w:.0}"));
             format!("GPU {gpu}: limit {from} -> {to_w:.0} W by {source} ({reason})")
         }
-        Event::LimitFailed {
-            gpu, to_w, error, ..
-        } => format!("GPU {gpu}: setting {to_w:.0} W failed: {error}"),
-        Event::DecisionRejected {
-            source,
-            gpu,
-            reason,
-        } => format!("{source}: decision for GPU {gpu} rejected: {reason}"),
-        Event::BudgetInfeasible {
-            budget_w,
-            min_total_w,
-        } => {
+        Event::LimitFailed { gpu, to_w, error, .. } => {
+            format!("GPU {gpu}: setting {to_w:.0} W failed: {error}")
+        }
+        Event::DecisionRejected { source, gpu, reason } => {
+            format!("{source}: decision for GPU {gpu} rejected: {reason}")
+        }
+        Event::BudgetInfeasible { budget_w, min_total_w } => {
             format!(
                 "node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W"
             )

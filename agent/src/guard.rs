@@ -69,10 +69,7 @@ impl PowerGuard {
                 };
                 errors.push(ConfigError::invalid(
                     format!("power.gpu[{i}].index"),
-                    format!(
-                        "GPU {} does not exist on this node; accepted: {accepted}",
-                        g.index
-                    ),
+                    format!("GPU {} does not exist on this node; accepted: {accepted}", g.index),
                 ));
             }
         }
@@ -98,18 +95,12 @@ impl PowerGuard {
             if let Some((w, key)) = &min
                 && *w > hw.max_w
             {
-                errors.push(ConfigError::invalid(
-                    key,
-                    format!("{w} W is above what {range}"),
-                ));
+                errors.push(ConfigError::invalid(key, format!("{w} W is above what {range}")));
             }
             if let Some((w, key)) = &max
                 && *w < hw.min_w
             {
-                errors.push(ConfigError::invalid(
-                    key,
-                    format!("{w} W is below what {range}"),
-                ));
+                errors.push(ConfigError::invalid(key, format!("{w} W is below what {range}")));
             }
             bounds.push(Bounds { lo: lo.min(hi), hi });
         }
@@ -153,41 +144,25 @@ impl PowerGuard {
                 reason,
             };
             let Some(b) = self.bounds.get(d.gpu as usize) else {
-                events.push(reject(format!(
-                    "GPU {} does not exist; the node has {n} GPUs",
-                    d.gpu
-                )));
+                events.push(reject(format!("GPU {} does not exist; the node has {n} GPUs", d.gpu)));
                 continue;
             };
             if !d.limit_w.is_finite() {
-                events.push(reject(format!(
-                    "limit {} is not a number of watts",
-                    d.limit_w
-                )));
+                events.push(reject(format!("limit {} is not a number of watts", d.limit_w)));
                 continue;
             }
             let w = d.limit_w.clamp(b.lo, b.hi);
             let reason = if w == d.limit_w {
                 d.reason
             } else {
-                format!(
-                    "{}; clamped from {} W to bounds {}..{} W",
-                    d.reason, d.limit_w, b.lo, b.hi
-                )
+                format!("{}; clamped from {} W to bounds {}..{} W", d.reason, d.limit_w, b.lo, b.hi)
             };
             desired[d.gpu as usize] = Some((w, reason));
         }
 
-        let current: Vec<Option<f64>> = snap
-            .samples
-            .iter()
-            .map(|s| s.power_limit_w.value())
-            .collect();
-        let lost: Vec<bool> = snap
-            .samples
-            .iter()
-            .map(|s| s.health == Health::Lost)
-            .collect();
+        let current: Vec<Option<f64>> =
+            snap.samples.iter().map(|s| s.power_limit_w.value()).collect();
+        let lost: Vec<bool> = snap.samples.iter().map(|s| s.health == Health::Lost).collect();
         if let Some(budget) = self.budget_w {
             self.fit_budget(budget, &mut desired, &current, &lost, events);
         }
@@ -213,12 +188,7 @@ impl PowerGuard {
                     continue;
                 }
             }
-            changes.push(Change {
-                gpu: i as u32,
-                from_w,
-                to_w,
-                reason,
-            });
+            changes.push(Change { gpu: i as u32, from_w, to_w, reason });
         }
         // Decreases first: the sum of limits only ever falls until the raises.
         changes.sort_by(|a, b| {
@@ -258,11 +228,7 @@ impl PowerGuard {
             return;
         }
         let infeasible = sum_lo > avail;
-        let k = if infeasible {
-            0.0
-        } else {
-            (avail - sum_lo) / (sum - sum_lo)
-        };
+        let k = if infeasible { 0.0 } else { (avail - sum_lo) / (sum - sum_lo) };
         for (i, want) in desired.iter_mut().enumerate() {
             let Some((w, reason)) = want else { continue };
             let lo = self.bounds[i].lo;
@@ -271,10 +237,8 @@ impl PowerGuard {
             reason.push_str(&format!("; scaled to fit node budget {budget} W"));
         }
         if infeasible && !self.infeasible {
-            events.push(Event::BudgetInfeasible {
-                budget_w: budget,
-                min_total_w: sum_lo + reserved,
-            });
+            events
+                .push(Event::BudgetInfeasible { budget_w: budget, min_total_w: sum_lo + reserved });
         }
         self.infeasible = infeasible;
     }
@@ -300,11 +264,7 @@ mod tests {
                 uuid: format!("GPU-{index}"),
                 name: "test".into(),
                 memory_total_mib: 1,
-                power_limit: PowerConstraints {
-                    min_w: 200.0,
-                    max_w: 700.0,
-                    default_w: 700.0,
-                },
+                power_limit: PowerConstraints { min_w: 200.0, max_w: 700.0, default_w: 700.0 },
                 fields: FieldSet::ALL,
                 can_set_power_limit: true,
             })
@@ -341,11 +301,7 @@ mod tests {
     }
 
     fn decide(gpu: u32, limit_w: f64) -> PowerDecision {
-        PowerDecision {
-            gpu,
-            limit_w,
-            reason: "test".into(),
-        }
+        PowerDecision { gpu, limit_w, reason: "test".into() }
     }
 
     fn targets(changes: &[Change]) -> Vec<(u32, f64)> {
@@ -355,12 +311,7 @@ mod tests {
     #[test]
     fn decisions_are_clamped_to_hardware_and_operator_bounds() {
         let mut p = power("max_w = 600");
-        p.gpus.push(GpuPowerConfig {
-            index: 1,
-            limit_w: None,
-            min_w: Some(300.0),
-            max_w: None,
-        });
+        p.gpus.push(GpuPowerConfig { index: 1, limit_w: None, min_w: Some(300.0), max_w: None });
         let mut g = PowerGuard::new(&inventory(3), &p).unwrap();
         let mut ev = Vec::new();
         let c = g.check(
@@ -374,12 +325,7 @@ mod tests {
             vec![(2, 200.0), (1, 300.0), (0, 600.0)],
             "decreases, largest first"
         );
-        assert!(
-            c[2].reason
-                .contains("clamped from 650 W to bounds 200..600 W"),
-            "{}",
-            c[2].reason
-        );
+        assert!(c[2].reason.contains("clamped from 650 W to bounds 200..600 W"), "{}", c[2].reason);
         assert!(ev.is_empty());
     }
 
@@ -408,21 +354,14 @@ mod tests {
         let mut g = PowerGuard::new(&inventory(4), &power("budget_w = 2000")).unwrap();
         let mut ev = Vec::new();
         // GPU 0 asks 700, GPU 1 asks 450, GPUs 2 and 3 ask nothing (their upper bound).
-        let c = g.check(
-            &snap(&[700.0; 4], 0),
-            "t",
-            vec![decide(0, 700.0), decide(1, 450.0)],
-            &mut ev,
-        );
+        let c =
+            g.check(&snap(&[700.0; 4], 0), "t", vec![decide(0, 700.0), decide(1, 450.0)], &mut ev);
         // sum 2550, mins 800: k = (2000 - 800) / (2550 - 800)
         let k = 1200.0 / 1750.0;
         let total: f64 = c.iter().map(|c| c.to_w).sum();
         assert!(total <= 2000.0 && total > 1999.9, "{total}");
         assert!((c.iter().find(|c| c.gpu == 1).unwrap().to_w - (200.0 + 250.0 * k)).abs() < 0.01);
-        assert!(
-            c.iter()
-                .all(|c| c.reason.contains("scaled to fit node budget 2000 W"))
-        );
+        assert!(c.iter().all(|c| c.reason.contains("scaled to fit node budget 2000 W")));
     }
 
     #[test]
@@ -431,13 +370,7 @@ mod tests {
         let mut ev = Vec::new();
         let c = g.check(&snap(&[700.0; 2], 0), "t", vec![], &mut ev);
         assert_eq!(targets(&c), vec![(0, 200.0), (1, 200.0)]);
-        assert_eq!(
-            ev,
-            vec![Event::BudgetInfeasible {
-                budget_w: 300.0,
-                min_total_w: 400.0
-            }]
-        );
+        assert_eq!(ev, vec![Event::BudgetInfeasible { budget_w: 300.0, min_total_w: 400.0 }]);
         g.check(&snap(&[200.0; 2], 1000), "t", vec![], &mut ev);
         assert_eq!(ev.len(), 1, "not repeated while it stays infeasible");
     }
@@ -454,23 +387,19 @@ mod tests {
 
     #[test]
     fn small_changes_and_fast_raises_are_held_back_but_decreases_never() {
-        let mut g = PowerGuard::new(
-            &inventory(1),
-            &power("deadband_w = 5\nraise_interval = \"10s\""),
-        )
-        .unwrap();
+        let mut g =
+            PowerGuard::new(&inventory(1), &power("deadband_w = 5\nraise_interval = \"10s\""))
+                .unwrap();
         let mut ev = Vec::new();
         assert!(
-            g.check(&snap(&[500.0], 0), "t", vec![decide(0, 503.0)], &mut ev)
-                .is_empty(),
+            g.check(&snap(&[500.0], 0), "t", vec![decide(0, 503.0)], &mut ev).is_empty(),
             "inside the deadband"
         );
         let c = g.check(&snap(&[500.0], 0), "t", vec![decide(0, 600.0)], &mut ev);
         assert_eq!(targets(&c), vec![(0, 600.0)]);
         g.applied(&c[0], 0);
         assert!(
-            g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 650.0)], &mut ev)
-                .is_empty(),
+            g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 650.0)], &mut ev).is_empty(),
             "raised 5 s ago"
         );
         assert_eq!(
@@ -478,12 +407,7 @@ mod tests {
             vec![(0, 300.0)]
         );
         assert_eq!(
-            targets(&g.check(
-                &snap(&[300.0], 10_000),
-                "t",
-                vec![decide(0, 650.0)],
-                &mut ev
-            )),
+            targets(&g.check(&snap(&[300.0], 10_000), "t", vec![decide(0, 650.0)], &mut ev)),
             vec![(0, 650.0)]
         );
     }
@@ -491,12 +415,7 @@ mod tests {
     #[test]
     fn config_that_does_not_fit_the_hardware_is_refused_at_start() {
         let mut p = power("min_w = 800");
-        p.gpus.push(GpuPowerConfig {
-            index: 7,
-            limit_w: Some(300.0),
-            min_w: None,
-            max_w: None,
-        });
+        p.gpus.push(GpuPowerConfig { index: 7, limit_w: Some(300.0), min_w: None, max_w: None });
         let errs = PowerGuard::new(&inventory(2), &p).unwrap_err().to_string();
         assert!(
             errs.contains(

@@ -105,11 +105,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Error> {
     match command {
-        Command::Run {
-            config,
-            ticks,
-            backend,
-        } => {
+        Command::Run { config, ticks, backend } => {
             let mut loaded = Config::load(&config)?;
             if let Some(b) = backend {
                 loaded.config.backend = b.into();
@@ -132,17 +128,10 @@ fn run(command: Command) -> Result<(), Error> {
             block_on(demo::run(demo::Options { ticks, json, speed }))??;
             Ok(())
         }
-        Command::Inventory {
-            config,
-            backend,
-            json,
-        } => {
+        Command::Inventory { config, backend, json } => {
             let mut loaded = match config {
                 Some(path) => Config::load(&path)?,
-                None => Loaded {
-                    config: demo::config(),
-                    base_dir: PathBuf::from("."),
-                },
+                None => Loaded { config: demo::config(), base_dir: PathBuf::from(".") },
             };
             if let Some(b) = backend {
                 loaded.config.backend = b.into();

@@ -36,23 +36,13 @@ impl StaticPolicy {
     pub fn new(power: &PowerConfig, gpu_count: u32) -> StaticPolicy {
         let caps = (0..gpu_count)
             .filter_map(|gpu| {
-                let own = power
-                    .gpus
-                    .iter()
-                    .position(|g| g.index == gpu)
-                    .and_then(|i| {
-                        power.gpus[i]
-                            .limit_w
-                            .map(|w| (w, format!("static cap power.gpu[{i}].limit_w = {w} W")))
-                    });
-                let all = power
-                    .limit_w
-                    .map(|w| (w, format!("static cap power.limit_w = {w} W")));
-                own.or(all).map(|(limit_w, reason)| PowerDecision {
-                    gpu,
-                    limit_w,
-                    reason,
-                })
+                let own = power.gpus.iter().position(|g| g.index == gpu).and_then(|i| {
+                    power.gpus[i]
+                        .limit_w
+                        .map(|w| (w, format!("static cap power.gpu[{i}].limit_w = {w} W")))
+                });
+                let all = power.limit_w.map(|w| (w, format!("static cap power.limit_w = {w} W")));
+                own.or(all).map(|(limit_w, reason)| PowerDecision { gpu, limit_w, reason })
             })
             .collect();
         StaticPolicy { caps }

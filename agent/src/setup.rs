@@ -29,9 +29,7 @@ pub struct Backend {
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend")
-            .field("kind", &self.backend.kind())
-            .finish_non_exhaustive()
+        f.debug_struct("Backend").field("kind", &self.backend.kind()).finish_non_exhaustive()
     }
 }
 
@@ -46,10 +44,7 @@ pub fn open_backend(
             let node = sim_node(&config.sim, base_dir)?;
             let backend = SimBackend::new(node, clock);
             let sim = Some(backend.handle());
-            Ok(Backend {
-                backend: Box::new(backend),
-                sim,
-            })
+            Ok(Backend { backend: Box::new(backend), sim })
         }
         BackendKind::Nvml => Err(Error::Gpu(GpuError::Unavailable {
             backend: "nvml",
@@ -113,22 +108,17 @@ pub fn sim_node(cfg: &SimConfig, base_dir: &Path) -> Result<SimNode, ConfigError
         return Err(ConfigErrors(errors));
     }
     let mut node = SimNode::new(&specs, cfg.seed);
-    node.schedule(cfg.faults.iter().map(|f| {
-        ScheduledFault {
-            at: f.at,
-            gpu: f.gpu,
-            fault: match f.kind {
-                FaultKind::Lost => Fault::FallOffBus,
-                FaultKind::Field => Fault::FailField(
-                    f.field
-                        .as_deref()
-                        .and_then(Field::from_name)
-                        .expect("validated"),
-                ),
-                FaultKind::Xid => Fault::Xid(f.xid.expect("validated")),
-                FaultKind::Clear => Fault::Clear,
-            },
-        }
+    node.schedule(cfg.faults.iter().map(|f| ScheduledFault {
+        at: f.at,
+        gpu: f.gpu,
+        fault: match f.kind {
+            FaultKind::Lost => Fault::FallOffBus,
+            FaultKind::Field => {
+                Fault::FailField(f.field.as_deref().and_then(Field::from_name).expect("validated"))
+            }
+            FaultKind::Xid => Fault::Xid(f.xid.expect("validated")),
+            FaultKind::Clear => Fault::Clear,
+        },
     }));
     Ok(node)
 }

@@ -91,11 +91,7 @@ impl<'a> Record<'a> {
                 sm_clock_mhz: s.sm_clock_mhz.value(),
                 throttle: s.throttle.value(),
                 health: s.health,
-                errors: s
-                    .errors()
-                    .into_iter()
-                    .map(|(f, e)| (f.name(), e.to_string()))
-                    .collect(),
+                errors: s.errors().into_iter().map(|(f, e)| (f.name(), e.to_string())).collect(),
             })
             .collect();
         Record {
@@ -123,20 +119,9 @@ fn round2(v: Option<f64>) -> Option<f64> {
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Event {
     /// An XID error reported by the driver.
-    Xid {
-        gpu: u32,
-        uuid: String,
-        code: u32,
-        severity: &'static str,
-        action: &'static str,
-    },
+    Xid { gpu: u32, uuid: String, code: u32, severity: &'static str, action: &'static str },
     /// A GPU's health changed.
-    Health {
-        gpu: u32,
-        uuid: String,
-        from: Health,
-        to: Health,
-    },
+    Health { gpu: u32, uuid: String, from: Health, to: Health },
     /// The audit record of a power-limit change that reached the hardware.
     LimitChanged {
         gpu: u32,
@@ -150,18 +135,9 @@ pub enum Event {
         reason: String,
     },
     /// A power-limit change that the hardware refused.
-    LimitFailed {
-        gpu: u32,
-        uuid: String,
-        to_w: f64,
-        error: String,
-    },
+    LimitFailed { gpu: u32, uuid: String, to_w: f64, error: String },
     /// A decision the guard refused outright (not merely clamped).
-    DecisionRejected {
-        source: String,
-        gpu: u32,
-        reason: String,
-    },
+    DecisionRejected { source: String, gpu: u32, reason: String },
     /// The budget cannot be met even with every GPU at its minimum.
     BudgetInfeasible { budget_w: f64, min_total_w: f64 },
 }
@@ -169,13 +145,7 @@ pub enum Event {
 impl Event {
     pub fn xid(gpu: u32, uuid: &str, code: u32) -> Event {
         let (severity, action) = xid_info(code);
-        Event::Xid {
-            gpu,
-            uuid: uuid.to_owned(),
-            code,
-            severity,
-            action,
-        }
+        Event::Xid { gpu, uuid: uuid.to_owned(), code, severity, action }
     }
 }
 
@@ -202,9 +172,7 @@ pub struct JsonLines<W: Write + Send> {
 
 impl<W: Write + Send> JsonLines<W> {
     pub fn new(out: W) -> JsonLines<W> {
-        JsonLines {
-            out: BufWriter::new(out),
-        }
+        JsonLines { out: BufWriter::new(out) }
     }
 }
 
@@ -215,10 +183,7 @@ impl JsonLines<File> {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|error| SinkError::Open {
-                path: path.display().to_string(),
-                error,
-            })?;
+            .map_err(|error| SinkError::Open { path: path.display().to_string(), error })?;
         Ok(JsonLines::new(file))
     }
 }

@@ -176,10 +176,7 @@ impl Throttle {
         self.0 & other.0 == other.0
     }
     pub fn names(self) -> impl Iterator<Item = &'static str> {
-        Self::NAMES
-            .into_iter()
-            .filter(move |(t, _)| self.contains(*t))
-            .map(|(_, n)| n)
+        Self::NAMES.into_iter().filter(move |(t, _)| self.contains(*t)).map(|(_, n)| n)
     }
 }
 
@@ -292,19 +289,11 @@ pub enum GpuError {
     #[error("no permission to {what} on GPU {gpu}: run as root or with CAP_SYS_ADMIN")]
     NoPermission { gpu: u32, what: &'static str },
     #[error("GPU {gpu}: {value} is out of range; accepted: {accepted}")]
-    InvalidArgument {
-        gpu: u32,
-        value: String,
-        accepted: String,
-    },
+    InvalidArgument { gpu: u32, value: String, accepted: String },
     #[error("there is no GPU {0} on this node")]
     NoSuchGpu(u32),
     #[error("GPU {gpu}: reading {field} failed: {message}")]
-    FieldFailed {
-        gpu: u32,
-        field: &'static str,
-        message: String,
-    },
+    FieldFailed { gpu: u32, field: &'static str, message: String },
     #[error("backend {backend} is not available in this build: {why}")]
     Unavailable { backend: &'static str, why: String },
     #[error("{0}")]
@@ -334,54 +323,18 @@ pub trait GpuBackend: Send {
 /// only; unknown codes are reported as `unknown` with the advice to look them up.
 pub fn xid_info(code: u32) -> (&'static str, &'static str) {
     match code {
-        13 => (
-            "warn",
-            "graphics engine exception: usually an application bug; check the job",
-        ),
-        31 => (
-            "warn",
-            "GPU memory page fault: usually an application bug; check the job",
-        ),
-        43 => (
-            "info",
-            "GPU stopped processing (user app fault); no action unless repeated",
-        ),
-        45 => (
-            "info",
-            "preemptive cleanup after an application stopped; no action",
-        ),
-        48 => (
-            "critical",
-            "double-bit ECC error: drain the GPU and reset it",
-        ),
-        63 | 64 => (
-            "warn",
-            "ECC page retirement or row remap: reset the GPU when idle",
-        ),
-        74 => (
-            "critical",
-            "NVLink error: check the NVLink/NVSwitch fabric, reset the GPU",
-        ),
-        79 => (
-            "critical",
-            "GPU has fallen off the bus: drain the node, check PCIe and power",
-        ),
-        92 => (
-            "warn",
-            "high single-bit ECC rate: watch; replace if it grows",
-        ),
-        94 => (
-            "warn",
-            "contained ECC error: restart the affected application",
-        ),
-        95 => (
-            "critical",
-            "uncontained ECC error: drain the GPU and reset it",
-        ),
-        _ => (
-            "unknown",
-            "unknown XID: look it up in NVIDIA's XID catalogue",
-        ),
+        13 => ("warn", "graphics engine exception: usually an application bug; check the job"),
+        31 => ("warn", "GPU memory page fault: usually an application bug; check the job"),
+        43 => ("info", "GPU stopped processing (user app fault); no action unless repeated"),
+        45 => ("info", "preemptive cleanup after an application stopped; no action"),
+        48 => ("critical", "double-bit ECC error: drain the GPU and reset it"),
+        63 | 64 => ("warn", "ECC page retirement or row remap: reset the GPU when idle"),
+        74 => ("critical", "NVLink error: check the NVLink/NVSwitch fabric, reset the GPU"),
+        79 => ("critical", "GPU has fallen off the bus: drain the node, check PCIe and power"),
+        92 => ("warn", "high single-bit ECC rate: watch; replace if it grows"),
+        94 => ("warn", "contained ECC error: restart the affected application"),
+        95 => ("critical", "uncontained ECC error: drain the GPU and reset it"),
+        _ => ("unknown", "unknown XID: look it up in NVIDIA's XID catalogue"),
     }
 }
 

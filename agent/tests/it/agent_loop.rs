@@ -11,18 +11,11 @@ use serde_json::Value;
 use crate::harness;
 
 fn block_on<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
 
 fn run_ticks(h: &mut crate::Harness, n: u64) {
-    let pacing = Pacing::Virtual {
-        clock: h.clock.clone(),
-        speed: None,
-    };
+    let pacing = Pacing::Virtual { clock: h.clock.clone(), speed: None };
     let done = block_on(h.agent.run(Some(n), pacing, std::future::pending()));
     assert_eq!(done, n);
 }
@@ -61,10 +54,7 @@ fn telemetry_is_contiguous_and_energy_only_grows() {
     }
     // 300 s of an 8-GPU node at a few hundred watts each.
     let total: f64 = last_energy.iter().sum();
-    assert!(
-        total > 300.0 * 8.0 * 70.0 && total < 300.0 * 4000.0,
-        "{total} J"
-    );
+    assert!(total > 300.0 * 8.0 * 70.0 && total < 300.0 * 4000.0, "{total} J");
 }
 
 #[test]
@@ -74,37 +64,19 @@ fn the_node_budget_holds_on_every_tick_once_applied() {
     let records = h.out.records();
     let first = &records[0];
     let changes = first["events"].as_array().unwrap();
-    assert_eq!(
-        changes.len(),
-        8,
-        "the first tick brings every GPU under the budget"
-    );
-    assert!(
-        changes
-            .iter()
-            .all(|e| e["kind"] == "limit-changed" && e["source"] == "static")
-    );
+    assert_eq!(changes.len(), 8, "the first tick brings every GPU under the budget");
+    assert!(changes.iter().all(|e| e["kind"] == "limit-changed" && e["source"] == "static"));
     for r in &records[1..] {
-        let limits: f64 = gpus(r)
-            .iter()
-            .map(|g| g["power_limit_w"].as_f64().unwrap())
-            .sum();
-        assert!(
-            limits <= 4000.0 + 1e-6,
-            "seq {}: limits add up to {limits} W",
-            r["seq"]
-        );
+        let limits: f64 = gpus(r).iter().map(|g| g["power_limit_w"].as_f64().unwrap()).sum();
+        assert!(limits <= 4000.0 + 1e-6, "seq {}: limits add up to {limits} W", r["seq"]);
         let power = r["power_w"].as_f64().unwrap();
         assert!(power <= 4000.0, "seq {}: node draws {power} W", r["seq"]);
     }
     // The trace GPUs do real work and are capped by the equal split.
-    let capped = records.iter().flat_map(gpus).filter(|g| {
-        g["throttle"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t == "sw_power_cap")
-    });
+    let capped = records
+        .iter()
+        .flat_map(gpus)
+        .filter(|g| g["throttle"].as_array().unwrap().iter().any(|t| t == "sw_power_cap"));
     assert!(capped.count() > 100);
 }
 
@@ -136,31 +108,14 @@ fn a_failing_gpu_or_field_leaves_the_rest_of_the_node_reporting() {
     assert!(at(3, 1)["temp_c"].is_f64() && at(3, 2)["power_w"].is_f64());
     // GPU 1's temperature fails alone.
     assert!(at(4, 1)["temp_c"].is_null());
-    assert!(
-        at(4, 1)["errors"]["temp_c"]
-            .as_str()
-            .unwrap()
-            .contains("reading temp_c failed")
-    );
+    assert!(at(4, 1)["errors"]["temp_c"].as_str().unwrap().contains("reading temp_c failed"));
     assert!(at(4, 1)["power_w"].is_f64());
     assert_eq!(at(4, 1)["health"], "ok");
     // GPU 2 falls off the bus: lost, every field null, each with the reason.
     assert_eq!(at(6, 2)["health"], "lost");
-    for f in [
-        "power_w",
-        "energy_j",
-        "temp_c",
-        "power_limit_w",
-        "sm_clock_mhz",
-    ] {
+    for f in ["power_w", "energy_j", "temp_c", "power_limit_w", "sm_clock_mhz"] {
         assert!(at(6, 2)[f].is_null(), "{f}");
-        assert!(
-            at(6, 2)["errors"][f]
-                .as_str()
-                .unwrap()
-                .contains("not answering"),
-            "{f}"
-        );
+        assert!(at(6, 2)["errors"][f].as_str().unwrap().contains("not answering"), "{f}");
     }
     // The others go on as before.
     for seq in 6..10 {
@@ -170,25 +125,19 @@ fn a_failing_gpu_or_field_leaves_the_rest_of_the_node_reporting() {
         }
     }
     // The transition and the XID are reported once, in the tick they happened.
-    let kinds: Vec<(u64, String)> = records
-        .iter()
-        .flat_map(|r| {
-            r["events"].as_array().into_iter().flatten().map(move |e| {
-                (
-                    r["seq"].as_u64().unwrap(),
-                    e["kind"].as_str().unwrap().to_owned(),
-                )
+    let kinds: Vec<(u64, String)> =
+        records
+            .iter()
+            .flat_map(|r| {
+                r["events"].as_array().into_iter().flatten().map(move |e| {
+                    (r["seq"].as_u64().unwrap(), e["kind"].as_str().unwrap().to_owned())
+                })
             })
-        })
-        .collect();
+            .collect();
     assert_eq!(kinds, vec![(6, "xid".to_owned()), (6, "health".to_owned())]);
     let xid = &records[6]["events"][0];
     assert_eq!(
-        (
-            xid["gpu"].as_u64(),
-            xid["code"].as_u64(),
-            xid["severity"].as_str()
-        ),
+        (xid["gpu"].as_u64(), xid["code"].as_u64(), xid["severity"].as_str()),
         (Some(2), Some(79), Some("critical"))
     );
 }
@@ -219,12 +168,7 @@ fn a_limit_changed_behind_the_agents_back_is_put_back_and_audited() {
     match &t.events[..] {
         [
             Event::LimitChanged {
-                gpu: 1,
-                from_w: Some(400.0),
-                to_w: 300.0,
-                source,
-                reason,
-                ..
+                gpu: 1, from_w: Some(400.0), to_w: 300.0, source, reason, ..
             },
         ] => {
             assert_eq!(source, "static");
@@ -233,32 +177,19 @@ fn a_limit_changed_behind_the_agents_back_is_put_back_and_audited() {
         other => panic!("{other:?}"),
     }
     h.clock.advance(Duration::from_secs(1));
-    assert!(
-        h.agent.tick().events.is_empty(),
-        "nothing to do once it holds"
-    );
+    assert!(h.agent.tick().events.is_empty(), "nothing to do once it holds");
 }
 
 #[test]
 fn the_loop_stops_on_shutdown_and_paces_by_speed() {
     let mut h = harness(DEMO_CONFIG);
     // 1 s ticks at 50× speed: 20 ms of wall time per tick; stop after ~100 ms.
-    let pacing = Pacing::Virtual {
-        clock: h.clock.clone(),
-        speed: Some(50.0),
-    };
-    let done = block_on(h.agent.run(None, pacing, async {
-        tokio::time::sleep(Duration::from_millis(100)).await
-    }));
-    assert!(
-        (2..=8).contains(&done),
-        "{done} ticks in 100 ms at 20 ms a tick"
+    let pacing = Pacing::Virtual { clock: h.clock.clone(), speed: Some(50.0) };
+    let done = block_on(
+        h.agent.run(None, pacing, async { tokio::time::sleep(Duration::from_millis(100)).await }),
     );
-    assert_eq!(
-        h.out.records().len() as u64,
-        done,
-        "every tick that ran was emitted whole"
-    );
+    assert!((2..=8).contains(&done), "{done} ticks in 100 ms at 20 ms a tick");
+    assert_eq!(h.out.records().len() as u64, done, "every tick that ran was emitted whole");
 }
 
 #[test]

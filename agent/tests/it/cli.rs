@@ -9,11 +9,7 @@ use serde_json::Value;
 use crate::repo;
 
 fn gpulet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpulet"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_gpulet")).args(args).current_dir(repo()).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -40,33 +36,17 @@ const FAST: &str =
 fn version_and_usage() {
     let out = gpulet(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(
-        text(&out.stdout).trim(),
-        format!("gpulet {}", env!("CARGO_PKG_VERSION"))
-    );
-    assert_eq!(
-        gpulet(&[]).status.code(),
-        Some(2),
-        "no command is a usage error"
-    );
+    assert_eq!(text(&out.stdout).trim(), format!("gpulet {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(gpulet(&[]).status.code(), Some(2), "no command is a usage error");
     assert_eq!(gpulet(&["frobnicate"]).status.code(), Some(2));
-    assert_eq!(
-        gpulet(&["run"]).status.code(),
-        Some(2),
-        "run needs --config"
-    );
+    assert_eq!(gpulet(&["run"]).status.code(), Some(2), "run needs --config");
 }
 
 #[test]
 fn check_config_exit_codes() {
     for example in ["examples/gpulet.toml", "examples/demo.toml"] {
         let out = gpulet(&["check-config", example]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{example}: {}",
-            text(&out.stderr)
-        );
+        assert_eq!(out.status.code(), Some(0), "{example}: {}", text(&out.stderr));
         assert!(text(&out.stdout).contains("valid"));
     }
     let bad = config_file("tick = \"1ms\"\n[power]\nbudget_w = -1\n");
@@ -84,31 +64,18 @@ fn check_config_exit_codes() {
 
     let hw = config_file("[[power.gpu]]\nindex = 12\nlimit_w = 300\n");
     let out = gpulet(&["check-config", hw.path().to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "checked against the simulated node's GPUs too"
-    );
+    assert_eq!(out.status.code(), Some(2), "checked against the simulated node's GPUs too");
     assert!(text(&out.stderr).contains("GPU 12 does not exist"));
 }
 
 #[test]
 fn run_emits_one_record_per_tick_and_stops_after_ticks() {
     let cfg = config_file(FAST);
-    let out = gpulet(&[
-        "run",
-        "--config",
-        cfg.path().to_str().unwrap(),
-        "--ticks",
-        "3",
-    ]);
+    let out = gpulet(&["run", "--config", cfg.path().to_str().unwrap(), "--ticks", "3"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let records = json_lines(&out.stdout);
     assert_eq!(
-        records
-            .iter()
-            .map(|r| r["seq"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
+        records.iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(),
         vec![0, 1, 2]
     );
     assert_eq!(records[0]["gpus"].as_array().unwrap().len(), 2);
@@ -117,19 +84,10 @@ fn run_emits_one_record_per_tick_and_stops_after_ticks() {
 #[test]
 fn run_with_nvml_says_it_is_not_in_this_build() {
     let cfg = config_file("backend = \"nvml\"\n");
-    let out = gpulet(&[
-        "run",
-        "--config",
-        cfg.path().to_str().unwrap(),
-        "--ticks",
-        "1",
-    ]);
+    let out = gpulet(&["run", "--config", cfg.path().to_str().unwrap(), "--ticks", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(
-        err.contains("backend nvml is not available in this build"),
-        "{err}"
-    );
+    assert!(err.contains("backend nvml is not available in this build"), "{err}");
     assert!(out.stdout.is_empty(), "no fallback to the simulator");
 
     let cfg = config_file(FAST);
@@ -160,16 +118,10 @@ fn sigterm_stops_the_agent_cleanly_after_a_whole_tick() {
         .unwrap();
     let start = Instant::now();
     while std::fs::read_to_string(&log).map_or(0, |s| s.lines().count()) < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no telemetry from the agent"
-        );
+        assert!(start.elapsed() < Duration::from_secs(20), "no telemetry from the agent");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -191,10 +143,8 @@ fn demo_shows_a_live_view_or_json() {
         view.starts_with("gpulet demo: node \"demo-node\", 8 simulated GPUs, node budget 4000 W"),
         "{view}"
     );
-    let ticks: Vec<&str> = view
-        .lines()
-        .filter(|l| l.trim_start().starts_with(char::is_numeric))
-        .collect();
+    let ticks: Vec<&str> =
+        view.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).collect();
     assert_eq!(ticks.len(), 3, "{view}");
     assert!(
         ticks[0].trim_start().starts_with("0s")
@@ -202,10 +152,7 @@ fn demo_shows_a_live_view_or_json() {
             && ticks[0].contains("|7:"),
         "{view}"
     );
-    assert!(
-        view.contains("GPU 0: limit 700 -> 500 W by static"),
-        "{view}"
-    );
+    assert!(view.contains("GPU 0: limit 700 -> 500 W by static"), "{view}");
 
     let out = gpulet(&["demo", "--ticks", "2", "--speed", "0", "--json"]);
     assert!(out.status.success());
@@ -222,21 +169,12 @@ fn inventory_lists_the_gpus() {
     assert_eq!(inv.len(), 8);
     assert_eq!(inv[0]["power_limit"]["max_w"], 700.0);
     assert!(inv[0]["uuid"].as_str().unwrap().starts_with("GPU-"));
-    assert!(
-        inv[0]["fields"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f == "energy_j")
-    );
+    assert!(inv[0]["fields"].as_array().unwrap().iter().any(|f| f == "energy_j"));
 
     let out = gpulet(&["inventory", "--config", "examples/gpulet.toml"]);
     assert!(out.status.success());
     let table = text(&out.stdout);
-    assert!(
-        table.contains("NVIDIA A100-SXM4-40GB") && table.contains("NVIDIA L40S"),
-        "{table}"
-    );
+    assert!(table.contains("NVIDIA A100-SXM4-40GB") && table.contains("NVIDIA L40S"), "{table}");
 
     let out = gpulet(&["inventory", "--backend", "nvml"]);
     assert_eq!(out.status.code(), Some(1));

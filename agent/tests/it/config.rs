@@ -29,10 +29,7 @@ fn every_example_config_loads_and_builds() {
             seen += 1;
         }
     }
-    assert!(
-        seen >= 2,
-        "examples/gpulet.toml and examples/demo.toml at least"
-    );
+    assert!(seen >= 2, "examples/gpulet.toml and examples/demo.toml at least");
 }
 
 #[test]
@@ -41,16 +38,10 @@ fn an_empty_config_is_valid_and_takes_the_documented_defaults() {
     assert_eq!(c.tick, Duration::from_secs(1));
     assert_eq!(c.backend, BackendKind::Sim);
     assert_eq!(c.telemetry.sink, SinkKind::Stdout);
-    assert_eq!(
-        (c.power.budget_w, c.power.limit_w, c.power.deadband_w),
-        (None, None, 1.0)
-    );
+    assert_eq!((c.power.budget_w, c.power.limit_w, c.power.deadband_w), (None, None, 1.0));
     assert_eq!(c.power.raise_interval, Duration::from_secs(1));
     assert_eq!(c.sim.seed, 1);
-    assert!(
-        !c.node_id().is_empty(),
-        "the node id defaults to the hostname"
-    );
+    assert!(!c.node_id().is_empty(), "the node id defaults to the hostname");
 }
 
 /// Each bad config, and what the error must say: the key path, the bad value and what
@@ -66,19 +57,10 @@ const BAD: &[(&str, &str)] = &[
         "[power]\nbudget = 3000",
         "line 2: power.budget: unknown field `budget`, expected one of `budget_w`, `min_w`",
     ),
-    (
-        "[power]\nbudget_w = \"lots\"",
-        "power.budget_w: invalid type: string \"lots\", expected f64",
-    ),
+    ("[power]\nbudget_w = \"lots\"", "power.budget_w: invalid type: string \"lots\", expected f64"),
     ("tick = \"fast\"", "tick: "),
-    (
-        "backend = \"cuda\"",
-        "backend: unknown variant `cuda`, expected `sim` or `nvml`",
-    ),
-    (
-        "[[power.gpu]]\nindex = -1",
-        "power.gpu[0].index: invalid value: integer `-1`, expected u32",
-    ),
+    ("backend = \"cuda\"", "backend: unknown variant `cuda`, expected `sim` or `nvml`"),
+    ("[[power.gpu]]\nindex = -1", "power.gpu[0].index: invalid value: integer `-1`, expected u32"),
     (
         "[[power.gpu]]\nindex = 0\nlimit = 300",
         "line 3: power.gpu[0].limit: unknown field `limit`, expected one of `index`, `limit_w`",
@@ -91,57 +73,27 @@ const BAD: &[(&str, &str)] = &[
         "[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"mining\"",
         "sim.gpu[0].workload: unknown variant `mining`",
     ),
-    (
-        "[[sim.gpu]]\npreset = \"h100-sxm\"",
-        "sim.gpu[0]: missing field `workload`",
-    ),
+    ("[[sim.gpu]]\npreset = \"h100-sxm\"", "sim.gpu[0]: missing field `workload`"),
     // Validation: values and relations.
-    (
-        "node = \"\"",
-        "node: \"\" has 0 characters; accepted: 1 to 128 characters",
-    ),
-    (
-        "node = \"rack/1\"",
-        "node: \"rack/1\" contains '/', which MQTT topics cannot carry",
-    ),
+    ("node = \"\"", "node: \"\" has 0 characters; accepted: 1 to 128 characters"),
+    ("node = \"rack/1\"", "node: \"rack/1\" contains '/', which MQTT topics cannot carry"),
     ("node = \"a+b\"", "node: \"a+b\" contains '+'"),
     ("node = \"a\\tb\"", "node: \"a\\tb\" contains '\\t'"),
-    (
-        "tick = \"5ms\"",
-        "tick: \"5ms\" is out of range; accepted: 10ms to 1h",
-    ),
-    (
-        "tick = \"2h\"",
-        "tick: \"2h\" is out of range; accepted: 10ms to 1h",
-    ),
+    ("tick = \"5ms\"", "tick: \"5ms\" is out of range; accepted: 10ms to 1h"),
+    ("tick = \"2h\"", "tick: \"2h\" is out of range; accepted: 10ms to 1h"),
     (
         "[power]\nbudget_w = 0",
         "power.budget_w: 0 W is out of range; accepted: more than 0 up to 100000 W",
     ),
-    (
-        "[power]\nbudget_w = -5",
-        "power.budget_w: -5 W is out of range",
-    ),
-    (
-        "[power]\nbudget_w = nan",
-        "power.budget_w: NaN W is out of range",
-    ),
+    ("[power]\nbudget_w = -5", "power.budget_w: -5 W is out of range"),
+    ("[power]\nbudget_w = nan", "power.budget_w: NaN W is out of range"),
     (
         "[power]\nmin_w = 500\nmax_w = 400",
         "power.min_w: 500 W is above power.max_w (400 W); accepted: min_w ≤ max_w",
     ),
-    (
-        "[power]\nlimit_w = 800\nmax_w = 600",
-        "power.limit_w: 800 W is above power.max_w (600 W)",
-    ),
-    (
-        "[power]\nlimit_w = 100\nmin_w = 150",
-        "power.limit_w: 100 W is below power.min_w (150 W)",
-    ),
-    (
-        "[power]\ndeadband_w = 80",
-        "power.deadband_w: 80 W is out of range; accepted: 0 to 50 W",
-    ),
+    ("[power]\nlimit_w = 800\nmax_w = 600", "power.limit_w: 800 W is above power.max_w (600 W)"),
+    ("[power]\nlimit_w = 100\nmin_w = 150", "power.limit_w: 100 W is below power.min_w (150 W)"),
+    ("[power]\ndeadband_w = 80", "power.deadband_w: 80 W is out of range; accepted: 0 to 50 W"),
     (
         "[power]\nraise_interval = \"2h\"",
         "power.raise_interval: \"2h\" is out of range; accepted: 0s to 1h",
@@ -154,14 +106,8 @@ const BAD: &[(&str, &str)] = &[
         "[[power.gpu]]\nindex = 1\n[[power.gpu]]\nindex = 1",
         "power.gpu[1].index: GPU 1 is configured twice; accepted: each index once",
     ),
-    (
-        "[telemetry]\nsink = \"file\"",
-        "telemetry.path: missing; sink = \"file\" needs a path",
-    ),
-    (
-        "[telemetry]\npath = \"/tmp/x\"",
-        "telemetry.path: /tmp/x is set but sink is not \"file\"",
-    ),
+    ("[telemetry]\nsink = \"file\"", "telemetry.path: missing; sink = \"file\" needs a path"),
+    ("[telemetry]\npath = \"/tmp/x\"", "telemetry.path: /tmp/x is set but sink is not \"file\""),
     (
         "[[sim.gpu]]\npreset = \"h200\"\nworkload = \"idle\"",
         "sim.gpu[0].preset: \"h200\" is not a known GPU; accepted: h100-sxm, a100-sxm4, l40s",
@@ -209,9 +155,7 @@ fn every_bad_config_says_what_is_wrong_and_what_is_accepted() {
     let mut failures = Vec::new();
     for (toml, want) in BAD {
         match check(toml) {
-            Ok(_) => failures.push(format!(
-                "{toml:?}: accepted, want error containing {want:?}"
-            )),
+            Ok(_) => failures.push(format!("{toml:?}: accepted, want error containing {want:?}")),
             Err(got) if !got.contains(want) => {
                 failures.push(format!("{toml:?}:\n   got  {got:?}\n   want {want:?}"))
             }
@@ -240,10 +184,7 @@ fn problems_only_the_hardware_reveals_are_config_errors_at_start() {
             "[[power.gpu]]\nindex = 8\nlimit_w = 300",
             "power.gpu[0].index: GPU 8 does not exist on this node; accepted: 0 to 7",
         ),
-        (
-            "[power]\nmax_w = 100",
-            "power.max_w: 100 W is below what GPU 0 accepts 200 to 700 W",
-        ),
+        ("[power]\nmax_w = 100", "power.max_w: 100 W is below what GPU 0 accepts 200 to 700 W"),
         (
             "[[sim.gpu]]\npreset = \"l40s\"\nworkload = \"trace\"\ntrace = \"no/such.csv\"",
             "sim.gpu[0].trace: cannot read trace",
@@ -257,9 +198,6 @@ fn problems_only_the_hardware_reveals_are_config_errors_at_start() {
             .map(|_| ())
             .unwrap_err();
         assert_eq!(got.exit_code(), 2, "{got}");
-        assert!(
-            got.to_string().contains(want),
-            "{toml:?}: got {got}, want {want:?}"
-        );
+        assert!(got.to_string().contains(want), "{toml:?}: got {got}, want {want:?}");
     }
 }

@@ -36,12 +36,7 @@ fn every_telemetry_key_and_event_kind_is_in_docs_telemetry_md() {
     let u = || "GPU-x".to_owned();
     let events = [
         Event::xid(0, "GPU-x", 79),
-        Event::Health {
-            gpu: 0,
-            uuid: u(),
-            from: Health::Ok,
-            to: Health::Lost,
-        },
+        Event::Health { gpu: 0, uuid: u(), from: Health::Ok, to: Health::Lost },
         Event::LimitChanged {
             gpu: 0,
             uuid: u(),
@@ -50,34 +45,16 @@ fn every_telemetry_key_and_event_kind_is_in_docs_telemetry_md() {
             source: u(),
             reason: u(),
         },
-        Event::LimitFailed {
-            gpu: 0,
-            uuid: u(),
-            to_w: 1.0,
-            error: u(),
-        },
-        Event::DecisionRejected {
-            source: u(),
-            gpu: 0,
-            reason: u(),
-        },
-        Event::BudgetInfeasible {
-            budget_w: 1.0,
-            min_total_w: 2.0,
-        },
+        Event::LimitFailed { gpu: 0, uuid: u(), to_w: 1.0, error: u() },
+        Event::DecisionRejected { source: u(), gpu: 0, reason: u() },
+        Event::BudgetInfeasible { budget_w: 1.0, min_total_w: 2.0 },
     ];
     for e in &events {
         let v = serde_json::to_value(e).unwrap();
         keys(&v, &mut found);
         found.insert(v["kind"].as_str().unwrap().to_owned());
     }
-    let missing: Vec<_> = found
-        .iter()
-        .filter(|k| !doc.contains(&format!("`{k}`")))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "docs/telemetry.md does not document: {missing:?}"
-    );
+    let missing: Vec<_> = found.iter().filter(|k| !doc.contains(&format!("`{k}`"))).collect();
+    assert!(missing.is_empty(), "docs/telemetry.md does not document: {missing:?}");
     assert!(found.contains("errors") && found.contains("budget-infeasible"));
 }

@@ -21,10 +21,7 @@ use serde_json::Value;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// A writer that keeps what is written, shared with the test.
@@ -76,10 +73,5 @@ pub fn harness(toml: &str) -> Harness {
         Arc::new(clock.clone()),
     )
     .unwrap();
-    Harness {
-        agent,
-        clock,
-        sim,
-        out,
-    }
+    Harness { agent, clock, sim, out }
 }

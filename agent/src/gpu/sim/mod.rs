@@ -44,19 +44,11 @@ pub struct GpuSpec {
 
 impl GpuSpec {
     pub fn new(preset: &'static Preset, workload: WorkloadKind) -> GpuSpec {
-        GpuSpec {
-            preset,
-            workload,
-            trace: None,
-        }
+        GpuSpec { preset, workload, trace: None }
     }
 
     pub fn trace(preset: &'static Preset, replay: TraceReplay) -> GpuSpec {
-        GpuSpec {
-            preset,
-            workload: WorkloadKind::Trace,
-            trace: Some(replay),
-        }
+        GpuSpec { preset, workload: WorkloadKind::Trace, trace: Some(replay) }
     }
 }
 
@@ -140,12 +132,7 @@ impl SimNode {
                 }
             })
             .collect();
-        SimNode {
-            gpus,
-            now: Duration::ZERO,
-            events: Vec::new(),
-            schedule: Vec::new(),
-        }
+        SimNode { gpus, now: Duration::ZERO, events: Vec::new(), schedule: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -194,11 +181,7 @@ impl SimNode {
             let h = (until - self.now).as_secs_f64();
             let t_s = self.now.as_secs_f64();
             for g in &mut self.gpus {
-                let d = if g.lost {
-                    Demand::IDLE
-                } else {
-                    g.workload.demand(t_s)
-                };
+                let d = if g.lost { Demand::IDLE } else { g.workload.demand(t_s) };
                 g.phys.step(d, h);
             }
             self.now = until;
@@ -218,11 +201,7 @@ impl SimNode {
         match fault {
             Fault::FallOffBus => {
                 g.lost = true;
-                self.events.push(XidEvent {
-                    gpu,
-                    code: 79,
-                    at_ms,
-                });
+                self.events.push(XidEvent { gpu, code: 79, at_ms });
             }
             Fault::FailField(f) => g.failing = g.failing.with(f),
             Fault::Xid(code) => {
@@ -266,10 +245,7 @@ impl SimNode {
     }
 
     pub fn set_power_limit(&mut self, gpu: u32, watts: f64) -> Result<f64, GpuError> {
-        let g = self
-            .gpus
-            .get_mut(gpu as usize)
-            .ok_or(GpuError::NoSuchGpu(gpu))?;
+        let g = self.gpus.get_mut(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
         if g.lost {
             return Err(GpuError::Lost(gpu));
         }
@@ -309,11 +285,7 @@ impl SimGpu {
             sm_clock_mhz: self.read(Field::SmClockMhz, p.sm_clock_mhz()),
             power_limit_w: read(Field::PowerLimitW, p.limit_w),
             throttle: self.read(Field::Throttle, p.throttle),
-            health: if self.degraded {
-                Health::Degraded
-            } else {
-                Health::Ok
-            },
+            health: if self.degraded { Health::Degraded } else { Health::Ok },
         }
     }
 
@@ -356,11 +328,7 @@ pub struct SimBackend {
 impl SimBackend {
     pub fn new(node: SimNode, clock: Arc<dyn Clock>) -> SimBackend {
         let inventory = node.inventory();
-        SimBackend {
-            node: SimHandle(Arc::new(Mutex::new(node))),
-            inventory,
-            clock,
-        }
+        SimBackend { node: SimHandle(Arc::new(Mutex::new(node))), inventory, clock }
     }
 
     pub fn handle(&self) -> SimHandle {
@@ -406,18 +374,8 @@ mod tests {
         let specs = [
             GpuSpec::new(h100(), WorkloadKind::Training),
             GpuSpec::new(h100(), WorkloadKind::Inference),
-            GpuSpec::new(
-                Preset::by_key("a100-sxm4").unwrap(),
-                WorkloadKind::MemoryBound,
-            ),
-            GpuSpec::trace(
-                h100(),
-                TraceReplay {
-                    trace,
-                    gpu: 3,
-                    start_s: 100.0,
-                },
-            ),
+            GpuSpec::new(Preset::by_key("a100-sxm4").unwrap(), WorkloadKind::MemoryBound),
+            GpuSpec::trace(h100(), TraceReplay { trace, gpu: 3, start_s: 100.0 }),
         ];
         SimNode::new(&specs, seed)
     }
@@ -502,10 +460,7 @@ mod tests {
             out
         };
         let (fine, coarse) = (switches(10), switches(40));
-        assert!(
-            fine.len() > 10,
-            "a minute of inference has bursts: {fine:?}"
-        );
+        assert!(fine.len() > 10, "a minute of inference has bursts: {fine:?}");
         assert_eq!(fine.len(), coarse.len(), "{fine:?} vs {coarse:?}");
         for (f, c) in fine.iter().zip(&coarse) {
             // Demand is read at the start of each step, so a switch shows within two steps.
@@ -530,14 +485,7 @@ mod tests {
             assert!(s[i].errors().is_empty(), "GPU {i}: {:?}", s[i].errors());
         }
         assert_eq!(node.set_power_limit(1, 500.0), Err(GpuError::Lost(1)));
-        assert_eq!(
-            node.drain_events(),
-            vec![XidEvent {
-                gpu: 1,
-                code: 79,
-                at_ms: 5000
-            }]
-        );
+        assert_eq!(node.drain_events(), vec![XidEvent { gpu: 1, code: 79, at_ms: 5000 }]);
         assert!(node.drain_events().is_empty(), "events are drained once");
     }
 
@@ -554,11 +502,7 @@ mod tests {
         assert_eq!(s[2].errors().len(), 1);
         assert!(matches!(
             s[2].temp_c,
-            Reading::Failed(GpuError::FieldFailed {
-                gpu: 2,
-                field: "temp_c",
-                ..
-            })
+            Reading::Failed(GpuError::FieldFailed { gpu: 2, field: "temp_c", .. })
         ));
         assert!(s[2].power_w.value().is_some());
         node.inject(2, Fault::Clear);
@@ -569,33 +513,14 @@ mod tests {
     fn scheduled_faults_fire_at_their_time() {
         let mut node = mixed(5);
         node.schedule([
-            ScheduledFault {
-                at: Duration::from_millis(1500),
-                gpu: 0,
-                fault: Fault::Xid(48),
-            },
-            ScheduledFault {
-                at: Duration::from_secs(3),
-                gpu: 3,
-                fault: Fault::Clear,
-            },
+            ScheduledFault { at: Duration::from_millis(1500), gpu: 0, fault: Fault::Xid(48) },
+            ScheduledFault { at: Duration::from_secs(3), gpu: 3, fault: Fault::Clear },
         ]);
         node.advance(Duration::from_secs(1));
         assert!(node.drain_events().is_empty());
         node.advance(Duration::from_secs(1));
-        assert_eq!(
-            node.drain_events(),
-            vec![XidEvent {
-                gpu: 0,
-                code: 48,
-                at_ms: 1500
-            }]
-        );
-        assert_eq!(
-            node.sample_all()[0].health,
-            Health::Degraded,
-            "XID 48 degrades the GPU"
-        );
+        assert_eq!(node.drain_events(), vec![XidEvent { gpu: 0, code: 48, at_ms: 1500 }]);
+        assert_eq!(node.sample_all()[0].health, Health::Degraded, "XID 48 degrades the GPU");
     }
 
     #[test]
@@ -605,10 +530,7 @@ mod tests {
             node.set_power_limit(0, 100.0),
             Err(GpuError::InvalidArgument { gpu: 0, .. })
         ));
-        assert!(matches!(
-            node.set_power_limit(0, f64::NAN),
-            Err(GpuError::InvalidArgument { .. })
-        ));
+        assert!(matches!(node.set_power_limit(0, f64::NAN), Err(GpuError::InvalidArgument { .. })));
         assert_eq!(node.set_power_limit(9, 300.0), Err(GpuError::NoSuchGpu(9)));
         assert_eq!(node.set_power_limit(0, 450.0), Ok(450.0));
         assert_eq!(node.sample_all()[0].power_limit_w, Reading::Value(450.0));
@@ -617,11 +539,7 @@ mod tests {
     #[test]
     fn a_replayed_trace_follows_the_recorded_power_when_uncapped() {
         let trace = Arc::new(Trace::parse(H100_TRAINING_TRACE).unwrap());
-        let replay = TraceReplay {
-            trace: trace.clone(),
-            gpu: 0,
-            start_s: 0.0,
-        };
+        let replay = TraceReplay { trace: trace.clone(), gpu: 0, start_s: 0.0 };
         let mut node = SimNode::new(&[GpuSpec::trace(h100(), replay)], 1);
         let mut cursor = 0;
         for t in [150.0, 300.0, 330.0] {

@@ -66,11 +66,7 @@ pub const PRESETS: [Preset; 3] = [
         key: "h100-sxm",
         name: "NVIDIA H100 80GB HBM3",
         memory_total_mib: 81559,
-        power: PowerConstraints {
-            min_w: 200.0,
-            max_w: 700.0,
-            default_w: 700.0,
-        },
+        power: PowerConstraints { min_w: 200.0, max_w: 700.0, default_w: 700.0 },
         idle_w: 70.0,
         dyn_w: 640.0,
         max_clock_mhz: 1980,
@@ -84,11 +80,7 @@ pub const PRESETS: [Preset; 3] = [
         key: "a100-sxm4",
         name: "NVIDIA A100-SXM4-40GB",
         memory_total_mib: 40960,
-        power: PowerConstraints {
-            min_w: 100.0,
-            max_w: 400.0,
-            default_w: 400.0,
-        },
+        power: PowerConstraints { min_w: 100.0, max_w: 400.0, default_w: 400.0 },
         idle_w: 55.0,
         dyn_w: 360.0,
         max_clock_mhz: 1410,
@@ -102,11 +94,7 @@ pub const PRESETS: [Preset; 3] = [
         key: "l40s",
         name: "NVIDIA L40S",
         memory_total_mib: 46068,
-        power: PowerConstraints {
-            min_w: 100.0,
-            max_w: 350.0,
-            default_w: 350.0,
-        },
+        power: PowerConstraints { min_w: 100.0, max_w: 350.0, default_w: 350.0 },
         idle_w: 35.0,
         dyn_w: 330.0,
         max_clock_mhz: 2520,
@@ -222,11 +210,7 @@ impl GpuPhysics {
             target = p.min_ratio();
             throttle = Throttle::GPU_IDLE;
         }
-        let tau = if target < self.ratio {
-            CLOCK_TAU_DOWN_S
-        } else {
-            CLOCK_TAU_UP_S
-        };
+        let tau = if target < self.ratio { CLOCK_TAU_DOWN_S } else { CLOCK_TAU_UP_S };
         self.ratio = target + (self.ratio - target) * (-h / tau).exp();
         self.power_w = p.power_at(&d, self.ratio);
         self.energy_j += self.power_w * h;
@@ -247,18 +231,10 @@ mod tests {
     use super::*;
 
     const H100: &Preset = &PRESETS[0];
-    const COMPUTE: Demand = Demand {
-        activity: 0.82,
-        mem_bound: 0.1,
-        util_pct: 100.0,
-        mem_used_mib: 1000,
-    };
-    const MEMORY: Demand = Demand {
-        activity: 0.82,
-        mem_bound: 0.8,
-        util_pct: 100.0,
-        mem_used_mib: 1000,
-    };
+    const COMPUTE: Demand =
+        Demand { activity: 0.82, mem_bound: 0.1, util_pct: 100.0, mem_used_mib: 1000 };
+    const MEMORY: Demand =
+        Demand { activity: 0.82, mem_bound: 0.8, util_pct: 100.0, mem_used_mib: 1000 };
 
     fn run(g: &mut GpuPhysics, d: Demand, seconds: f64) {
         let h = 0.01;
@@ -326,11 +302,7 @@ mod tests {
             peak = peak.max(g.power_w);
         }
         assert!(peak <= 400.0 + 1e-6, "peak {peak} W");
-        assert!(
-            g.power_w > 395.0,
-            "reaches its cap within 2 s: {}",
-            g.power_w
-        );
+        assert!(g.power_w > 395.0, "reaches its cap within 2 s: {}", g.power_w);
     }
 
     #[test]
@@ -341,10 +313,7 @@ mod tests {
             1.0 - capped / full
         };
         let (c, m) = (loss(COMPUTE), loss(MEMORY));
-        assert!(
-            c > 0.05 && m < c / 2.0,
-            "compute loses {c:.3}, memory-bound {m:.3}"
-        );
+        assert!(c > 0.05 && m < c / 2.0, "compute loses {c:.3}, memory-bound {m:.3}");
     }
 
     #[test]
@@ -354,10 +323,7 @@ mod tests {
         run(&mut g, COMPUTE, H100.tau_th_s);
         let t_ss = H100.ambient_c + g.power_w * H100.r_th;
         let frac = (g.temp_c - t0) / (t_ss - t0);
-        assert!(
-            (frac - 0.632).abs() < 0.02,
-            "one time constant covers 63% of the step: {frac}"
-        );
+        assert!((frac - 0.632).abs() < 0.02, "one time constant covers 63% of the step: {frac}");
         run(&mut g, COMPUTE, 10.0 * H100.tau_th_s);
         assert!((g.temp_c - t_ss).abs() < 0.1);
     }
@@ -375,14 +341,7 @@ mod tests {
     #[test]
     fn capped_ratio_never_goes_below_the_minimum_clock() {
         let r = H100.capped_ratio(&COMPUTE, 1.0);
-        assert_eq!(
-            r,
-            f64::from(H100.min_clock_mhz) / f64::from(H100.max_clock_mhz)
-        );
-        assert_eq!(
-            H100.capped_ratio(&Demand::IDLE, 1.0),
-            1.0,
-            "an idle GPU is never capped"
-        );
+        assert_eq!(r, f64::from(H100.min_clock_mhz) / f64::from(H100.max_clock_mhz));
+        assert_eq!(H100.capped_ratio(&Demand::IDLE, 1.0), 1.0, "an idle GPU is never capped");
     }
 }

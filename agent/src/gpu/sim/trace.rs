@@ -55,18 +55,11 @@ impl Trace {
     }
 
     pub fn parse(text: &str) -> Result<Trace, TraceError> {
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let (_, header) = lines.next().ok_or(TraceError::Empty)?;
-        let cols: Vec<String> = header
-            .split(',')
-            .map(|c| c.trim().to_ascii_lowercase())
-            .collect();
+        let cols: Vec<String> = header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
         let find = |name: &'static str| {
-            cols.iter()
-                .position(|c| c == name || c.starts_with(&format!("{name} ")))
+            cols.iter().position(|c| c == name || c.starts_with(&format!("{name} ")))
         };
         let c_ts = find("timestamp").ok_or(TraceError::MissingColumn("timestamp"))?;
         let c_idx = find("index").ok_or(TraceError::MissingColumn("index"))?;
@@ -78,23 +71,13 @@ impl Trace {
         let mut t0: Option<f64> = None;
         for (n, line) in lines {
             let lineno = n + 1;
-            let err = |message: String| TraceError::Line {
-                line: lineno,
-                message,
-            };
+            let err = |message: String| TraceError::Line { line: lineno, message };
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             if fields.len() < cols.len() {
-                return Err(err(format!(
-                    "{} fields, the header has {}",
-                    fields.len(),
-                    cols.len()
-                )));
+                return Err(err(format!("{} fields, the header has {}", fields.len(), cols.len())));
             }
             let ts = parse_timestamp(fields[c_ts]).ok_or_else(|| {
-                err(format!(
-                    "bad timestamp {:?}; expected YYYY/MM/DD HH:MM:SS.mmm",
-                    fields[c_ts]
-                ))
+                err(format!("bad timestamp {:?}; expected YYYY/MM/DD HH:MM:SS.mmm", fields[c_ts]))
             })?;
             let idx: usize = fields[c_idx]
                 .parse()
@@ -134,11 +117,7 @@ impl Trace {
         if let Some(i) = gpus.iter().position(|g| g.len() < 2) {
             return Err(TraceError::TooShort(i));
         }
-        let duration_s = gpus
-            .iter()
-            .filter_map(|g| g.last())
-            .map(|p| p.t_s)
-            .fold(0.0, f64::max);
+        let duration_s = gpus.iter().filter_map(|g| g.last()).map(|p| p.t_s).fold(0.0, f64::max);
         Ok(Trace { gpus, duration_s })
     }
 
@@ -155,11 +134,7 @@ impl Trace {
     /// position, so that replaying forward in time costs O(1) per call.
     pub fn at(&self, gpu: usize, t_s: f64, cursor: &mut usize) -> TracePoint {
         let points = &self.gpus[gpu % self.gpus.len()];
-        let t = if self.duration_s > 0.0 {
-            t_s % self.duration_s
-        } else {
-            0.0
-        };
+        let t = if self.duration_s > 0.0 { t_s % self.duration_s } else { 0.0 };
         if *cursor >= points.len() || points[*cursor].t_s > t {
             *cursor = 0; // looped
         }
@@ -218,11 +193,7 @@ mod tests {
         assert_eq!(t.at(0, 0.0, &mut c).power_w, 72.36);
         assert_eq!(t.at(0, 0.14, &mut c).power_w, 300.0);
         let mut c1 = 0;
-        assert_eq!(
-            t.at(1, 0.14, &mut c1).power_w,
-            72.79,
-            "[N/A] holds the previous value"
-        );
+        assert_eq!(t.at(1, 0.14, &mut c1).power_w, 72.79, "[N/A] holds the previous value");
         assert_eq!(t.at(1, 0.14, &mut c1).util_pct, 50.0);
     }
 
@@ -255,10 +226,7 @@ mod tests {
         ];
         for (input, want) in cases {
             let got = Trace::parse(input).unwrap_err().to_string();
-            assert!(
-                got.contains(want),
-                "input {input:?}: got {got:?}, want {want:?}"
-            );
+            assert!(got.contains(want), "input {input:?}: got {got:?}, want {want:?}");
         }
     }
 
@@ -266,10 +234,6 @@ mod tests {
     fn the_shipped_h100_trace_parses() {
         let t = Trace::parse(super::super::H100_TRAINING_TRACE).unwrap();
         assert_eq!(t.gpu_count(), 8);
-        assert!(
-            t.duration_s() > 600.0 && t.duration_s() < 720.0,
-            "{}",
-            t.duration_s()
-        );
+        assert!(t.duration_s() > 600.0 && t.duration_s() < 720.0, "{}", t.duration_s());
     }
 }

@@ -26,12 +26,8 @@ pub struct Demand {
 }
 
 impl Demand {
-    pub const IDLE: Demand = Demand {
-        activity: 0.0,
-        mem_bound: 0.0,
-        util_pct: 0.0,
-        mem_used_mib: 17,
-    };
+    pub const IDLE: Demand =
+        Demand { activity: 0.0, mem_bound: 0.0, util_pct: 0.0, mem_used_mib: 17 };
 }
 
 /// The workload kinds, as named in config.
@@ -82,20 +78,10 @@ pub struct Workload {
 #[derive(Debug)]
 enum Profile {
     Idle,
-    Training {
-        phase_s: f64,
-    },
+    Training { phase_s: f64 },
     MemoryBound,
-    Inference {
-        in_burst: bool,
-        next_switch_s: f64,
-    },
-    Trace {
-        trace: Arc<Trace>,
-        gpu: usize,
-        start_s: f64,
-        cursor: usize,
-    },
+    Inference { in_burst: bool, next_switch_s: f64 },
+    Trace { trace: Arc<Trace>, gpu: usize, start_s: f64, cursor: usize },
 }
 
 impl Workload {
@@ -116,25 +102,17 @@ impl Workload {
             WorkloadKind::Idle => Profile::Idle,
             WorkloadKind::Training => {
                 // Desynchronise GPUs' checkpoint stalls a little, as real ranks are.
-                Profile::Training {
-                    phase_s: rng.random_range(0.0..TRAINING_PERIOD_S),
-                }
+                Profile::Training { phase_s: rng.random_range(0.0..TRAINING_PERIOD_S) }
             }
             WorkloadKind::MemoryBound => Profile::MemoryBound,
             WorkloadKind::Inference => {
                 let next = exp_sample(&mut rng, INFERENCE_GAP_MEAN_S);
-                Profile::Inference {
-                    in_burst: false,
-                    next_switch_s: next,
-                }
+                Profile::Inference { in_burst: false, next_switch_s: next }
             }
             WorkloadKind::Trace => match trace {
-                Some(r) => Profile::Trace {
-                    trace: r.trace,
-                    gpu: r.gpu,
-                    start_s: r.start_s,
-                    cursor: 0,
-                },
+                Some(r) => {
+                    Profile::Trace { trace: r.trace, gpu: r.gpu, start_s: r.start_s, cursor: 0 }
+                }
                 None => Profile::Idle,
             },
         };
@@ -151,19 +129,9 @@ impl Workload {
                 let in_stall = (t_s + *phase_s) % TRAINING_PERIOD_S < TRAINING_STALL_S;
                 let mem_used_mib = (total * 0.78) as u64;
                 if in_stall {
-                    Demand {
-                        activity: 0.02,
-                        mem_bound: 0.15,
-                        util_pct: 0.0,
-                        mem_used_mib,
-                    }
+                    Demand { activity: 0.02, mem_bound: 0.15, util_pct: 0.0, mem_used_mib }
                 } else {
-                    Demand {
-                        activity: 0.82,
-                        mem_bound: 0.15,
-                        util_pct: 100.0,
-                        mem_used_mib,
-                    }
+                    Demand { activity: 0.82, mem_bound: 0.15, util_pct: 100.0, mem_used_mib }
                 }
             }
             Profile::MemoryBound => Demand {
@@ -172,42 +140,21 @@ impl Workload {
                 util_pct: 96.0,
                 mem_used_mib: (total * 0.6) as u64,
             },
-            Profile::Inference {
-                in_burst,
-                next_switch_s,
-            } => {
+            Profile::Inference { in_burst, next_switch_s } => {
                 while t_s >= *next_switch_s {
                     *in_burst = !*in_burst;
-                    let mean = if *in_burst {
-                        INFERENCE_BURST_MEAN_S
-                    } else {
-                        INFERENCE_GAP_MEAN_S
-                    };
+                    let mean =
+                        if *in_burst { INFERENCE_BURST_MEAN_S } else { INFERENCE_GAP_MEAN_S };
                     *next_switch_s += exp_sample(&mut self.rng, mean);
                 }
                 let mem_used_mib = (total * 0.45) as u64;
                 if *in_burst {
-                    Demand {
-                        activity: 0.9,
-                        mem_bound: 0.5,
-                        util_pct: 100.0,
-                        mem_used_mib,
-                    }
+                    Demand { activity: 0.9, mem_bound: 0.5, util_pct: 100.0, mem_used_mib }
                 } else {
-                    Demand {
-                        activity: 0.04,
-                        mem_bound: 0.5,
-                        util_pct: 3.0,
-                        mem_used_mib,
-                    }
+                    Demand { activity: 0.04, mem_bound: 0.5, util_pct: 3.0, mem_used_mib }
                 }
             }
-            Profile::Trace {
-                trace,
-                gpu,
-                start_s,
-                cursor,
-            } => {
+            Profile::Trace { trace, gpu, start_s, cursor } => {
                 let p = trace.at(*gpu, t_s + *start_s, cursor);
                 // The trace holds uncapped power; at full clock P = idle + a·dyn.
                 let preset = self.preset;
