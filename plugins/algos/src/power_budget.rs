@@ -1,0 +1,168 @@
+//! Split a node power budget across GPUs by demand.
+//!
+//! Each GPU's demand is what it draws plus a margin, or its upper bound when it is held
+//! down by its current cap (it would draw more: only a higher limit reveals how much).
+//! If the demands fit the budget, each GPU gets its demand and the rest is spread in
+//! proportion to each GPU's remaining headroom, so that a burst finds watts waiting. If
+//! they do not fit, the budget is water-filled: one level `L` such that each GPU gets
+//! `clamp(L, min, demand)` and the sum is the budget. GPUs with equal demand get equal
+//! watts (the best split when their work-versus-watts curves are alike and concave), and
+//! GPUs that need less than the level keep what they need.
+//!
+//! It converges in a tick or two without oscillating: a GPU granted less than its demand
+//! stays capped and keeps asking for its upper bound, which yields the same level again;
+//! a GPU granted its demand draws less than its limit and keeps asking the same amount.
+//! Lost GPUs are left alone and their bound is kept out of the budget, as the host does.
+
+use crate::{Action, Gpu};
+
+/// Tunables, from the plugin's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// Watts added to a GPU's draw to make its demand.
+    pub margin_w: f64,
+    /// A GPU drawing within this fraction of its limit counts as held down by it, even
+    /// if the driver has not said so yet.
+    pub capped_within: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { margin_w: 25.0, capped_within: 0.03 }
+    }
+}
+
+/// The limits for one tick. No budget, no actions.
+pub fn decide(p: &Params, budget_w: Option<f64>, gpus: &[Gpu]) -> Vec<Action> {
+    let Some(budget) = budget_w else { return Vec::new() };
+    let mut avail = budget;
+    // (index into gpus, demand, why)
+    let mut managed: Vec<(usize, f64, &'static str)> = Vec::with_capacity(gpus.len());
+    for (i, g) in gpus.iter().enumerate() {
+        if g.lost {
+            avail -= g.limit_w.unwrap_or(g.max_w);
+            continue;
+        }
+        let held = g.capped || matches!((g.power_w, g.limit_w), (Some(p_w), Some(l)) if p_w >= l * (1.0 - p.capped_within));
+        let (demand, why) = match g.power_w {
+            _ if held => (g.max_w, "held down by its cap"),
+            Some(w) => ((w + p.margin_w).clamp(g.min_w, g.max_w), "draw plus margin"),
+            None => (g.max_w, "power unreadable"),
+        };
+        managed.push((i, demand, why));
+    }
+    let total: f64 = managed.iter().map(|m| m.1).sum();
+    let mut out = Vec::with_capacity(managed.len());
+    if total <= avail {
+        let headroom: f64 = managed.iter().map(|&(i, d, _)| gpus[i].max_w - d).sum();
+        let spare = avail - total;
+        for &(i, d, why) in &managed {
+            let g = &gpus[i];
+            let extra = if headroom > 0.0 { spare * (g.max_w - d) / headroom } else { 0.0 };
+            let limit = (d + extra).min(g.max_w);
+            out.push(action(g.index, limit, format!("demand {d:.0} W ({why}) fits the {budget:.0} W budget; +{extra:.0} W spare headroom")));
+        }
+    } else {
+        let level = water_level(avail, &managed, gpus);
+        for &(i, d, why) in &managed {
+            let g = &gpus[i];
+            let limit = level.clamp(g.min_w, d.max(g.min_w));
+            out.push(action(g.index, limit, format!("demand {d:.0} W ({why}); budget {budget:.0} W water-filled at {level:.0} W")));
+        }
+    }
+    out
+}
+
+fn action(gpu: u32, limit_w: f64, reason: String) -> Action {
+    // Whole milliwatts, rounded down: what NVML takes, and never over the budget.
+    Action { gpu, limit_w: (limit_w * 1000.0).floor() / 1000.0, reason }
+}
+
+/// The level `L` with `sum(clamp(L, min, max(demand, min))) = avail`, by bisection
+/// (60 halvings: far below a milliwatt).
+fn water_level(avail: f64, managed: &[(usize, f64, &str)], gpus: &[Gpu]) -> f64 {
+    let fill = |level: f64| -> f64 {
+        managed.iter().map(|&(i, d, _)| level.clamp(gpus[i].min_w, d.max(gpus[i].min_w))).sum()
+    };
+    let (mut lo, mut hi) = (0.0, managed.iter().map(|m| m.1).fold(0.0, f64::max));
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if fill(mid) > avail { hi = mid } else { lo = mid }
+    }
+    lo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(index: u32, power: f64, limit: f64, capped: bool) -> Gpu {
+        Gpu {
+            index,
+            power_w: Some(power),
+            limit_w: Some(limit),
+            temp_c: Some(50.0),
+            util_pct: Some(50.0),
+            capped,
+            lost: false,
+            min_w: 200.0,
+            max_w: 700.0,
+            default_w: 700.0,
+            proposed_w: None,
+        }
+    }
+
+    fn limits(a: &[Action]) -> Vec<f64> {
+        a.iter().map(|a| a.limit_w.round()).collect()
+    }
+
+    #[test]
+    fn busy_gpus_get_the_watts_idle_ones_do_not_need() {
+        let gpus = [gpu(0, 500.0, 500.0, true), gpu(1, 500.0, 500.0, true), gpu(2, 80.0, 500.0, false), gpu(3, 80.0, 500.0, false)];
+        let a = decide(&Params::default(), Some(1600.0), &gpus);
+        // Idle GPUs keep their floor (200 W, above 80 + 25); busy ones share the rest.
+        assert_eq!(limits(&a), vec![600.0, 600.0, 200.0, 200.0]);
+        let sum: f64 = a.iter().map(|a| a.limit_w).sum();
+        assert!(sum <= 1600.0 + 1e-9);
+    }
+
+    #[test]
+    fn when_everything_fits_the_spare_watts_go_to_headroom() {
+        let gpus = [gpu(0, 300.0, 700.0, false), gpu(1, 100.0, 700.0, false)];
+        let a = decide(&Params::default(), Some(1400.0), &gpus);
+        assert_eq!(limits(&a), vec![700.0, 700.0]);
+        let a = decide(&Params::default(), Some(1000.0), &gpus);
+        let sum: f64 = a.iter().map(|a| a.limit_w).sum();
+        assert!((sum - 1000.0).abs() < 0.01 && a[0].limit_w > 325.0 && a[1].limit_w > 200.0, "{a:?}");
+    }
+
+    #[test]
+    fn it_settles_without_oscillating() {
+        // Feed each allocation back as the next tick's limits, with power = min(want, limit).
+        let want = [650.0, 650.0, 300.0, 90.0];
+        let mut lim = [700.0; 4];
+        let mut history = Vec::new();
+        for _ in 0..6 {
+            let gpus: Vec<Gpu> = (0..4).map(|i| {
+                let p = want[i].min(lim[i]);
+                gpu(i as u32, p, lim[i], p >= lim[i] * 0.99)
+            }).collect();
+            let a = decide(&Params::default(), Some(1600.0), &gpus);
+            for x in &a { lim[x.gpu as usize] = x.limit_w; }
+            history.push(lim);
+        }
+        assert_eq!(history[3], history[5], "{history:?}");
+        assert!(history[5][2] >= 300.0, "the 300 W GPU gets what it needs: {history:?}");
+    }
+
+    #[test]
+    fn no_budget_no_actions_and_lost_gpus_are_reserved() {
+        assert!(decide(&Params::default(), None, &[gpu(0, 1.0, 1.0, false)]).is_empty());
+        let mut lost = gpu(1, 0.0, 0.0, false);
+        lost.lost = true;
+        lost.limit_w = None;
+        let a = decide(&Params::default(), Some(1000.0), &[gpu(0, 650.0, 650.0, true), lost]);
+        assert_eq!(a.len(), 1);
+        assert!((a[0].limit_w - 300.0).abs() < 0.01, "1000 W minus the lost GPU's 700 W bound: {a:?}");
+    }
+}

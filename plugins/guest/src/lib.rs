@@ -1,0 +1,77 @@
+//! What a Rust policy plugin needs: the bindings of the `power` world of
+//! `wit/v0.1.0` (generated here once, exported by each plugin with
+//! `gpulet_guest::export_power!(MyPlugin)`), the host imports, and helpers for the
+//! boring parts: strict JSON config with paths in the errors, and the snapshot's GPUs as
+//! the plain structs of `gpulet-policy-algos`.
+
+#![allow(unsafe_code)] // the generated bindings are unsafe glue
+
+/// The `power` world's bindings.
+pub mod power {
+    wit_bindgen::generate!({
+        path: "../../wit/v0.1.0",
+        world: "power",
+        pub_export_macro: true,
+        export_macro_name: "export_power",
+        default_bindings_module: "gpulet_guest::power",
+    });
+}
+
+pub use power::gpulet::policy::host;
+pub use power::gpulet::policy::types::{
+    ConfigError, Gpu, GpuInfo, Health, PluginInfo, PowerAction, Snapshot, Throttle,
+};
+pub use power::Guest as PowerGuest;
+pub use power::export_power;
+
+use serde::de::DeserializeOwned;
+
+/// The contract version this crate implements.
+pub const API_VERSION: &str = "0.1.0";
+
+/// Parse a plugin's JSON config strictly into `T` (use `#[serde(deny_unknown_fields)]`);
+/// an error names the JSON path (`$.margin_w`) and what is wrong.
+pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, Vec<ConfigError>> {
+    let json = if json.trim().is_empty() { "{}" } else { json };
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { "$".to_owned() } else { format!("$.{path}") };
+        vec![ConfigError { path, message: e.inner().to_string() }]
+    })
+}
+
+/// A config error at `path`.
+pub fn config_error(path: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { path: path.to_owned(), message: message.into() }
+}
+
+/// The snapshot's GPUs as the algorithms see them.
+pub fn gpus(s: &Snapshot) -> Vec<gpulet_policy_algos::Gpu> {
+    s.gpus
+        .iter()
+        .map(|g| gpulet_policy_algos::Gpu {
+            index: g.index,
+            power_w: g.power_w,
+            limit_w: g.power_limit_w,
+            temp_c: g.temp_c,
+            util_pct: g.util_pct,
+            capped: g.throttle.contains(Throttle::SW_POWER_CAP),
+            lost: g.health == Health::Lost,
+            min_w: g.min_limit_w,
+            max_w: g.max_limit_w,
+            default_w: g.default_limit_w,
+            proposed_w: g.proposed_limit_w,
+        })
+        .collect()
+}
+
+/// The algorithms' actions as WIT actions.
+pub fn actions(a: Vec<gpulet_policy_algos::Action>) -> Vec<PowerAction> {
+    a.into_iter().map(|a| PowerAction { gpu: a.gpu, limit_w: a.limit_w, reason: a.reason }).collect()
+}
+
+/// Plugin info with this crate's API version.
+pub fn info(name: &str, version: &str) -> PluginInfo {
+    PluginInfo { name: name.to_owned(), version: version.to_owned(), api_version: API_VERSION.to_owned() }
+}

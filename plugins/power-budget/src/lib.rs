@@ -1,0 +1,60 @@
+//! power-budget: splits the node power budget across the GPUs by demand (see
+//! `gpulet_policy_algos::power_budget` for the algorithm). Stateless: every tick is
+//! decided from the snapshot alone.
+//!
+//! Config (JSON, all optional): `{"margin_w": 25, "capped_within": 0.03}`.
+
+use gpulet_guest::{ConfigError, GpuInfo, PluginInfo, PowerAction, PowerGuest, Snapshot};
+use gpulet_policy_algos::power_budget::{self, Params};
+use serde::Deserialize;
+use std::cell::RefCell;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    margin_w: Option<f64>,
+    capped_within: Option<f64>,
+}
+
+fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
+    let c: Config = gpulet_guest::parse_config(json)?;
+    let d = Params::default();
+    let p = Params { margin_w: c.margin_w.unwrap_or(d.margin_w), capped_within: c.capped_within.unwrap_or(d.capped_within) };
+    let mut errs = Vec::new();
+    if !(0.0..=500.0).contains(&p.margin_w) {
+        errs.push(gpulet_guest::config_error("$.margin_w", format!("{} is out of range; accepted: 0 to 500 (watts)", p.margin_w)));
+    }
+    if !(0.0..=0.5).contains(&p.capped_within) {
+        errs.push(gpulet_guest::config_error("$.capped_within", format!("{} is out of range; accepted: 0 to 0.5", p.capped_within)));
+    }
+    if errs.is_empty() { Ok(p) } else { Err(errs) }
+}
+
+thread_local! {
+    static PARAMS: RefCell<Params> = RefCell::new(Params::default());
+}
+
+struct Plugin;
+
+impl PowerGuest for Plugin {
+    fn info() -> PluginInfo {
+        gpulet_guest::info("power-budget", env!("CARGO_PKG_VERSION"))
+    }
+
+    fn validate_config(config: String) -> Result<(), Vec<ConfigError>> {
+        params(&config).map(|_| ())
+    }
+
+    fn init(config: String, _gpus: Vec<GpuInfo>) -> Result<(), String> {
+        let p = params(&config).map_err(|e| format!("{}: {}", e[0].path, e[0].message))?;
+        PARAMS.with(|c| *c.borrow_mut() = p);
+        Ok(())
+    }
+
+    fn decide_power(snapshot: Snapshot) -> Vec<PowerAction> {
+        let gpus = gpulet_guest::gpus(&snapshot);
+        PARAMS.with(|p| gpulet_guest::actions(power_budget::decide(&p.borrow(), snapshot.budget_w, &gpus)))
+    }
+}
+
+gpulet_guest::export_power!(Plugin);
