@@ -3,13 +3,16 @@
 //!
 //! 1. **sample** every GPU and drain the backend's events ([`GpuBackend`]);
 //! 2. build one immutable [`NodeSnapshot`];
-//! 3. **decide**: the policy proposes power limits ([`Policy`]);
+//! 3. **decide**: the static caps and the Wasm plugins propose power limits
+//!    ([`PolicyChain`]);
 //! 4. **check**: the guard clamps, fits the budget, rate-limits ([`PowerGuard`]);
 //! 5. **apply** what changed, reading back the enforced limit, and audit it;
 //! 6. **emit** one telemetry record to every sink ([`Sink`]).
 //!
 //! [`Agent::run`] drives ticks from a timer until the tick count is reached or a
-//! shutdown signal arrives; the reasons the loop wakes are the arms of its one `select!`.
+//! shutdown signal arrives; the reasons the loop wakes are the arms of its one `select!`:
+//! shutdown (SIGINT, SIGTERM), reload (SIGHUP: the plugins are reloaded from the config
+//! file), and the tick timer.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,8 +23,8 @@ use tracing::{debug, info, warn};
 
 use crate::clock::{Clock, VirtualClock};
 use crate::gpu::{GpuBackend, GpuInfo, Health};
-use crate::guard::PowerGuard;
-use crate::policy::Policy;
+use crate::guard::{Bounds, PowerGuard};
+use crate::plugin::chain::{PluginSpec, PolicyChain};
 use crate::snapshot::NodeSnapshot;
 use crate::telemetry::{AgentStats, Event, Record, Sink};
 
@@ -30,19 +33,29 @@ pub struct Parts {
     pub node: String,
     pub tick: Duration,
     pub backend: Box<dyn GpuBackend>,
-    pub policy: Box<dyn Policy>,
+    pub policy: PolicyChain,
     pub guard: PowerGuard,
     pub sinks: Vec<Box<dyn Sink>>,
     pub clock: Arc<dyn Clock>,
+    /// Re-reads the plugin list (from the config file) on SIGHUP; `None`: nothing to
+    /// reload from.
+    pub reload: Option<Reload>,
 }
+
+/// Produces the current plugin list, or says why it cannot.
+pub type Reload = Box<dyn FnMut() -> Result<Vec<PluginSpec>, String> + Send>;
 
 pub struct Agent {
     node: String,
     tick: Duration,
     backend: Box<dyn GpuBackend>,
     inventory: Arc<[GpuInfo]>,
-    policy: Box<dyn Policy>,
+    bounds: Arc<[Bounds]>,
+    policy: PolicyChain,
     guard: PowerGuard,
+    reload: Option<Reload>,
+    /// Events that happened between ticks (a reload), reported with the next tick.
+    pending: Vec<Event>,
     sinks: Vec<Box<dyn Sink>>,
     clock: Arc<dyn Clock>,
     seq: u64,
@@ -60,7 +73,7 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("node", &self.node)
             .field("backend", &self.backend.kind())
-            .field("policy", &self.policy.name())
+            .field("policy", &self.policy)
             .field("seq", &self.seq)
             .finish_non_exhaustive()
     }
@@ -71,6 +84,7 @@ impl std::fmt::Debug for Agent {
 pub struct Tick {
     pub snapshot: NodeSnapshot,
     pub events: Vec<Event>,
+    pub metrics: Vec<crate::plugin::host::PluginMetric>,
 }
 
 /// How the loop is paced.
@@ -93,8 +107,11 @@ impl Agent {
             tick: parts.tick,
             backend: parts.backend,
             inventory,
+            bounds: parts.guard.bounds().into(),
             policy: parts.policy,
             guard: parts.guard,
+            reload: parts.reload,
+            pending: Vec::new(),
             clock: parts.clock,
             seq: 0,
             health: vec![Health::Ok; n],
@@ -116,7 +133,8 @@ impl Agent {
     /// One pass of sample → snapshot → decide → check → apply → emit.
     pub fn tick(&mut self) -> Tick {
         let started = Instant::now();
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.pending);
+        let mut metrics = Vec::new();
 
         // 1. Sample.
         let samples = self.backend.sample_all();
@@ -141,12 +159,13 @@ impl Agent {
             now_ms: self.clock.elapsed().as_millis() as u64,
             inventory: self.inventory.clone(),
             samples,
+            bounds: self.bounds.clone(),
             budget_w: self.guard.budget_w(),
         };
 
         // 3. Decide, 4. check.
-        let decisions = self.policy.decide(&snapshot);
-        let changes = self.guard.check(&snapshot, self.policy.name(), decisions, &mut events);
+        let decisions = self.policy.decide(&snapshot, &mut events, &mut metrics);
+        let changes = self.guard.check(&snapshot, decisions, &mut events);
 
         // 5. Apply and audit.
         for change in changes {
@@ -154,7 +173,7 @@ impl Agent {
             let uuid = &self.inventory[gpu as usize].uuid;
             match self.backend.set_power_limit(gpu, change.to_w) {
                 Ok(enforced) => {
-                    info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, reason = %change.reason, "power limit changed");
+                    info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
                     self.guard.applied(&change, snapshot.now_ms);
                     self.last_failure[gpu as usize] = None;
                     events.push(Event::LimitChanged {
@@ -162,7 +181,7 @@ impl Agent {
                         uuid: uuid.clone(),
                         from_w: change.from_w,
                         to_w: enforced,
-                        source: self.policy.name().to_owned(),
+                        source: change.source,
                         reason: change.reason,
                     });
                 }
@@ -183,7 +202,8 @@ impl Agent {
         }
 
         // 6. Emit.
-        let record = Record::new(&self.node, self.backend.kind(), &snapshot, &events, self.stats);
+        let record =
+            Record::new(&self.node, self.backend.kind(), &snapshot, &events, &metrics, self.stats);
         for (sink, failing) in self.sinks.iter_mut().zip(&mut self.sink_failing) {
             match sink.emit(&record) {
                 Ok(()) if *failing => {
@@ -205,7 +225,48 @@ impl Agent {
 
         self.seq += 1;
         self.stats.tick_us = started.elapsed().as_micros() as u64;
-        Tick { snapshot, events }
+        Tick { snapshot, events, metrics }
+    }
+
+    /// Reload the plugins from the config: each plugin that loads replaces its running
+    /// version; one that fails leaves its previous version running (see
+    /// [`PolicyChain::load`]). What happened is reported with the next tick.
+    pub fn reload(&mut self) {
+        let Some(reload) = &mut self.reload else {
+            info!("reload requested, but this agent has no config file to reload from");
+            return;
+        };
+        match reload() {
+            Ok(specs) => {
+                info!(plugins = specs.len(), "reloading plugins");
+                let errors = self.policy.load(&specs, &self.inventory, &mut self.pending);
+                if !errors.is_empty() {
+                    warn!(
+                        failed = errors.len(),
+                        "some plugins failed to reload; their previous versions go on"
+                    );
+                }
+            }
+            Err(error) => {
+                warn!(%error, "reload failed; everything goes on as before");
+                self.pending.push(Event::ReloadFailed { error });
+            }
+        }
+    }
+
+    /// Report events with the next tick (what happened while setting up).
+    pub fn report(&mut self, events: Vec<Event>) {
+        self.pending.extend(events);
+    }
+
+    /// Reload plugins with `reload` on SIGHUP (and on [`Agent::reload`]).
+    pub fn set_reload(&mut self, reload: Reload) {
+        self.reload = Some(reload);
+    }
+
+    /// The decision stage (to inspect its plugins).
+    pub fn policy(&self) -> &PolicyChain {
+        &self.policy
     }
 
     /// Tick until `ticks` ticks have run (forever if `None`) or `shutdown` completes.
@@ -228,6 +289,9 @@ impl Agent {
             t
         });
         tokio::pin!(shutdown);
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP; plugins will not be reloaded on it"))
+            .ok();
         let mut done = 0u64;
         info!(node = %self.node, backend = self.backend.kind(), gpus = self.inventory.len(), tick = ?self.tick, "agent started");
         while ticks.is_none_or(|n| done < n) {
@@ -236,6 +300,10 @@ impl Agent {
                 () = &mut shutdown => {
                     info!(ticks = done, "shutdown requested; stopping");
                     break;
+                }
+                Some(()) = recv(&mut hangup) => {
+                    self.reload();
+                    continue;
                 }
                 late = next_tick(&mut timer) => {
                     if late.is_some_and(|l| period.is_some_and(|p| l > p)) {
@@ -253,6 +321,14 @@ impl Agent {
             done += 1;
         }
         done
+    }
+}
+
+/// The next SIGHUP; never, if there is no listener.
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -52,6 +52,12 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub sim: SimConfig,
+    /// Settings shared by all plugins.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// The power plugins, in the order they run (see `docs/plugins.md`).
+    #[serde(default, rename = "plugin")]
+    pub plugin: Vec<PluginConfig>,
 }
 
 fn default_tick() -> Duration {
@@ -225,6 +231,114 @@ pub enum FaultKind {
     Clear,
 }
 
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/gpulet/plugins";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gpulet/plugins";
+pub const DEFAULT_MAX_FAILURES: u32 = 3;
+pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(20);
+pub const DEFAULT_MEMORY_MIB: u32 = 64;
+pub const DEFAULT_STATE_KIB: u32 = 64;
+
+/// `[plugins]`: what all plugins share.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Compiled plugins are kept here so that a restart does not recompile. Must belong
+    /// to the agent's user and be writable by nobody else, or it is not used.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Each plugin's key-value store lives here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// A plugin that faults this many times within `failure_window` is quarantined.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    #[serde(default = "default_failure_window", with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// What stands in for a failed or quarantined plugin's decisions.
+    #[serde(default)]
+    pub fallback: Fallback,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            cache_dir: default_cache_dir(),
+            state_dir: default_state_dir(),
+            max_failures: DEFAULT_MAX_FAILURES,
+            failure_window: DEFAULT_FAILURE_WINDOW,
+            fallback: Fallback::default(),
+        }
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    DEFAULT_CACHE_DIR.into()
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_max_failures() -> u32 {
+    DEFAULT_MAX_FAILURES
+}
+fn default_failure_window() -> Duration {
+    DEFAULT_FAILURE_WINDOW
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Hold every GPU's limit where it is.
+    #[default]
+    Hold,
+    /// Propose every GPU's default limit (still within bounds and the budget).
+    Defaults,
+}
+
+/// One `[[plugin]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Names the plugin in events, audit records, logs and its state file.
+    pub name: String,
+    /// The component (`.wasm`), relative to the config file.
+    pub path: PathBuf,
+    /// The plugin's own config, passed to it as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// Longest a call may run before it is stopped.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Most memory the plugin may have, MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    /// Size cap of its key-value store, KiB.
+    #[serde(default = "default_state_kib")]
+    pub state_kib: u32,
+    /// What its decisions may do: "lower" and/or "raise" limits. None by default.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+fn default_deadline() -> Duration {
+    DEFAULT_DEADLINE
+}
+fn default_memory_mib() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_state_kib() -> u32 {
+    DEFAULT_STATE_KIB
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// May propose limits below what the chain proposed so far (or the current limit).
+    Lower,
+    /// May propose limits above it.
+    Raise,
+}
+
 /// One problem with a configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -310,6 +424,7 @@ impl Config {
         v.power(&self.power);
         v.telemetry(&self.telemetry);
         v.sim(&self.sim);
+        v.plugins(&self.plugins, &self.plugin);
         if v.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(v.errors)) }
     }
 
@@ -545,6 +660,69 @@ impl Validator {
                     self.err(key("field"), "is set but kind is not \"field\"")
                 }
                 _ => {}
+            }
+        }
+    }
+}
+
+impl Validator {
+    fn plugins(&mut self, p: &PluginsConfig, list: &[PluginConfig]) {
+        if !(1..=100).contains(&p.max_failures) {
+            self.err(
+                "plugins.max_failures",
+                format!("{} is out of range; accepted: 1 to 100", p.max_failures),
+            );
+        }
+        if p.failure_window < Duration::from_secs(1)
+            || p.failure_window > Duration::from_secs(86400)
+        {
+            self.err(
+                "plugins.failure_window",
+                format!("{} is out of range; accepted: 1s to 1day", show(p.failure_window)),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, c) in list.iter().enumerate() {
+            let key = |k: &str| format!("plugin[{i}].{k}");
+            let valid = !c.name.is_empty()
+                && c.name.len() <= 64
+                && c.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                self.err(
+                    key("name"),
+                    format!(
+                        "{:?} is not a plugin name; accepted: 1 to 64 of a-z, 0-9 and '-'",
+                        c.name
+                    ),
+                );
+            } else if !names.insert(c.name.as_str()) || c.name == "static" || c.name == "guard" {
+                self.err(key("name"), format!("{:?} is used twice or reserved; accepted: a unique name other than \"static\" and \"guard\"", c.name));
+            }
+            if c.deadline < Duration::from_millis(1) || c.deadline > Duration::from_secs(1) {
+                self.err(
+                    key("deadline"),
+                    format!("{} is out of range; accepted: 1ms to 1s", show(c.deadline)),
+                );
+            }
+            if !(1..=4096).contains(&c.memory_mib) {
+                self.err(
+                    key("memory_mib"),
+                    format!("{} is out of range; accepted: 1 to 4096", c.memory_mib),
+                );
+            }
+            if !(1..=10240).contains(&c.state_kib) {
+                self.err(
+                    key("state_kib"),
+                    format!("{} is out of range; accepted: 1 to 10240", c.state_kib),
+                );
+            }
+            if c.grants.len() != c.grants.iter().collect::<HashSet<_>>().len() {
+                self.err(
+                    key("grants"),
+                    "lists a grant twice; accepted: \"lower\" and \"raise\", each at most once",
+                );
             }
         }
     }

@@ -49,7 +49,8 @@ pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, Virtu
     } else {
         Box::new(LiveView::new(out, config.tick, backend.backend.inventory().len()))
     };
-    let agent = setup::agent(&config, backend, vec![sink], Arc::new(clock.clone()))?;
+    let agent =
+        setup::agent(&config, Path::new("."), backend, vec![sink], Arc::new(clock.clone()))?;
     Ok((agent, clock))
 }
 
@@ -168,6 +169,21 @@ pub fn describe(e: &Event) -> String {
         Event::DecisionRejected { source, gpu, reason } => {
             format!("{source}: decision for GPU {gpu} rejected: {reason}")
         }
+        Event::PluginLoaded { plugin, version, compiled, load_ms, .. } => {
+            let how = if *compiled { "compiled" } else { "from cache" };
+            format!("plugin {plugin} {version} loaded ({how}, {load_ms:.1} ms)")
+        }
+        Event::PluginLoadFailed { plugin, error, kept_previous } => {
+            let kept = if *kept_previous { "; the previous version goes on" } else { "" };
+            format!("plugin {plugin} failed to load: {error}{kept}")
+        }
+        Event::PluginFault { plugin, message, .. } => format!("plugin {plugin} {message}"),
+        Event::PluginQuarantined { plugin, failures, window_s, fallback } => {
+            format!(
+                "plugin {plugin} quarantined after {failures} faults in {window_s} s; fallback: {fallback}"
+            )
+        }
+        Event::ReloadFailed { error } => format!("reload failed: {error}"),
         Event::BudgetInfeasible { budget_w, min_total_w } => {
             format!(
                 "node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W"

@@ -2,6 +2,7 @@
 
 use crate::config::ConfigErrors;
 use crate::gpu::GpuError;
+use crate::plugin::PluginError;
 use crate::telemetry::SinkError;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,10 @@ pub enum Error {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("the plugin {0}")]
+    PluginCall(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -21,7 +26,7 @@ impl Error {
     /// 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) => 2,
+            Error::Config(_) | Error::Plugin(PluginError::Config { .. }) => 2,
             _ => 1,
         }
     }

@@ -39,6 +39,8 @@ pub struct Change {
     pub from_w: Option<f64>,
     pub to_w: f64,
     pub reason: String,
+    /// Who proposed it: `static`, a plugin's name, or `guard` for a budget share.
+    pub source: String,
 }
 
 #[derive(Debug)]
@@ -122,42 +124,42 @@ impl PowerGuard {
         self.budget_w
     }
 
-    pub fn bounds(&self, gpu: u32) -> Bounds {
-        self.bounds[gpu as usize]
+    /// Every GPU's effective bounds, in index order.
+    pub fn bounds(&self) -> &[Bounds] {
+        &self.bounds
     }
 
-    /// Check a policy's decisions against the snapshot; returns the changes to apply,
-    /// decreases first, and pushes audit events for what was refused.
+    /// Check the decision stage's proposals against the snapshot; returns the changes to
+    /// apply, decreases first, and pushes audit events for what was refused.
     pub fn check(
         &mut self,
         snap: &NodeSnapshot,
-        source: &str,
         decisions: Vec<PowerDecision>,
         events: &mut Vec<Event>,
     ) -> Vec<Change> {
         let n = self.bounds.len();
-        let mut desired: Vec<Option<(f64, String)>> = vec![None; n];
-        for d in decisions {
-            let reject = |reason: String| Event::DecisionRejected {
-                source: source.to_owned(),
-                gpu: d.gpu,
-                reason,
-            };
+        let mut desired: Vec<Option<PowerDecision>> = vec![None; n];
+        for mut d in decisions {
             let Some(b) = self.bounds.get(d.gpu as usize) else {
-                events.push(reject(format!("GPU {} does not exist; the node has {n} GPUs", d.gpu)));
+                let reason = format!("GPU {} does not exist; the node has {n} GPUs", d.gpu);
+                events.push(Event::DecisionRejected { source: d.source, gpu: d.gpu, reason });
                 continue;
             };
             if !d.limit_w.is_finite() {
-                events.push(reject(format!("limit {} is not a number of watts", d.limit_w)));
+                let reason = format!("limit {} is not a number of watts", d.limit_w);
+                events.push(Event::DecisionRejected { source: d.source, gpu: d.gpu, reason });
                 continue;
             }
             let w = d.limit_w.clamp(b.lo, b.hi);
-            let reason = if w == d.limit_w {
-                d.reason
-            } else {
-                format!("{}; clamped from {} W to bounds {}..{} W", d.reason, d.limit_w, b.lo, b.hi)
-            };
-            desired[d.gpu as usize] = Some((w, reason));
+            if w != d.limit_w {
+                d.reason = format!(
+                    "{}; clamped from {} W to bounds {}..{} W",
+                    d.reason, d.limit_w, b.lo, b.hi
+                );
+                d.limit_w = w;
+            }
+            let gpu = d.gpu as usize;
+            desired[gpu] = Some(d);
         }
 
         let current: Vec<Option<f64>> =
@@ -169,7 +171,7 @@ impl PowerGuard {
 
         let mut changes = Vec::new();
         for (i, want) in desired.into_iter().enumerate() {
-            let Some((to_w, reason)) = want else { continue };
+            let Some(PowerDecision { limit_w: to_w, reason, source, .. }) = want else { continue };
             if lost[i] || !self.controllable[i] {
                 continue;
             }
@@ -188,7 +190,7 @@ impl PowerGuard {
                     continue;
                 }
             }
-            changes.push(Change { gpu: i as u32, from_w, to_w, reason });
+            changes.push(Change { gpu: i as u32, from_w, to_w, reason, source });
         }
         // Decreases first: the sum of limits only ever falls until the raises.
         changes.sort_by(|a, b| {
@@ -201,25 +203,28 @@ impl PowerGuard {
     fn fit_budget(
         &mut self,
         budget: f64,
-        desired: &mut [Option<(f64, String)>],
+        desired: &mut [Option<PowerDecision>],
         current: &[Option<f64>],
         lost: &[bool],
         events: &mut Vec<Event>,
     ) {
         let mut reserved = 0.0;
         let (mut sum, mut sum_lo) = (0.0, 0.0);
-        for i in 0..desired.len() {
+        for (i, want) in desired.iter_mut().enumerate() {
             let b = self.bounds[i];
             if lost[i] || !self.controllable[i] {
                 // Unmanaged: assume it may draw up to its last known limit.
                 reserved += current[i].unwrap_or(b.hi);
-                desired[i] = None;
+                *want = None;
                 continue;
             }
-            let (w, _) = desired[i].get_or_insert_with(|| {
-                (b.hi, "no policy limit: its share of the node budget".into())
+            let d = want.get_or_insert_with(|| PowerDecision {
+                gpu: i as u32,
+                limit_w: b.hi,
+                reason: "no policy limit: its share of the node budget".into(),
+                source: "guard".into(),
             });
-            sum += *w;
+            sum += d.limit_w;
             sum_lo += b.lo;
         }
         let avail = budget - reserved;
@@ -230,11 +235,11 @@ impl PowerGuard {
         let infeasible = sum_lo > avail;
         let k = if infeasible { 0.0 } else { (avail - sum_lo) / (sum - sum_lo) };
         for (i, want) in desired.iter_mut().enumerate() {
-            let Some((w, reason)) = want else { continue };
+            let Some(d) = want else { continue };
             let lo = self.bounds[i].lo;
             // Round down to whole milliwatts (NVML's unit) so rounding never overshoots.
-            *w = ((lo + (*w - lo) * k) * 1000.0).floor() / 1000.0;
-            reason.push_str(&format!("; scaled to fit node budget {budget} W"));
+            d.limit_w = ((lo + (d.limit_w - lo) * k) * 1000.0).floor() / 1000.0;
+            d.reason.push_str(&format!("; scaled to fit node budget {budget} W"));
         }
         if infeasible && !self.infeasible {
             events
@@ -290,6 +295,7 @@ mod tests {
             now_ms,
             inventory: inventory(limits.len() as u32).into(),
             samples,
+            bounds: vec![Bounds { lo: 200.0, hi: 700.0 }; limits.len()].into(),
             budget_w: None,
         }
     }
@@ -301,7 +307,7 @@ mod tests {
     }
 
     fn decide(gpu: u32, limit_w: f64) -> PowerDecision {
-        PowerDecision { gpu, limit_w, reason: "test".into() }
+        PowerDecision { gpu, limit_w, reason: "test".into(), source: "p".into() }
     }
 
     fn targets(changes: &[Change]) -> Vec<(u32, f64)> {
@@ -316,7 +322,6 @@ mod tests {
         let mut ev = Vec::new();
         let c = g.check(
             &snap(&[700.0; 3], 0),
-            "t",
             vec![decide(0, 650.0), decide(1, 250.0), decide(2, 100.0)],
             &mut ev,
         );
@@ -335,7 +340,6 @@ mod tests {
         let mut ev = Vec::new();
         let c = g.check(
             &snap(&[700.0; 2], 0),
-            "p",
             vec![decide(5, 300.0), decide(0, f64::NAN), decide(1, 400.0)],
             &mut ev,
         );
@@ -354,8 +358,7 @@ mod tests {
         let mut g = PowerGuard::new(&inventory(4), &power("budget_w = 2000")).unwrap();
         let mut ev = Vec::new();
         // GPU 0 asks 700, GPU 1 asks 450, GPUs 2 and 3 ask nothing (their upper bound).
-        let c =
-            g.check(&snap(&[700.0; 4], 0), "t", vec![decide(0, 700.0), decide(1, 450.0)], &mut ev);
+        let c = g.check(&snap(&[700.0; 4], 0), vec![decide(0, 700.0), decide(1, 450.0)], &mut ev);
         // sum 2550, mins 800: k = (2000 - 800) / (2550 - 800)
         let k = 1200.0 / 1750.0;
         let total: f64 = c.iter().map(|c| c.to_w).sum();
@@ -368,10 +371,10 @@ mod tests {
     fn an_infeasible_budget_puts_every_gpu_at_its_minimum_and_says_so_once() {
         let mut g = PowerGuard::new(&inventory(2), &power("budget_w = 300")).unwrap();
         let mut ev = Vec::new();
-        let c = g.check(&snap(&[700.0; 2], 0), "t", vec![], &mut ev);
+        let c = g.check(&snap(&[700.0; 2], 0), vec![], &mut ev);
         assert_eq!(targets(&c), vec![(0, 200.0), (1, 200.0)]);
         assert_eq!(ev, vec![Event::BudgetInfeasible { budget_w: 300.0, min_total_w: 400.0 }]);
-        g.check(&snap(&[200.0; 2], 1000), "t", vec![], &mut ev);
+        g.check(&snap(&[200.0; 2], 1000), vec![], &mut ev);
         assert_eq!(ev.len(), 1, "not repeated while it stays infeasible");
     }
 
@@ -380,7 +383,7 @@ mod tests {
         let mut g = PowerGuard::new(&inventory(3), &power("budget_w = 1500")).unwrap();
         let mut s = snap(&[700.0, 700.0, 700.0], 0);
         s.samples[2] = GpuSample::lost(2, &GpuError::Lost(2));
-        let c = g.check(&s, "t", vec![], &mut Vec::new());
+        let c = g.check(&s, vec![], &mut Vec::new());
         // Nothing is known of GPU 2's limit: its upper bound (700) is reserved.
         assert_eq!(targets(&c), vec![(0, 400.0), (1, 400.0)]);
     }
@@ -392,22 +395,22 @@ mod tests {
                 .unwrap();
         let mut ev = Vec::new();
         assert!(
-            g.check(&snap(&[500.0], 0), "t", vec![decide(0, 503.0)], &mut ev).is_empty(),
+            g.check(&snap(&[500.0], 0), vec![decide(0, 503.0)], &mut ev).is_empty(),
             "inside the deadband"
         );
-        let c = g.check(&snap(&[500.0], 0), "t", vec![decide(0, 600.0)], &mut ev);
+        let c = g.check(&snap(&[500.0], 0), vec![decide(0, 600.0)], &mut ev);
         assert_eq!(targets(&c), vec![(0, 600.0)]);
         g.applied(&c[0], 0);
         assert!(
-            g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 650.0)], &mut ev).is_empty(),
+            g.check(&snap(&[600.0], 5000), vec![decide(0, 650.0)], &mut ev).is_empty(),
             "raised 5 s ago"
         );
         assert_eq!(
-            targets(&g.check(&snap(&[600.0], 5000), "t", vec![decide(0, 300.0)], &mut ev)),
+            targets(&g.check(&snap(&[600.0], 5000), vec![decide(0, 300.0)], &mut ev)),
             vec![(0, 300.0)]
         );
         assert_eq!(
-            targets(&g.check(&snap(&[300.0], 10_000), "t", vec![decide(0, 650.0)], &mut ev)),
+            targets(&g.check(&snap(&[300.0], 10_000), vec![decide(0, 650.0)], &mut ev)),
             vec![(0, 650.0)]
         );
     }

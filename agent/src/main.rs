@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gpulet::agent::{Pacing, shutdown_signal};
 use gpulet::clock::SystemClock;
-use gpulet::config::{BackendKind, Config, Loaded};
+use gpulet::config::{BackendKind, Config, ConfigError, ConfigErrors, Loaded};
 use gpulet::error::Error;
+use gpulet::plugin::dry_run::{self, SnapshotFile};
 use gpulet::{demo, setup};
 
 #[derive(Debug, Parser)]
@@ -56,6 +57,9 @@ enum Command {
         #[arg(long, default_value_t = 1.0, value_name = "X")]
         speed: f64,
     },
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// List the GPUs the backend sees (the demo node without --config).
     Inventory {
         #[arg(long, value_name = "FILE")]
@@ -64,6 +68,34 @@ enum Command {
         #[arg(long, value_enum)]
         backend: Option<Backend>,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Load a plugin as the agent would and report its kind, API version, imports and
+    /// whether its config is valid. Exit 0 if it would run, 2 if its config is invalid,
+    /// 1 if it cannot load.
+    Check {
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+        /// The plugin's config, JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config: String,
+    },
+    /// Call a plugin once on a snapshot (JSON, see examples/snapshot.json) and print its
+    /// decisions and reasons. Nothing reaches a GPU; grants and bounds are not applied.
+    Run {
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        snapshot: PathBuf,
+        /// The plugin's config, JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config: String,
+        /// Print JSON instead of lines.
         #[arg(long)]
         json: bool,
     },
@@ -113,19 +145,70 @@ fn run(command: Command) -> Result<(), Error> {
             let clock = SystemClock::new();
             let opened = setup::open_backend(&loaded.config, &loaded.base_dir, clock.clone())?;
             let sinks = setup::sinks(&loaded.config)?;
-            let mut agent = setup::agent(&loaded.config, opened, sinks, clock)?;
+            let mut agent = setup::agent(&loaded.config, &loaded.base_dir, opened, sinks, clock)?;
+            agent.set_reload(setup::reloader(config));
             block_on(agent.run(ticks, Pacing::RealTime, shutdown_signal()))?;
             Ok(())
         }
         Command::CheckConfig { file } => {
             let loaded = Config::load(&file)?;
-            check_against_sim(&loaded)?;
+            check_deeper(&loaded)?;
             println!("{}: valid", file.display());
             Ok(())
         }
         Command::Demo { ticks, json, speed } => {
             let speed = (speed > 0.0).then_some(speed);
             block_on(demo::run(demo::Options { ticks, json, speed }))??;
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Check { file, config }) => {
+            let (_, report) = dry_run::start(&file, &config, &[])?;
+            println!(
+                "{}: {} {} ({} plugin, API {})",
+                file.display(),
+                report.name,
+                report.version,
+                report.kind,
+                report.api_version
+            );
+            println!("loaded in {:.1} ms; config valid", report.compile_ms);
+            println!("imports:");
+            for i in &report.imports {
+                println!("  {i}");
+            }
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Run { file, snapshot, config, json }) => {
+            let snap = SnapshotFile::read(&snapshot)
+                .map_err(|e| ConfigErrors(vec![ConfigError::invalid("--snapshot", e)]))?;
+            let wsnap = snap
+                .to_wit()
+                .map_err(|e| ConfigErrors(vec![ConfigError::invalid("--snapshot", e)]))?;
+            let (mut plugin, _) = dry_run::start(&file, &config, &snap.gpu_infos())?;
+            let out = plugin.decide(&wsnap).map_err(|f| Error::PluginCall(f.to_string()))?;
+            if json {
+                let actions: Vec<_> = out
+                    .actions
+                    .iter()
+                    .map(|a| serde_json::json!({"gpu": a.gpu, "limit_w": a.limit_w, "reason": a.reason}))
+                    .collect();
+                println!("{}", serde_json::json!({"actions": actions, "metrics": out.metrics}));
+            } else {
+                if out.actions.is_empty() {
+                    println!("no actions");
+                }
+                for a in &out.actions {
+                    println!("GPU {}: {:.1} W  ({})", a.gpu, a.limit_w, a.reason);
+                }
+                for m in &out.metrics {
+                    println!(
+                        "metric {} = {}{}",
+                        m.name,
+                        m.value,
+                        m.gpu.map_or(String::new(), |g| format!(" (GPU {g})"))
+                    );
+                }
+            }
             Ok(())
         }
         Command::Inventory { config, backend, json } => {
@@ -167,13 +250,26 @@ fn run(command: Command) -> Result<(), Error> {
 }
 
 /// What can be checked beyond the file itself: for a simulated node, build it (traces
-/// load, fault GPUs exist) and check the power config against its GPUs.
-fn check_against_sim(loaded: &Loaded) -> Result<(), Error> {
-    if loaded.config.backend == BackendKind::Sim {
-        let opened = setup::open_backend(&loaded.config, &loaded.base_dir, SystemClock::new())?;
-        gpulet::guard::PowerGuard::new(opened.backend.inventory(), &loaded.config.power)?;
+/// load, fault GPUs exist) and check the power config against its GPUs; every plugin is
+/// loaded and started against its GPUs (against none for other backends).
+fn check_deeper(loaded: &Loaded) -> Result<(), Error> {
+    let (config, base_dir) = (&loaded.config, &loaded.base_dir);
+    let mut inventory = Vec::new();
+    if config.backend == BackendKind::Sim {
+        let opened = setup::open_backend(config, base_dir, SystemClock::new())?;
+        inventory = opened.backend.inventory().to_vec();
+        gpulet::guard::PowerGuard::new(&inventory, &config.power)?;
     }
-    Ok(())
+    let mut chain = setup::policy_chain(config, base_dir, inventory.len())?;
+    let failed = chain.load(&setup::plugin_specs(config, base_dir), &inventory, &mut Vec::new());
+    let errors: Vec<ConfigError> = failed
+        .into_iter()
+        .map(|(name, e)| {
+            let i = config.plugin.iter().position(|p| p.name == name).unwrap_or_default();
+            ConfigError::invalid(format!("plugin[{i}]"), e.to_string())
+        })
+        .collect();
+    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors).into()) }
 }
 
 /// The agent is one loop: a single-threaded runtime is all it needs, and the smallest.

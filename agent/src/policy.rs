@@ -1,27 +1,21 @@
-//! The decision stage: given a node snapshot, what should each GPU's power limit be?
+//! Decisions and the built-in static policy.
 //!
-//! A [`Policy`] only proposes. Every decision then goes through the guard
-//! ([`crate::guard`]) before anything reaches a GPU, so a policy cannot exceed a bound
-//! however wrong it is. This change ships the built-in static policy; the sandboxed Wasm
-//! policies plug in behind the same trait.
+//! Whatever proposes a limit — the configured static caps or a Wasm plugin — produces a
+//! [`PowerDecision`]; the decision stage that composes them is
+//! [`crate::plugin::chain::PolicyChain`], and every decision then goes through the guard
+//! ([`crate::guard`]) before anything reaches a GPU.
 
 use crate::config::PowerConfig;
-use crate::snapshot::NodeSnapshot;
 
-/// A proposed power limit for one GPU, with the reason that ends up in the audit trail.
+/// A proposed power limit for one GPU, with who proposed it and why (both end up in the
+/// audit trail).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PowerDecision {
     pub gpu: u32,
     pub limit_w: f64,
     pub reason: String,
-}
-
-pub trait Policy: Send {
-    /// Names the policy in audit events (`source`).
-    fn name(&self) -> &str;
-    /// Proposed limits. GPUs left out get no opinion: without a node budget their limit
-    /// is left alone; with one they get their share of it.
-    fn decide(&mut self, snap: &NodeSnapshot) -> Vec<PowerDecision>;
+    /// `static`, or the plugin's name.
+    pub source: String,
 }
 
 /// The configured caps, the same every tick: `power.gpu[i].limit_w`, else
@@ -42,19 +36,18 @@ impl StaticPolicy {
                         .map(|w| (w, format!("static cap power.gpu[{i}].limit_w = {w} W")))
                 });
                 let all = power.limit_w.map(|w| (w, format!("static cap power.limit_w = {w} W")));
-                own.or(all).map(|(limit_w, reason)| PowerDecision { gpu, limit_w, reason })
+                own.or(all).map(|(limit_w, reason)| PowerDecision {
+                    gpu,
+                    limit_w,
+                    reason,
+                    source: "static".into(),
+                })
             })
             .collect();
         StaticPolicy { caps }
     }
-}
 
-impl Policy for StaticPolicy {
-    fn name(&self) -> &str {
-        "static"
-    }
-
-    fn decide(&mut self, _snap: &NodeSnapshot) -> Vec<PowerDecision> {
-        self.caps.clone()
+    pub fn decide(&self) -> &[PowerDecision] {
+        &self.caps
     }
 }

@@ -3,10 +3,10 @@
 //! the GPUs' own ranges, trace files) happen here and fail with config errors.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{Agent, Parts};
+use crate::agent::{Agent, Parts, Reload};
 use crate::clock::Clock;
 use crate::config::{
     BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SimConfig, SinkKind,
@@ -18,6 +18,9 @@ use crate::gpu::sim::workload::{TraceReplay, WorkloadKind};
 use crate::gpu::sim::{self, Fault, GpuSpec, ScheduledFault, SimBackend, SimHandle, SimNode};
 use crate::gpu::{Field, GpuBackend, GpuError};
 use crate::guard::PowerGuard;
+use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
+use crate::plugin::engine::PluginEngine;
+use crate::plugin::instance::Limits;
 use crate::policy::StaticPolicy;
 use crate::telemetry::{JsonLines, Sink};
 
@@ -135,22 +138,72 @@ pub fn sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
     })
 }
 
-/// A whole agent from a validated config, its backend and its sinks.
+/// A whole agent from a validated config, its backend and its sinks. Relative paths in
+/// the config are relative to `base_dir`. Plugins that fail to load do not stop the
+/// agent: they are reported (log and event) and their fallback stands in.
 pub fn agent(
     config: &Config,
+    base_dir: &Path,
     backend: Backend,
     sinks: Vec<Box<dyn Sink>>,
     clock: Arc<dyn Clock>,
 ) -> Result<Agent, Error> {
-    let guard = PowerGuard::new(backend.backend.inventory(), &config.power)?;
-    let policy = StaticPolicy::new(&config.power, backend.backend.inventory().len() as u32);
-    Ok(Agent::new(Parts {
+    let inventory = backend.backend.inventory().to_vec();
+    let guard = PowerGuard::new(&inventory, &config.power)?;
+    let mut policy = policy_chain(config, base_dir, inventory.len())?;
+    let mut events = Vec::new();
+    policy.load(&plugin_specs(config, base_dir), &inventory, &mut events);
+    let mut agent = Agent::new(Parts {
         node: config.node_id(),
         tick: config.tick,
         backend: backend.backend,
-        policy: Box::new(policy),
+        policy,
         guard,
         sinks,
         clock,
-    }))
+        reload: None,
+    });
+    agent.report(events);
+    Ok(agent)
+}
+
+/// The decision stage for `config`, with no plugins started yet. The plugin engine is
+/// made only when plugins are configured (a reload that adds some makes it then).
+pub fn policy_chain(config: &Config, base_dir: &Path, gpus: usize) -> Result<PolicyChain, Error> {
+    let engine = if config.plugin.is_empty() {
+        None
+    } else {
+        Some(Arc::new(PluginEngine::new(Some(&base_dir.join(&config.plugins.cache_dir)))?))
+    };
+    let settings = ChainSettings {
+        max_failures: config.plugins.max_failures,
+        failure_window_ms: config.plugins.failure_window.as_millis() as u64,
+        fallback: config.plugins.fallback,
+        state_dir: Some(base_dir.join(&config.plugins.state_dir)),
+    };
+    Ok(PolicyChain::new(StaticPolicy::new(&config.power, gpus as u32), settings, engine))
+}
+
+/// The `[[plugin]]` entries, resolved: paths against `base_dir`, configs as JSON.
+pub fn plugin_specs(config: &Config, base_dir: &Path) -> Vec<PluginSpec> {
+    config
+        .plugin
+        .iter()
+        .map(|p| PluginSpec {
+            name: p.name.clone(),
+            path: base_dir.join(&p.path),
+            config: serde_json::to_string(&p.config).expect("a TOML table serialises as JSON"),
+            limits: Limits { deadline: p.deadline, memory_bytes: (p.memory_mib as usize) << 20 },
+            grants: p.grants.clone(),
+            state_bytes: (p.state_kib as usize) << 10,
+        })
+        .collect()
+}
+
+/// What SIGHUP runs: read and validate the config file again, and give its plugin list.
+pub fn reloader(path: PathBuf) -> Reload {
+    Box::new(move || {
+        let loaded = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(plugin_specs(&loaded.config, &loaded.base_dir))
+    })
 }

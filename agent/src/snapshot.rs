@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::gpu::{GpuInfo, GpuSample};
+use crate::guard::Bounds;
 
 #[derive(Debug, Clone)]
 pub struct NodeSnapshot {
@@ -18,6 +19,9 @@ pub struct NodeSnapshot {
     pub inventory: Arc<[GpuInfo]>,
     /// One per GPU of the inventory, same order.
     pub samples: Vec<GpuSample>,
+    /// Each GPU's effective limit range (hardware narrowed by the operator's bounds):
+    /// what the guard will apply at most and at least.
+    pub bounds: Arc<[Bounds]>,
     /// The node power budget in force, if any.
     pub budget_w: Option<f64>,
 }

@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::gpu::{Health, Throttle, xid_info};
+use crate::plugin::host::PluginMetric;
 use crate::snapshot::NodeSnapshot;
 
 /// The `schema` value of every record of this layout.
@@ -34,6 +35,9 @@ pub struct Record<'a> {
     /// What happened during this tick (omitted when nothing did).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub events: &'a [Event],
+    /// Metrics plugins emitted during this tick (omitted when none did).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub metrics: &'a [PluginMetric],
     pub agent: AgentStats,
 }
 
@@ -74,6 +78,7 @@ impl<'a> Record<'a> {
         backend: &'static str,
         snap: &'a NodeSnapshot,
         events: &'a [Event],
+        metrics: &'a [PluginMetric],
         agent: AgentStats,
     ) -> Record<'a> {
         let gpus = snap
@@ -104,6 +109,7 @@ impl<'a> Record<'a> {
             budget_w: snap.budget_w,
             gpus,
             events,
+            metrics,
             agent,
         }
     }
@@ -140,6 +146,28 @@ pub enum Event {
     DecisionRejected { source: String, gpu: u32, reason: String },
     /// The budget cannot be met even with every GPU at its minimum.
     BudgetInfeasible { budget_w: f64, min_total_w: f64 },
+    /// A plugin was (re)loaded and started.
+    PluginLoaded {
+        plugin: String,
+        version: String,
+        path: String,
+        /// Whether it had to be compiled (no usable cache entry).
+        compiled: bool,
+        load_ms: f64,
+    },
+    /// A plugin failed to load, validate its config or start.
+    PluginLoadFailed {
+        plugin: String,
+        error: String,
+        /// The previous version of the plugin goes on running (a failed reload).
+        kept_previous: bool,
+    },
+    /// A plugin call was stopped: `fault` is `timeout`, `memory`, `trap` or `restart`.
+    PluginFault { plugin: String, fault: &'static str, message: String },
+    /// A plugin faulted too often and is no longer called; `fallback` stands in.
+    PluginQuarantined { plugin: String, failures: u32, window_s: u64, fallback: &'static str },
+    /// Reloading the config on SIGHUP failed; everything goes on as before.
+    ReloadFailed { error: String },
 }
 
 impl Event {

@@ -25,7 +25,7 @@ fn every_example_config_loads_and_builds() {
             let backend =
                 gpulet::setup::open_backend(&loaded.config, &loaded.base_dir, clock.clone())
                     .unwrap();
-            gpulet::setup::agent(&loaded.config, backend, Vec::new(), clock).unwrap();
+            gpulet::setup::agent(&loaded.config, &loaded.base_dir, backend, Vec::new(), clock).unwrap();
             seen += 1;
         }
     }
@@ -194,7 +194,7 @@ fn problems_only_the_hardware_reveals_are_config_errors_at_start() {
         let c = check(toml).unwrap();
         let clock = gpulet::clock::SystemClock::new();
         let got = gpulet::setup::open_backend(&c, &repo(), clock.clone())
-            .and_then(|b| gpulet::setup::agent(&c, b, Vec::new(), clock))
+            .and_then(|b| gpulet::setup::agent(&c, &repo(), b, Vec::new(), clock))
             .map(|_| ())
             .unwrap_err();
         assert_eq!(got.exit_code(), 2, "{got}");

@@ -68,6 +68,7 @@ pub fn harness(toml: &str) -> Harness {
     let out = Capture::default();
     let agent = setup::agent(
         &config,
+        &repo(),
         backend,
         vec![Box::new(JsonLines::new(out.clone()))],
         Arc::new(clock.clone()),

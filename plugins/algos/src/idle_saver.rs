@@ -40,13 +40,24 @@ pub fn decide(p: &Params, state: &mut State, now_ms: u64, gpus: &[Gpu]) -> Vec<A
             let since = *state.idle_since_ms[i].get_or_insert(now_ms);
             if now_ms.saturating_sub(since) >= p.idle_for_ms {
                 state.parked[i] = true;
-                out.push(Action { gpu: g.index, limit_w: g.min_w, reason: format!("idle ({util:.0}% busy) for {} s: parked at its minimum", (now_ms - since) / 1000) });
+                out.push(Action {
+                    gpu: g.index,
+                    limit_w: g.min_w,
+                    reason: format!(
+                        "idle ({util:.0}% busy) for {} s: parked at its minimum",
+                        (now_ms - since) / 1000
+                    ),
+                });
             }
         } else {
             state.idle_since_ms[i] = None;
             if std::mem::take(&mut state.parked[i]) {
                 let limit = g.proposed_w.unwrap_or(g.default_w);
-                out.push(Action { gpu: g.index, limit_w: limit, reason: format!("busy again ({util:.0}%): limit back to {limit:.0} W") });
+                out.push(Action {
+                    gpu: g.index,
+                    limit_w: limit,
+                    reason: format!("busy again ({util:.0}%): limit back to {limit:.0} W"),
+                });
             }
         }
     }
@@ -58,7 +69,19 @@ mod tests {
     use super::*;
 
     fn gpu(util: f64) -> Gpu {
-        Gpu { index: 0, power_w: Some(70.0), limit_w: Some(700.0), temp_c: Some(40.0), util_pct: Some(util), capped: false, lost: false, min_w: 200.0, max_w: 700.0, default_w: 700.0, proposed_w: None }
+        Gpu {
+            index: 0,
+            power_w: Some(70.0),
+            limit_w: Some(700.0),
+            temp_c: Some(40.0),
+            util_pct: Some(util),
+            capped: false,
+            lost: false,
+            min_w: 200.0,
+            max_w: 700.0,
+            default_w: 700.0,
+            proposed_w: None,
+        }
     }
 
     #[test]

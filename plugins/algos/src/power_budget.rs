@@ -43,7 +43,8 @@ pub fn decide(p: &Params, budget_w: Option<f64>, gpus: &[Gpu]) -> Vec<Action> {
             avail -= g.limit_w.unwrap_or(g.max_w);
             continue;
         }
-        let held = g.capped || matches!((g.power_w, g.limit_w), (Some(p_w), Some(l)) if p_w >= l * (1.0 - p.capped_within));
+        let held = g.capped
+            || matches!((g.power_w, g.limit_w), (Some(p_w), Some(l)) if p_w >= l * (1.0 - p.capped_within));
         let (demand, why) = match g.power_w {
             _ if held => (g.max_w, "held down by its cap"),
             Some(w) => ((w + p.margin_w).clamp(g.min_w, g.max_w), "draw plus margin"),
@@ -67,7 +68,13 @@ pub fn decide(p: &Params, budget_w: Option<f64>, gpus: &[Gpu]) -> Vec<Action> {
         for &(i, d, why) in &managed {
             let g = &gpus[i];
             let limit = level.clamp(g.min_w, d.max(g.min_w));
-            out.push(action(g.index, limit, format!("demand {d:.0} W ({why}); budget {budget:.0} W water-filled at {level:.0} W")));
+            out.push(action(
+                g.index,
+                limit,
+                format!(
+                    "demand {d:.0} W ({why}); budget {budget:.0} W water-filled at {level:.0} W"
+                ),
+            ));
         }
     }
     out
@@ -118,7 +125,12 @@ mod tests {
 
     #[test]
     fn busy_gpus_get_the_watts_idle_ones_do_not_need() {
-        let gpus = [gpu(0, 500.0, 500.0, true), gpu(1, 500.0, 500.0, true), gpu(2, 80.0, 500.0, false), gpu(3, 80.0, 500.0, false)];
+        let gpus = [
+            gpu(0, 500.0, 500.0, true),
+            gpu(1, 500.0, 500.0, true),
+            gpu(2, 80.0, 500.0, false),
+            gpu(3, 80.0, 500.0, false),
+        ];
         let a = decide(&Params::default(), Some(1600.0), &gpus);
         // Idle GPUs keep their floor (200 W, above 80 + 25); busy ones share the rest.
         assert_eq!(limits(&a), vec![600.0, 600.0, 200.0, 200.0]);
@@ -133,22 +145,29 @@ mod tests {
         assert_eq!(limits(&a), vec![700.0, 700.0]);
         let a = decide(&Params::default(), Some(1000.0), &gpus);
         let sum: f64 = a.iter().map(|a| a.limit_w).sum();
-        assert!((sum - 1000.0).abs() < 0.01 && a[0].limit_w > 325.0 && a[1].limit_w > 200.0, "{a:?}");
+        assert!(
+            (sum - 1000.0).abs() < 0.01 && a[0].limit_w > 325.0 && a[1].limit_w > 200.0,
+            "{a:?}"
+        );
     }
 
     #[test]
     fn it_settles_without_oscillating() {
         // Feed each allocation back as the next tick's limits, with power = min(want, limit).
-        let want = [650.0, 650.0, 300.0, 90.0];
+        let want: [f64; 4] = [650.0, 650.0, 300.0, 90.0];
         let mut lim = [700.0; 4];
         let mut history = Vec::new();
         for _ in 0..6 {
-            let gpus: Vec<Gpu> = (0..4).map(|i| {
-                let p = want[i].min(lim[i]);
-                gpu(i as u32, p, lim[i], p >= lim[i] * 0.99)
-            }).collect();
+            let gpus: Vec<Gpu> = (0..4)
+                .map(|i| {
+                    let p = want[i].min(lim[i]);
+                    gpu(i as u32, p, lim[i], p >= lim[i] * 0.99)
+                })
+                .collect();
             let a = decide(&Params::default(), Some(1600.0), &gpus);
-            for x in &a { lim[x.gpu as usize] = x.limit_w; }
+            for x in &a {
+                lim[x.gpu as usize] = x.limit_w;
+            }
             history.push(lim);
         }
         assert_eq!(history[3], history[5], "{history:?}");
@@ -163,6 +182,9 @@ mod tests {
         lost.limit_w = None;
         let a = decide(&Params::default(), Some(1000.0), &[gpu(0, 650.0, 650.0, true), lost]);
         assert_eq!(a.len(), 1);
-        assert!((a[0].limit_w - 300.0).abs() < 0.01, "1000 W minus the lost GPU's 700 W bound: {a:?}");
+        assert!(
+            (a[0].limit_w - 300.0).abs() < 0.01,
+            "1000 W minus the lost GPU's 700 W bound: {a:?}"
+        );
     }
 }

@@ -56,7 +56,19 @@ mod tests {
     use super::*;
 
     fn gpu(temp: f64, limit: f64) -> Gpu {
-        Gpu { index: 0, power_w: Some(limit), limit_w: Some(limit), temp_c: Some(temp), util_pct: Some(100.0), capped: true, lost: false, min_w: 200.0, max_w: 700.0, default_w: 700.0, proposed_w: None }
+        Gpu {
+            index: 0,
+            power_w: Some(limit),
+            limit_w: Some(limit),
+            temp_c: Some(temp),
+            util_pct: Some(100.0),
+            capped: true,
+            lost: false,
+            min_w: 200.0,
+            max_w: 700.0,
+            default_w: 700.0,
+            proposed_w: None,
+        }
     }
 
     #[test]
@@ -66,7 +78,11 @@ mod tests {
         assert!(decide(&p, &mut s, &[gpu(70.0, 600.0)]).is_empty());
         assert_eq!(decide(&p, &mut s, &[gpu(84.0, 600.0)])[0].limit_w, 575.0);
         assert_eq!(decide(&p, &mut s, &[gpu(85.0, 575.0)])[0].limit_w, 550.0);
-        assert_eq!(decide(&p, &mut s, &[gpu(80.0, 550.0)])[0].limit_w, 550.0, "held inside the hysteresis band");
+        assert_eq!(
+            decide(&p, &mut s, &[gpu(80.0, 550.0)])[0].limit_w,
+            550.0,
+            "held inside the hysteresis band"
+        );
         assert!(decide(&p, &mut s, &[gpu(77.0, 550.0)]).is_empty(), "let go below 78 °C");
     }
 

@@ -5,13 +5,15 @@
 
 wit_bindgen::generate!({ path: "wit", world: "forbidden", generate_all });
 
-
-
 struct Plugin;
 
 impl Guest for Plugin {
     fn info() -> PluginInfo {
-        PluginInfo { name: "forbidden".into(), version: "0.1.0".into(), api_version: "0.1.0".into() }
+        PluginInfo {
+            name: "forbidden".into(),
+            version: "0.1.0".into(),
+            api_version: "0.1.0".into(),
+        }
     }
     fn validate_config(_config: String) -> Result<(), Vec<ConfigError>> {
         Ok(())

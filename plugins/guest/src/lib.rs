@@ -17,12 +17,12 @@ pub mod power {
     });
 }
 
+pub use power::Guest as PowerGuest;
+pub use power::export_power;
 pub use power::gpulet::policy::host;
 pub use power::gpulet::policy::types::{
     ConfigError, Gpu, GpuInfo, Health, PluginInfo, PowerAction, Snapshot, Throttle,
 };
-pub use power::Guest as PowerGuest;
-pub use power::export_power;
 
 use serde::de::DeserializeOwned;
 
@@ -68,10 +68,16 @@ pub fn gpus(s: &Snapshot) -> Vec<gpulet_policy_algos::Gpu> {
 
 /// The algorithms' actions as WIT actions.
 pub fn actions(a: Vec<gpulet_policy_algos::Action>) -> Vec<PowerAction> {
-    a.into_iter().map(|a| PowerAction { gpu: a.gpu, limit_w: a.limit_w, reason: a.reason }).collect()
+    a.into_iter()
+        .map(|a| PowerAction { gpu: a.gpu, limit_w: a.limit_w, reason: a.reason })
+        .collect()
 }
 
 /// Plugin info with this crate's API version.
 pub fn info(name: &str, version: &str) -> PluginInfo {
-    PluginInfo { name: name.to_owned(), version: version.to_owned(), api_version: API_VERSION.to_owned() }
+    PluginInfo {
+        name: name.to_owned(),
+        version: version.to_owned(),
+        api_version: API_VERSION.to_owned(),
+    }
 }

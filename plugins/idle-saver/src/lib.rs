@@ -25,10 +25,16 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
     };
     let mut errs = Vec::new();
     if !(0.0..=50.0).contains(&p.idle_util_pct) {
-        errs.push(gpulet_guest::config_error("$.idle_util_pct", format!("{} is out of range; accepted: 0 to 50 (percent)", p.idle_util_pct)));
+        errs.push(gpulet_guest::config_error(
+            "$.idle_util_pct",
+            format!("{} is out of range; accepted: 0 to 50 (percent)", p.idle_util_pct),
+        ));
     }
     if p.idle_for_ms == 0 || p.idle_for_ms > 86_400_000 {
-        errs.push(gpulet_guest::config_error("$.idle_for_s", format!("{} is out of range; accepted: 1 to 86400 (seconds)", p.idle_for_ms / 1000)));
+        errs.push(gpulet_guest::config_error(
+            "$.idle_for_s",
+            format!("{} is out of range; accepted: 1 to 86400 (seconds)", p.idle_for_ms / 1000),
+        ));
     }
     if errs.is_empty() { Ok(p) } else { Err(errs) }
 }

@@ -19,13 +19,22 @@ struct Config {
 fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
     let c: Config = gpulet_guest::parse_config(json)?;
     let d = Params::default();
-    let p = Params { margin_w: c.margin_w.unwrap_or(d.margin_w), capped_within: c.capped_within.unwrap_or(d.capped_within) };
+    let p = Params {
+        margin_w: c.margin_w.unwrap_or(d.margin_w),
+        capped_within: c.capped_within.unwrap_or(d.capped_within),
+    };
     let mut errs = Vec::new();
     if !(0.0..=500.0).contains(&p.margin_w) {
-        errs.push(gpulet_guest::config_error("$.margin_w", format!("{} is out of range; accepted: 0 to 500 (watts)", p.margin_w)));
+        errs.push(gpulet_guest::config_error(
+            "$.margin_w",
+            format!("{} is out of range; accepted: 0 to 500 (watts)", p.margin_w),
+        ));
     }
     if !(0.0..=0.5).contains(&p.capped_within) {
-        errs.push(gpulet_guest::config_error("$.capped_within", format!("{} is out of range; accepted: 0 to 0.5", p.capped_within)));
+        errs.push(gpulet_guest::config_error(
+            "$.capped_within",
+            format!("{} is out of range; accepted: 0 to 0.5", p.capped_within),
+        ));
     }
     if errs.is_empty() { Ok(p) } else { Err(errs) }
 }
@@ -53,7 +62,9 @@ impl PowerGuest for Plugin {
 
     fn decide_power(snapshot: Snapshot) -> Vec<PowerAction> {
         let gpus = gpulet_guest::gpus(&snapshot);
-        PARAMS.with(|p| gpulet_guest::actions(power_budget::decide(&p.borrow(), snapshot.budget_w, &gpus)))
+        PARAMS.with(|p| {
+            gpulet_guest::actions(power_budget::decide(&p.borrow(), snapshot.budget_w, &gpus))
+        })
     }
 }
 

@@ -1,0 +1,167 @@
+//! `gpulet plugin check` and `gpulet plugin run`: a plugin author's tools. `check` loads a
+//! component as the agent would (import allowlist, world, API version, config
+//! validation); `run` calls it once on a snapshot read from a JSON file and shows what it
+//! decided and why, without any GPU, grant or guard in the way.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::engine::PluginEngine;
+use super::instance::{Limits, PowerPlugin};
+use super::kv::KvStore;
+use super::{PluginError, wit};
+
+/// What `plugin check` found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub version: String,
+    pub api_version: String,
+    pub kind: &'static str,
+    pub imports: Vec<String>,
+    pub compile_ms: f64,
+}
+
+/// Load and start a plugin with `config` (JSON); `gpus` is the number of GPUs to tell it
+/// about in `init`.
+pub fn start(
+    path: &Path,
+    config: &str,
+    gpus: &[wit::GpuInfo],
+) -> Result<(PowerPlugin, Report), PluginError> {
+    let engine = PluginEngine::new(None)?;
+    let loaded = engine.load(path)?;
+    let name = path.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
+    let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
+    let plugin = PowerPlugin::start(
+        &engine,
+        &name,
+        loaded.component,
+        config.to_owned(),
+        gpus.to_vec(),
+        Limits::default(),
+        kv,
+    )?;
+    let info = plugin.info().clone();
+    let report = Report {
+        name: info.name,
+        version: info.version,
+        api_version: info.api_version,
+        kind: "power",
+        imports: loaded.imports,
+        compile_ms: loaded.load_time.as_secs_f64() * 1000.0,
+    };
+    Ok((plugin, report))
+}
+
+/// A snapshot as a JSON file: the WIT `snapshot` record with snake_case keys; `throttle`
+/// is a list of reason names, `health` one of `ok`, `degraded`, `lost`. See
+/// `examples/snapshot.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFile {
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub now_ms: u64,
+    pub budget_w: Option<f64>,
+    pub gpus: Vec<GpuFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuFile {
+    pub index: u32,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    pub power_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+    pub energy_j: Option<f64>,
+    pub temp_c: Option<f64>,
+    pub util_pct: Option<f64>,
+    pub mem_used_mib: Option<u64>,
+    pub sm_clock_mhz: Option<u32>,
+    #[serde(default)]
+    pub throttle: Vec<String>,
+    #[serde(default = "ok")]
+    pub health: String,
+    pub min_limit_w: f64,
+    pub max_limit_w: f64,
+    pub default_limit_w: f64,
+    pub proposed_limit_w: Option<f64>,
+}
+
+fn ok() -> String {
+    "ok".into()
+}
+
+impl SnapshotFile {
+    pub fn read(path: &Path) -> Result<SnapshotFile, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    }
+
+    /// The WIT snapshot, or what is wrong with the file.
+    pub fn to_wit(&self) -> Result<wit::Snapshot, String> {
+        let gpus = self
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let mut throttle = wit::Throttle::empty();
+                for t in &g.throttle {
+                    throttle |= match t.as_str() {
+                        "gpu_idle" => wit::Throttle::GPU_IDLE,
+                        "sw_power_cap" => wit::Throttle::SW_POWER_CAP,
+                        "hw_slowdown" => wit::Throttle::HW_SLOWDOWN,
+                        "sw_thermal" => wit::Throttle::SW_THERMAL,
+                        "hw_thermal" => wit::Throttle::HW_THERMAL,
+                        "hw_power_brake" => wit::Throttle::HW_POWER_BRAKE,
+                        other => return Err(format!("gpus[{i}].throttle: {other:?} is not a reason; accepted: gpu_idle, sw_power_cap, hw_slowdown, sw_thermal, hw_thermal, hw_power_brake")),
+                    };
+                }
+                let health = match g.health.as_str() {
+                    "ok" => wit::Health::Ok,
+                    "degraded" => wit::Health::Degraded,
+                    "lost" => wit::Health::Lost,
+                    other => return Err(format!("gpus[{i}].health: {other:?}; accepted: ok, degraded, lost")),
+                };
+                Ok(wit::Gpu {
+                    index: g.index,
+                    power_w: g.power_w,
+                    power_limit_w: g.power_limit_w,
+                    energy_j: g.energy_j,
+                    temp_c: g.temp_c,
+                    util_pct: g.util_pct,
+                    mem_used_mib: g.mem_used_mib,
+                    sm_clock_mhz: g.sm_clock_mhz,
+                    throttle,
+                    health,
+                    min_limit_w: g.min_limit_w,
+                    max_limit_w: g.max_limit_w,
+                    default_limit_w: g.default_limit_w,
+                    proposed_limit_w: g.proposed_limit_w,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(wit::Snapshot { seq: self.seq, now_ms: self.now_ms, budget_w: self.budget_w, gpus })
+    }
+
+    /// What `init` is told about the GPUs.
+    pub fn gpu_infos(&self) -> Vec<wit::GpuInfo> {
+        self.gpus
+            .iter()
+            .map(|g| wit::GpuInfo {
+                index: g.index,
+                uuid: g.uuid.clone().unwrap_or_else(|| format!("GPU-{}", g.index)),
+                name: "from snapshot".into(),
+                memory_total_mib: 0,
+            })
+            .collect()
+    }
+}

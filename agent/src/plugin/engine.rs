@@ -1,0 +1,178 @@
+//! The one wasmtime engine of the process, the linker of what plugins may import, and
+//! loading a component: read, compile (or take from the cache), check its imports.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+use super::PluginError;
+use super::bindings::Power;
+use super::cache::{Cache, Source};
+use super::host::HostState;
+
+/// How often the epoch advances: the resolution of plugin deadlines.
+pub const EPOCH_PERIOD: Duration = Duration::from_millis(1);
+
+/// Interfaces a plugin may import, by `namespace:package/interface` (versions are the
+/// linker's business; gpulet's own are checked by the world's API version). Everything
+/// else is refused at load. WASI's filesystem and sockets are on the list because Rust's
+/// std links them as soon as a plugin mentions a file or a socket; they are linked with
+/// nothing granted, so such calls fail at run time. WASI's clocks are on it because std's
+/// networking and time types link them; reading them is harmless, but a plugin that does
+/// is no longer replayable, which is why the snapshot carries `now-ms`.
+pub const ALLOWED_IMPORTS: &[&str] = &[
+    "gpulet:policy/host",
+    "gpulet:policy/types",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:sockets/udp",
+    "wasi:sockets/udp-create-socket",
+    "wasi:sockets/ip-name-lookup",
+];
+
+/// A component ready to instantiate, with how it was obtained.
+#[derive(Debug, Clone)]
+pub struct LoadedComponent {
+    pub path: PathBuf,
+    pub component: Component,
+    pub source: Source,
+    /// Reading, compiling or loading from the cache, and checking.
+    pub load_time: Duration,
+    /// Every import, as the component names it.
+    pub imports: Vec<String>,
+}
+
+/// The engine, the linker, the epoch ticker and the cache.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    cache: Option<Cache>,
+}
+
+impl std::fmt::Debug for PluginEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginEngine").field("cache", &self.cache).finish_non_exhaustive()
+    }
+}
+
+impl PluginEngine {
+    /// One engine for every plugin. `cache_dir`: where compiled plugins are kept; `None`
+    /// compiles on every load.
+    pub fn new(cache_dir: Option<&Path>) -> Result<PluginEngine, PluginError> {
+        let mut config = Config::new();
+        // Deadlines: compiled code checks an epoch counter that a ticker thread advances.
+        config.epoch_interruption(true);
+        // No component-model async: a plain call costs a third as much without it.
+        config.concurrency_support(false);
+        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))?;
+
+        // The ticker holds only a weak reference, so it ends with the engine.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("gpulet-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_PERIOD);
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        Power::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+
+        let cache = cache_dir.and_then(|dir| match Cache::open(dir) {
+            Ok(c) => Some(c),
+            Err(why) => {
+                tracing::warn!(dir = %dir.display(), %why, "not using the plugin cache; plugins are compiled at every load");
+                None
+            }
+        });
+        Ok(PluginEngine { engine, linker: Arc::new(linker), cache })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn linker(&self) -> &Linker<HostState> {
+        &self.linker
+    }
+
+    /// Read, compile (or load from the cache) and check a component's imports.
+    pub fn load(&self, path: &Path) -> Result<LoadedComponent, PluginError> {
+        let start = Instant::now();
+        let shown = path.display().to_string();
+        let wasm = std::fs::read(path)
+            .map_err(|e| PluginError::Read { path: shown.clone(), error: e.to_string() })?;
+        let compile_err = |e: wasmtime::Error| PluginError::Compile {
+            path: shown.clone(),
+            error: format!("{e:#}"),
+        };
+        let (component, source) = match &self.cache {
+            Some(cache) => cache.load(&self.engine, &wasm).map_err(compile_err)?,
+            None => (Component::new(&self.engine, &wasm).map_err(compile_err)?, Source::Compiled),
+        };
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        if let Some(bad) = imports.iter().find(|i| !allowed(i)) {
+            return Err(PluginError::ForbiddenImport { path: shown, import: bad.clone() });
+        }
+        Ok(LoadedComponent {
+            path: path.to_path_buf(),
+            component,
+            source,
+            load_time: start.elapsed(),
+            imports,
+        })
+    }
+}
+
+/// Whether an import (`ns:pkg/iface@version`) is on the allowlist.
+fn allowed(import: &str) -> bool {
+    let name = import.split('@').next().unwrap_or(import);
+    ALLOWED_IMPORTS.contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_allowlist_ignores_versions_but_not_names() {
+        assert!(super::allowed("wasi:cli/stdout@0.2.6"));
+        assert!(super::allowed("gpulet:policy/host@0.1.0"));
+        assert!(!super::allowed("wasi:http/outgoing-handler@0.2.0"));
+        assert!(!super::allowed("gpulet-test:forbidden/raw-network@0.1.0"));
+    }
+}

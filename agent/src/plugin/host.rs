@@ -1,0 +1,167 @@
+//! What a plugin's `Store` holds, and the host side of the `host` interface.
+//!
+//! Every host import is cheap and never blocks (an epoch deadline cannot interrupt a
+//! host call, so a slow import would be a way around it): logging is rate-limited per
+//! call, the key-value store is in memory with a small write-through file, metrics go to
+//! a buffer the chain drains after the call.
+
+use std::sync::{Arc, Mutex};
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::gpulet::policy::{host, types};
+use super::kv::KvStore;
+
+/// Log lines a plugin may write per call; more are counted and dropped.
+pub const MAX_LOGS_PER_CALL: u32 = 20;
+/// Metrics a plugin may emit per call.
+pub const MAX_METRICS_PER_CALL: usize = 256;
+
+/// A metric a plugin emitted during a call.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PluginMetric {
+    pub plugin: String,
+    pub name: String,
+    pub value: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<u32>,
+}
+
+pub struct HostState {
+    plugin: String,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: MemoryCap,
+    kv: Arc<Mutex<KvStore>>,
+    pub(crate) metrics: Vec<PluginMetric>,
+    logs: u32,
+    pub(crate) dropped: u32,
+}
+
+impl HostState {
+    pub fn new(plugin: &str, memory_bytes: usize, kv: Arc<Mutex<KvStore>>) -> HostState {
+        // Nothing granted: no preopened directories, no environment, no arguments, no
+        // network (every address denied, TCP and UDP off). Stdout and stderr go nowhere.
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            plugin: plugin.to_owned(),
+            wasi,
+            table: ResourceTable::new(),
+            limits: MemoryCap { max_bytes: memory_bytes, denied: false },
+            kv,
+            metrics: Vec::new(),
+            logs: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Reset the per-call counters before a call.
+    pub(crate) fn begin_call(&mut self) {
+        self.logs = 0;
+        self.dropped = 0;
+        self.limits.denied = false;
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The memory cap: a plugin's linear memories may not grow past `max_bytes`. Growing
+/// fails (`memory.grow` returns -1, which Rust turns into an abort, a trap) and `denied`
+/// records it, so the fault is reported as memory, not as a generic trap.
+#[derive(Debug)]
+pub struct MemoryCap {
+    pub max_bytes: usize,
+    pub denied: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+
+    fn instances(&self) -> usize {
+        32
+    }
+    fn tables(&self) -> usize {
+        32
+    }
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) {
+        self.logs += 1;
+        if self.logs > MAX_LOGS_PER_CALL {
+            self.dropped += 1;
+            return;
+        }
+        let plugin = self.plugin.as_str();
+        let message: String = message.chars().take(1000).collect();
+        match level {
+            host::Level::Trace => tracing::trace!(plugin, "{message}"),
+            host::Level::Debug => tracing::debug!(plugin, "{message}"),
+            host::Level::Info => tracing::info!(plugin, "{message}"),
+            host::Level::Warn => tracing::warn!(plugin, "{message}"),
+            host::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+    }
+
+    fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner()).set(&key, value)
+    }
+
+    fn kv_delete(&mut self, key: String) {
+        if let Err(e) = self.kv.lock().unwrap_or_else(|e| e.into_inner()).delete(&key) {
+            tracing::warn!(plugin = %self.plugin, error = %e, "plugin state not saved");
+        }
+    }
+
+    fn emit_metric(&mut self, name: String, value: f64, gpu: Option<u32>) {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+        if !valid || !value.is_finite() || self.metrics.len() >= MAX_METRICS_PER_CALL {
+            self.dropped += 1;
+            return;
+        }
+        self.metrics.push(PluginMetric { plugin: self.plugin.clone(), name, value, gpu });
+    }
+}
