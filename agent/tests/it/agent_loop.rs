@@ -65,7 +65,7 @@ fn the_node_budget_holds_on_every_tick_once_applied() {
     let first = &records[0];
     let changes = first["events"].as_array().unwrap();
     assert_eq!(changes.len(), 8, "the first tick brings every GPU under the budget");
-    assert!(changes.iter().all(|e| e["kind"] == "limit-changed" && e["source"] == "static"));
+    assert!(changes.iter().all(|e| e["kind"] == "limit-changed" && e["source"] == "guard"));
     for r in &records[1..] {
         let limits: f64 = gpus(r).iter().map(|g| g["power_limit_w"].as_f64().unwrap()).sum();
         assert!(limits <= 4000.0 + 1e-6, "seq {}: limits add up to {limits} W", r["seq"]);

@@ -152,7 +152,7 @@ fn demo_shows_a_live_view_or_json() {
             && ticks[0].contains("|7:"),
         "{view}"
     );
-    assert!(view.contains("GPU 0: limit 700 -> 500 W by static"), "{view}");
+    assert!(view.contains("GPU 0: limit 700 -> 500 W by guard"), "{view}");
 
     let out = gpulet(&["demo", "--ticks", "2", "--speed", "0", "--json"]);
     assert!(out.status.success());

@@ -25,7 +25,8 @@ fn every_example_config_loads_and_builds() {
             let backend =
                 gpulet::setup::open_backend(&loaded.config, &loaded.base_dir, clock.clone())
                     .unwrap();
-            gpulet::setup::agent(&loaded.config, &loaded.base_dir, backend, Vec::new(), clock).unwrap();
+            gpulet::setup::agent(&loaded.config, &loaded.base_dir, backend, Vec::new(), clock)
+                .unwrap();
             seen += 1;
         }
     }

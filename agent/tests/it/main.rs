@@ -6,6 +6,8 @@ mod agent_loop;
 mod cli;
 mod config;
 mod docs;
+mod plugins;
+mod policies;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,15 +62,20 @@ pub struct Harness {
 }
 
 pub fn harness(toml: &str) -> Harness {
+    harness_in(toml, &repo())
+}
+
+/// As [`harness`], with relative paths in the config resolved against `dir`.
+pub fn harness_in(toml: &str, dir: &Path) -> Harness {
     let config = Config::parse(toml).unwrap();
     config.validate().unwrap();
     let clock = VirtualClock::new(1_800_000_000_000);
-    let backend = setup::open_backend(&config, &repo(), Arc::new(clock.clone())).unwrap();
+    let backend = setup::open_backend(&config, dir, Arc::new(clock.clone())).unwrap();
     let sim = backend.sim.clone().unwrap();
     let out = Capture::default();
     let agent = setup::agent(
         &config,
-        &repo(),
+        dir,
         backend,
         vec![Box::new(JsonLines::new(out.clone()))],
         Arc::new(clock.clone()),

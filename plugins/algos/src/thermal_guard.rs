@@ -3,9 +3,11 @@
 //! At or above `threshold_c` the guard takes the GPU's limit down by `step_w` per tick
 //! (never below its minimum) and holds it there; between `threshold_c - hysteresis_c`
 //! and the threshold it holds the guarded limit; once the GPU has cooled below that, it
-//! lets go (no action: the rest of the chain's proposal, or the limit as it is, stands).
-//! It only ever proposes the lower of its guarded limit and what earlier plugins
-//! proposed, so it composes after a budget splitter with the `lower` grant alone.
+//! lets go: one last action puts the limit back to what earlier plugins propose (or the
+//! GPU's default when nothing does), and after that it stays silent. While guarding it
+//! only ever proposes the lower of its guarded limit and what earlier plugins proposed,
+//! so after a budget splitter the `lower` grant is enough; on its own it needs `raise`
+//! too, to let go.
 
 use crate::{Action, Gpu};
 
@@ -36,8 +38,17 @@ pub fn decide(p: &Params, state: &mut State, gpus: &[Gpu]) -> Vec<Action> {
         if t >= p.threshold_c {
             let from = guard.map_or(current, |w| w.min(current));
             *guard = Some((from - p.step_w).max(g.min_w));
-        } else if t < p.threshold_c - p.hysteresis_c {
-            *guard = None;
+        } else if t < p.threshold_c - p.hysteresis_c && guard.take().is_some() {
+            let limit = g.proposed_w.unwrap_or(g.default_w);
+            out.push(Action {
+                gpu: g.index,
+                limit_w: limit,
+                reason: format!(
+                    "{t:.0} °C, below {:.0} °C: guard released, limit back to {limit:.0} W",
+                    p.threshold_c - p.hysteresis_c
+                ),
+            });
+            continue;
         }
         if let Some(w) = *guard {
             let limit = w.min(current);
@@ -83,7 +94,8 @@ mod tests {
             550.0,
             "held inside the hysteresis band"
         );
-        assert!(decide(&p, &mut s, &[gpu(77.0, 550.0)]).is_empty(), "let go below 78 °C");
+        assert_eq!(decide(&p, &mut s, &[gpu(77.0, 550.0)])[0].limit_w, 700.0, "let go below 78 °C");
+        assert!(decide(&p, &mut s, &[gpu(70.0, 700.0)]).is_empty(), "and silent after");
     }
 
     #[test]
