@@ -176,7 +176,7 @@ return function(budget, gpus, margin, within)
       local extra = 0
       if headroom > 0 then extra = spare * (m.g.max - m.d) / headroom end
       out[#out + 1] = { gpu = m.g.index, limit = round_down(math.min(m.d + extra, m.g.max)),
-        reason = string.format("demand %.0f W (%s) fits the %.0f W budget; +%.0f W spare headroom", m.d, m.why, budget, extra) }
+        reason = string.format("demand %d W (%s) fits the %d W budget; +%d W spare headroom", math.floor(m.d + 0.5), m.why, math.floor(budget + 0.5), math.floor(extra + 0.5)) }
     end
   else
     local lo, hi = 0, 0
@@ -189,7 +189,7 @@ return function(budget, gpus, margin, within)
     for _, m in ipairs(managed) do
       local limit = math.min(math.max(lo, m.g.min), math.max(m.d, m.g.min))
       out[#out + 1] = { gpu = m.g.index, limit = round_down(limit),
-        reason = string.format("demand %.0f W (%s); budget %.0f W water-filled at %.0f W", m.d, m.why, budget, lo) }
+        reason = string.format("demand %d W (%s); budget %d W water-filled at %d W", math.floor(m.d + 0.5), m.why, math.floor(budget + 0.5), math.floor(lo + 0.5)) }
     end
   end
   return out

@@ -31,6 +31,7 @@ fn main() {
 
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
     println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());
+    println!("cargo:rerun-if-changed={}", root.join("Cargo.toml").display());
     for dir in [
         "algos",
         "guest",

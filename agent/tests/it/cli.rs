@@ -179,3 +179,96 @@ fn inventory_lists_the_gpus() {
     let out = gpulet(&["inventory", "--backend", "nvml"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn plugin_check_and_run_for_authors() {
+    let budget = gpulet_plugin_artifacts::POWER_BUDGET;
+    let out = gpulet(&["plugin", "check", budget]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("power-budget 0.1.0 (power plugin, API 0.1.0)")
+            && report.contains("wasi:cli/stdout"),
+        "{report}"
+    );
+
+    let out = gpulet(&["plugin", "check", budget, "--config", r#"{"margin_w": -1}"#]);
+    assert_eq!(out.status.code(), Some(2), "an invalid config is a config error");
+    assert!(
+        text(&out.stderr).contains("$.margin_w: -1 is out of range; accepted: 0 to 500"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = gpulet(&["plugin", "check", gpulet_plugin_artifacts::FIXTURE_FORBIDDEN_IMPORT]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("imports gpulet-test:forbidden/raw-network@0.1.0"));
+
+    let out = gpulet(&["plugin", "check", "examples/snapshot.json"]);
+    assert_eq!(out.status.code(), Some(1), "not a component");
+    assert!(
+        text(&out.stderr).contains("is not a valid WebAssembly component"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = gpulet(&["plugin", "run", budget, "--snapshot", "examples/snapshot.json", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let actions = v["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 4);
+    let total: f64 = actions.iter().map(|a| a["limit_w"].as_f64().unwrap()).sum();
+    assert!(total <= 2000.0 + 1e-6, "the example's 2000 W budget: {total}");
+    assert!(actions[0]["reason"].as_str().unwrap().contains("held down by its cap"));
+
+    let out = gpulet(&[
+        "plugin",
+        "run",
+        gpulet_plugin_artifacts::FIXTURE,
+        "--snapshot",
+        "examples/snapshot.json",
+        "--config",
+        r#"{"mode":"loop"}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("ran past its deadline and was stopped"));
+}
+
+#[test]
+fn sighup_reloads_plugins_in_a_running_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gpulet.toml");
+    let log = dir.path().join("t.jsonl");
+    let write = |mode: &str| {
+        let toml = format!(
+            "{FAST}[telemetry]\nsink = \"file\"\npath = {log:?}\n[plugins]\ncache_dir = \"c\"\nstate_dir = \"s\"\n[[plugin]]\nname = \"fx\"\npath = {:?}\nconfig = {{ mode = {mode:?} }}\n",
+            gpulet_plugin_artifacts::FIXTURE
+        );
+        std::fs::write(&cfg, toml).unwrap();
+    };
+    write("ok");
+    let child = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str| {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains(what) {
+            assert!(start.elapsed() < Duration::from_secs(30), "no {what} in telemetry");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("\"plugin-loaded\"");
+    write("bogus");
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success()
+        )
+    };
+    kill("-HUP");
+    wait_for("\"kept_previous\":true");
+    kill("-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

@@ -2,7 +2,7 @@
 //! `gpulet_policy_algos::power_budget` for the algorithm). Stateless: every tick is
 //! decided from the snapshot alone.
 //!
-//! Config (JSON, all optional): `{"margin_w": 25, "capped_within": 0.03}`.
+//! Config (JSON, all optional): `{"margin_w": 25, "capped_within": 0.03, "reserve": 0.01}`.
 
 use gpulet_guest::{ConfigError, GpuInfo, PluginInfo, PowerAction, PowerGuest, Snapshot};
 use gpulet_policy_algos::power_budget::{self, Params};
@@ -14,6 +14,7 @@ use std::cell::RefCell;
 struct Config {
     margin_w: Option<f64>,
     capped_within: Option<f64>,
+    reserve: Option<f64>,
 }
 
 fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
@@ -22,6 +23,7 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
     let p = Params {
         margin_w: c.margin_w.unwrap_or(d.margin_w),
         capped_within: c.capped_within.unwrap_or(d.capped_within),
+        reserve: c.reserve.unwrap_or(d.reserve),
     };
     let mut errs = Vec::new();
     if !(0.0..=500.0).contains(&p.margin_w) {
@@ -34,6 +36,12 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
         errs.push(gpulet_guest::config_error(
             "$.capped_within",
             format!("{} is out of range; accepted: 0 to 0.5", p.capped_within),
+        ));
+    }
+    if !(0.0..=0.2).contains(&p.reserve) {
+        errs.push(gpulet_guest::config_error(
+            "$.reserve",
+            format!("{} is out of range; accepted: 0 to 0.2", p.reserve),
         ));
     }
     if errs.is_empty() { Ok(p) } else { Err(errs) }
