@@ -165,6 +165,8 @@ impl Agent {
 
         // 3. Decide, 4. check.
         let decisions = self.policy.decide(&snapshot, &mut events, &mut metrics);
+        self.stats.plugin_faults +=
+            events.iter().filter(|e| matches!(e, Event::PluginFault { .. })).count() as u64;
         let changes = self.guard.check(&snapshot, decisions, &mut events);
 
         // 5. Apply and audit.

@@ -70,6 +70,8 @@ pub struct AgentStats {
     pub ticks_late: u64,
     /// Records a sink failed to take, since start.
     pub sink_errors: u64,
+    /// Plugin calls stopped for a timeout, the memory cap or a trap, since start.
+    pub plugin_faults: u64,
 }
 
 impl<'a> Record<'a> {

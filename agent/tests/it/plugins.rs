@@ -173,6 +173,8 @@ fn after_k_failures_a_plugin_is_quarantined_and_its_fallback_holds() {
         [faults(&first.events), faults(&second.events), faults(&third.events)].concat(),
         vec!["trap"; 3]
     );
+    let records = h.out.records();
+    assert_eq!(records.last().unwrap()["agent"]["plugin_faults"], 3, "every fault is counted");
     let q = third.events.iter().find(|e| matches!(e, Event::PluginQuarantined { .. }));
     assert_eq!(
         q,

@@ -46,6 +46,24 @@ pub fn config_error(path: &str, message: impl Into<String>) -> ConfigError {
     ConfigError { path: path.to_owned(), message: message.into() }
 }
 
+/// Check that a config value lies in `lo..=hi`; if not, push an error naming the value
+/// and the accepted range (in `unit`).
+pub fn check_range(
+    errs: &mut Vec<ConfigError>,
+    path: &str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+    unit: &str,
+) {
+    if !(lo..=hi).contains(&value) {
+        errs.push(config_error(
+            path,
+            format!("{value} is out of range; accepted: {lo} to {hi} ({unit})"),
+        ));
+    }
+}
+
 /// The snapshot's GPUs as the algorithms see them.
 pub fn gpus(s: &Snapshot) -> Vec<gpulet_policy_algos::Gpu> {
     s.gpus

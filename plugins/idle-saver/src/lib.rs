@@ -24,12 +24,7 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
         idle_for_ms: c.idle_for_s.map_or(d.idle_for_ms, |s| s.saturating_mul(1000)),
     };
     let mut errs = Vec::new();
-    if !(0.0..=50.0).contains(&p.idle_util_pct) {
-        errs.push(gpulet_guest::config_error(
-            "$.idle_util_pct",
-            format!("{} is out of range; accepted: 0 to 50 (percent)", p.idle_util_pct),
-        ));
-    }
+    gpulet_guest::check_range(&mut errs, "$.idle_util_pct", p.idle_util_pct, 0.0, 50.0, "percent");
     if p.idle_for_ms == 0 || p.idle_for_ms > 86_400_000 {
         errs.push(gpulet_guest::config_error(
             "$.idle_for_s",

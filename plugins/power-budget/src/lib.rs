@@ -26,24 +26,23 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
         reserve: c.reserve.unwrap_or(d.reserve),
     };
     let mut errs = Vec::new();
-    if !(0.0..=500.0).contains(&p.margin_w) {
-        errs.push(gpulet_guest::config_error(
-            "$.margin_w",
-            format!("{} is out of range; accepted: 0 to 500 (watts)", p.margin_w),
-        ));
-    }
-    if !(0.0..=0.5).contains(&p.capped_within) {
-        errs.push(gpulet_guest::config_error(
-            "$.capped_within",
-            format!("{} is out of range; accepted: 0 to 0.5", p.capped_within),
-        ));
-    }
-    if !(0.0..=0.2).contains(&p.reserve) {
-        errs.push(gpulet_guest::config_error(
-            "$.reserve",
-            format!("{} is out of range; accepted: 0 to 0.2", p.reserve),
-        ));
-    }
+    gpulet_guest::check_range(&mut errs, "$.margin_w", p.margin_w, 0.0, 500.0, "watts");
+    gpulet_guest::check_range(
+        &mut errs,
+        "$.capped_within",
+        p.capped_within,
+        0.0,
+        0.5,
+        "a fraction of the limit",
+    );
+    gpulet_guest::check_range(
+        &mut errs,
+        "$.reserve",
+        p.reserve,
+        0.0,
+        0.2,
+        "a fraction of the budget",
+    );
     if errs.is_empty() { Ok(p) } else { Err(errs) }
 }
 

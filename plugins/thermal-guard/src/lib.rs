@@ -26,24 +26,9 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
         step_w: c.step_w.unwrap_or(d.step_w),
     };
     let mut errs = Vec::new();
-    if !(30.0..=110.0).contains(&p.threshold_c) {
-        errs.push(gpulet_guest::config_error(
-            "$.threshold_c",
-            format!("{} is out of range; accepted: 30 to 110 (°C)", p.threshold_c),
-        ));
-    }
-    if !(0.5..=30.0).contains(&p.hysteresis_c) {
-        errs.push(gpulet_guest::config_error(
-            "$.hysteresis_c",
-            format!("{} is out of range; accepted: 0.5 to 30 (°C)", p.hysteresis_c),
-        ));
-    }
-    if !(1.0..=500.0).contains(&p.step_w) {
-        errs.push(gpulet_guest::config_error(
-            "$.step_w",
-            format!("{} is out of range; accepted: 1 to 500 (watts)", p.step_w),
-        ));
-    }
+    gpulet_guest::check_range(&mut errs, "$.threshold_c", p.threshold_c, 30.0, 110.0, "°C");
+    gpulet_guest::check_range(&mut errs, "$.hysteresis_c", p.hysteresis_c, 0.5, 30.0, "°C");
+    gpulet_guest::check_range(&mut errs, "$.step_w", p.step_w, 1.0, 500.0, "watts");
     if errs.is_empty() { Ok(p) } else { Err(errs) }
 }
 
