@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -72,6 +73,7 @@ pub struct PluginEngine {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
     cache: Option<Cache>,
+    ticker: Arc<Ticker>,
 }
 
 impl std::fmt::Debug for PluginEngine {
@@ -91,18 +93,7 @@ impl PluginEngine {
         config.concurrency_support(false);
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))?;
 
-        // The ticker holds only a weak reference, so it ends with the engine.
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("gpulet-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_PERIOD);
-                }
-            })
-            .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let ticker = Ticker::start(&engine)?;
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -117,7 +108,7 @@ impl PluginEngine {
                 None
             }
         });
-        Ok(PluginEngine { engine, linker: Arc::new(linker), cache })
+        Ok(PluginEngine { engine, linker: Arc::new(linker), cache, ticker })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -126,6 +117,11 @@ impl PluginEngine {
 
     pub fn linker(&self) -> &Linker<HostState> {
         &self.linker
+    }
+
+    /// The epoch ticker, which runs only while a plugin call is in progress.
+    pub fn ticker(&self) -> Arc<Ticker> {
+        self.ticker.clone()
     }
 
     /// Read, compile (or load from the cache) and check a component's imports.
@@ -157,6 +153,68 @@ impl PluginEngine {
             load_time: start.elapsed(),
             imports,
         })
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_PERIOD`], but only while some plugin call is
+/// in progress: between calls the thread sleeps, so an agent whose plugins run for
+/// microseconds once a second does not pay a thousand wake-ups a second for deadlines.
+/// Epochs do not advance between calls, which is harmless: every call sets its deadline
+/// relative to the epoch at its start.
+#[derive(Debug)]
+pub struct Ticker {
+    active: AtomicUsize,
+    thread: std::thread::Thread,
+}
+
+impl Ticker {
+    fn start(engine: &Engine) -> Result<Arc<Ticker>, PluginError> {
+        // The thread holds only a weak reference to the engine, so it ends with it.
+        let weak = engine.weak();
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Ticker>>();
+        let handle = std::thread::Builder::new()
+            .name("gpulet-epoch".into())
+            .spawn(move || {
+                let Ok(me) = rx.recv() else { return };
+                drop(rx);
+                loop {
+                    if me.active.load(Ordering::Acquire) == 0 {
+                        // Woken by the next call; the timeout only checks that the
+                        // engine still exists.
+                        std::thread::park_timeout(Duration::from_secs(1));
+                    } else {
+                        std::thread::sleep(EPOCH_PERIOD);
+                    }
+                    let Some(engine) = weak.upgrade() else { return };
+                    if me.active.load(Ordering::Acquire) > 0 {
+                        engine.increment_epoch();
+                    }
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let ticker =
+            Arc::new(Ticker { active: AtomicUsize::new(0), thread: handle.thread().clone() });
+        tx.send(ticker.clone())
+            .map_err(|_| PluginError::Engine("the epoch ticker did not start".into()))?;
+        Ok(ticker)
+    }
+
+    /// Mark a call in progress until the guard is dropped.
+    pub fn call(&self) -> CallGuard<'_> {
+        if self.active.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        CallGuard(self)
+    }
+}
+
+/// While alive, the epoch advances.
+#[derive(Debug)]
+pub struct CallGuard<'a>(&'a Ticker);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

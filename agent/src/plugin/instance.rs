@@ -13,7 +13,7 @@ use wasmtime::component::Component;
 use wasmtime::{Store, Trap};
 
 use super::bindings::{Power, PowerPre};
-use super::engine::{EPOCH_PERIOD, PluginEngine};
+use super::engine::{EPOCH_PERIOD, PluginEngine, Ticker};
 use super::host::{HostState, PluginMetric};
 use super::kv::KvStore;
 use super::{API_VERSION, PluginError, wit};
@@ -83,6 +83,8 @@ pub struct PowerPlugin {
     limits: Limits,
     pre: PowerPre<HostState>,
     engine: wasmtime::Engine,
+    /// Epochs advance only while a guard from this is alive: hold one around every call.
+    ticker: Arc<Ticker>,
     kv: Arc<Mutex<KvStore>>,
     live: Option<(Store<HostState>, Power)>,
 }
@@ -128,9 +130,12 @@ impl PowerPlugin {
             limits,
             pre,
             engine: engine.engine().clone(),
+            ticker: engine.ticker(),
             kv,
             live: None,
         };
+        let ticker = plugin.ticker.clone();
+        let _calling = ticker.call();
         let (mut store, bindings) = plugin.instantiate().map_err(|e| PluginError::Start {
             plugin: shown.clone(),
             stage: "instantiation",
@@ -200,6 +205,8 @@ impl PowerPlugin {
     /// Call `decide-power`. On a fault the instance is dropped; the next call starts a
     /// fresh one.
     pub fn decide(&mut self, snapshot: &wit::Snapshot) -> Result<CallOutput, Fault> {
+        let ticker = self.ticker.clone();
+        let _calling = ticker.call();
         if self.live.is_none() {
             let (mut store, bindings) = self.instantiate().map_err(Fault::Restart)?;
             self.init(&mut store, &bindings).map_err(Fault::Restart)?;
@@ -239,6 +246,8 @@ impl PowerPlugin {
 
     /// For benchmarks: how long one instantiation and `init` take.
     pub fn time_restart(&mut self) -> Result<Duration, String> {
+        let ticker = self.ticker.clone();
+        let _calling = ticker.call();
         let t = Instant::now();
         let (mut store, bindings) = self.instantiate()?;
         self.init(&mut store, &bindings)?;

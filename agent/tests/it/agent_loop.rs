@@ -188,7 +188,7 @@ fn the_loop_stops_on_shutdown_and_paces_by_speed() {
     let done = block_on(
         h.agent.run(None, pacing, async { tokio::time::sleep(Duration::from_millis(100)).await }),
     );
-    assert!((2..=8).contains(&done), "{done} ticks in 100 ms at 20 ms a tick");
+    assert!((1..=8).contains(&done), "{done} ticks in 100 ms at 20 ms a tick");
     assert_eq!(h.out.records().len() as u64, done, "every tick that ran was emitted whole");
 }
 
