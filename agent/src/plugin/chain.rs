@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use super::engine::PluginEngine;
 use super::host::PluginMetric;
-use super::instance::{Fault, Limits, PowerPlugin};
+use super::instance::{Limits, PowerPlugin};
 use super::kv::KvStore;
 use super::{PluginError, wit};
 use crate::config::{Fallback, Grant};
@@ -266,15 +266,17 @@ impl PolicyChain {
                             fallback: fallback_name(self.settings.fallback),
                         });
                     }
-                    fall_back(name, self.settings.fallback, &fault, snap, &mut proposal);
+                    fall_back(
+                        name,
+                        self.settings.fallback,
+                        &fault.to_string(),
+                        snap,
+                        &mut proposal,
+                    );
                 }
                 None => {
-                    let why = Fault::Restart(if slot.plugin.is_none() {
-                        "not loaded".into()
-                    } else {
-                        "quarantined".into()
-                    });
-                    fall_back(name, self.settings.fallback, &why, snap, &mut proposal);
+                    let why = if slot.plugin.is_none() { "did not load" } else { "is quarantined" };
+                    fall_back(name, self.settings.fallback, why, snap, &mut proposal);
                 }
             }
         }
@@ -346,7 +348,7 @@ fn apply(
 fn fall_back(
     name: &str,
     fallback: Fallback,
-    why: &Fault,
+    why: &str,
     snap: &NodeSnapshot,
     proposal: &mut [Option<PowerDecision>],
 ) {
