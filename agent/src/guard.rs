@@ -170,6 +170,8 @@ impl PowerGuard {
         }
 
         let mut changes = Vec::new();
+        // Decreases inside the deadband, held back if the budget allows (below).
+        let mut small_decreases = Vec::new();
         for (i, want) in desired.into_iter().enumerate() {
             let Some(PowerDecision { limit_w: to_w, reason, source, .. }) = want else { continue };
             if lost[i] || !self.controllable[i] {
@@ -178,10 +180,11 @@ impl PowerGuard {
             let from_w = current[i];
             if let Some(c) = from_w {
                 let raise = to_w > c;
-                if (to_w - c).abs() < self.deadband_w && (raise || self.budget_w.is_none()) {
+                if (to_w - c).abs() < 1e-3 || (raise && to_w - c < self.deadband_w) {
                     continue;
                 }
-                if (to_w - c).abs() < 1e-3 {
+                if !raise && c - to_w < self.deadband_w {
+                    small_decreases.push(Change { gpu: i as u32, from_w, to_w, reason, source });
                     continue;
                 }
                 let recently =
@@ -191,6 +194,22 @@ impl PowerGuard {
                 }
             }
             changes.push(Change { gpu: i as u32, from_w, to_w, reason, source });
+        }
+        // A small decrease is churn unless the budget needs it: skip them all if the
+        // limits add up within the budget without them.
+        if !small_decreases.is_empty() {
+            let after = |i: usize| {
+                changes
+                    .iter()
+                    .find(|c| c.gpu as usize == i)
+                    .map(|c| c.to_w)
+                    .or(current[i])
+                    .unwrap_or(self.bounds[i].hi)
+            };
+            let total: f64 = (0..n).map(after).sum();
+            if self.budget_w.is_some_and(|b| total > b + 1e-9) {
+                changes.append(&mut small_decreases);
+            }
         }
         // Decreases first: the sum of limits only ever falls until the raises.
         changes.sort_by(|a, b| {
@@ -430,5 +449,20 @@ mod tests {
             errs.contains("power.min_w: 800 W is above what GPU 0 accepts 200 to 700 W"),
             "{errs}"
         );
+    }
+
+    #[test]
+    fn small_decreases_are_churn_unless_the_budget_needs_them() {
+        let mut g =
+            PowerGuard::new(&inventory(2), &power("budget_w = 1000\ndeadband_w = 2")).unwrap();
+        let mut ev = Vec::new();
+        // 499.5 + 400 fits 1000 as it is: the 0.5 W trim is skipped.
+        let c =
+            g.check(&snap(&[500.0, 400.0], 0), vec![decide(0, 499.5), decide(1, 400.0)], &mut ev);
+        assert!(c.is_empty(), "{c:?}");
+        // 600.5 + 400 does not fit: the same-sized trim is applied.
+        let c =
+            g.check(&snap(&[600.5, 400.0], 0), vec![decide(0, 600.0), decide(1, 400.0)], &mut ev);
+        assert_eq!(targets(&c), vec![(0, 600.0)]);
     }
 }
