@@ -12,12 +12,17 @@
 //! [`Agent::run`] drives ticks from a timer until the tick count is reached or a
 //! shutdown signal arrives; the reasons the loop wakes are the arms of its one `select!`:
 //! shutdown (SIGINT, SIGTERM), reload (SIGHUP: the plugins are reloaded from the config
-//! file), and the tick timer.
+//! file), a control request (a fleet command, or the MQTT link asking for the birth
+//! message), and the tick timer. Commands run between ticks, never inside one.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
@@ -25,6 +30,7 @@ use crate::clock::{Clock, VirtualClock};
 use crate::gpu::{GpuBackend, GpuInfo, Health};
 use crate::guard::{Bounds, PowerGuard};
 use crate::plugin::chain::{PluginSpec, PolicyChain};
+use crate::policy::PowerDecision;
 use crate::snapshot::NodeSnapshot;
 use crate::telemetry::{AgentStats, Event, Record, Sink};
 
@@ -44,6 +50,49 @@ pub struct Parts {
 
 /// Produces the current plugin list, or says why it cannot.
 pub type Reload = Box<dyn FnMut() -> Result<Vec<PluginSpec>, String> + Send>;
+
+/// What reaches the loop from outside (the MQTT link), handled between ticks.
+#[derive(Debug)]
+pub enum Control {
+    /// Change the desired state; the answer is a detail for the result, or why not.
+    Execute { request: Request, done: oneshot::Sender<Result<String, Refusal>> },
+    /// The birth message and the state topics.
+    Describe { done: oneshot::Sender<Description> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// A node budget in place of the configured one; `None` returns to the configured.
+    SetPowerBudget(Option<f64>),
+    /// An operator's limit for one GPU, within its bounds; `None` removes it.
+    SetPowerLimit { gpu: u32, watts: Option<f64> },
+    ReloadPlugins,
+}
+
+/// Why a request did not succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// It does not fit this node (no such GPU, outside bounds): nothing changed.
+    Rejected(String),
+    /// It was tried and did not work (a plugin failed to load).
+    Failed(String),
+}
+
+/// What commands set: restored at start so that a restart does not undo an operator.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    pub budget_w: Option<f64>,
+    pub limits_w: BTreeMap<u32, f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Description {
+    pub birth: Value,
+    /// Retained `state/<key>` messages.
+    pub state: Vec<(String, Value)>,
+    pub desired: Desired,
+}
 
 pub struct Agent {
     node: String,
@@ -66,6 +115,10 @@ pub struct Agent {
     /// Whether each sink failed last time, to log a failing sink once.
     sink_failing: Vec<bool>,
     stats: AgentStats,
+    control: Option<mpsc::Receiver<Control>>,
+    desired: Desired,
+    /// The budget in the config, to return to.
+    configured_budget_w: Option<f64>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -102,6 +155,7 @@ impl Agent {
     pub fn new(parts: Parts) -> Agent {
         let inventory: Arc<[GpuInfo]> = parts.backend.inventory().into();
         let n = inventory.len();
+        let configured_budget_w = parts.guard.budget_w();
         Agent {
             node: parts.node,
             tick: parts.tick,
@@ -117,8 +171,11 @@ impl Agent {
             health: vec![Health::Ok; n],
             last_failure: vec![None; n],
             sink_failing: vec![false; parts.sinks.len()],
+            configured_budget_w,
             sinks: parts.sinks,
             stats: AgentStats::default(),
+            control: None,
+            desired: Desired::default(),
         }
     }
 
@@ -164,7 +221,17 @@ impl Agent {
         };
 
         // 3. Decide, 4. check.
-        let decisions = self.policy.decide(&snapshot, &mut events, &mut metrics);
+        let mut decisions = self.policy.decide(&snapshot, &mut events, &mut metrics);
+        if !self.desired.limits_w.is_empty() {
+            // An operator's limit has the last word (the guard still checks it).
+            decisions.retain(|d| !self.desired.limits_w.contains_key(&d.gpu));
+            decisions.extend(self.desired.limits_w.iter().map(|(&gpu, &w)| PowerDecision {
+                gpu,
+                limit_w: w,
+                reason: "operator limit (set-power-limit command)".into(),
+                source: "operator".into(),
+            }));
+        }
         self.stats.plugin_faults +=
             events.iter().filter(|e| matches!(e, Event::PluginFault { .. })).count() as u64;
         let changes = self.guard.check(&snapshot, decisions, &mut events);
@@ -256,6 +323,134 @@ impl Agent {
         }
     }
 
+    /// Carry out a request from outside. Checks what only the agent can (GPU indices,
+    /// bounds); the change takes effect at the next tick, through the guard.
+    pub fn execute(&mut self, request: Request) -> Result<String, Refusal> {
+        match request {
+            Request::SetPowerBudget(w) => {
+                let budget = w.or(self.configured_budget_w);
+                self.guard.set_budget(budget);
+                self.desired.budget_w = w;
+                info!(budget_w = ?budget, "node power budget set by command");
+                Ok(match (w, budget) {
+                    (Some(w), _) => format!("node budget {w} W"),
+                    (None, Some(c)) => format!("node budget back to the configured {c} W"),
+                    (None, None) => "no node budget".into(),
+                })
+            }
+            Request::SetPowerLimit { gpu, watts } => {
+                let Some(b) = self.bounds.get(gpu as usize) else {
+                    return Err(Refusal::Rejected(format!(
+                        "GPU {gpu} does not exist; accepted: 0 to {}",
+                        self.bounds.len().saturating_sub(1)
+                    )));
+                };
+                match watts {
+                    Some(w) if w < b.lo || w > b.hi => Err(Refusal::Rejected(format!(
+                        "{w} W is outside GPU {gpu}'s bounds; accepted: {} to {} W",
+                        b.lo, b.hi
+                    ))),
+                    Some(w) => {
+                        self.desired.limits_w.insert(gpu, w);
+                        info!(gpu, limit_w = w, "operator limit set by command");
+                        Ok(format!("GPU {gpu} limit {w} W"))
+                    }
+                    None => {
+                        self.desired.limits_w.remove(&gpu);
+                        info!(gpu, "operator limit removed by command");
+                        Ok(format!("GPU {gpu} back to its policy"))
+                    }
+                }
+            }
+            Request::ReloadPlugins => {
+                if self.reload.is_none() {
+                    return Err(Refusal::Rejected(
+                        "this agent has no config file to reload plugins from".into(),
+                    ));
+                }
+                let before = self.pending.len();
+                self.reload();
+                let failures: Vec<String> = self.pending[before..]
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::ReloadFailed { error } => Some(error.clone()),
+                        Event::PluginLoadFailed { plugin, error, .. } => Some(format!("{plugin}: {error}")),
+                        _ => None,
+                    })
+                    .collect();
+                if failures.is_empty() {
+                    Ok(format!("{} plugins running", self.policy.status().len()))
+                } else {
+                    Err(Refusal::Failed(failures.join("; ")))
+                }
+            }
+        }
+    }
+
+    /// Apply what commands set before a restart; what no longer fits (a GPU gone, new
+    /// bounds) is logged and dropped.
+    pub fn restore(&mut self, desired: &Desired) {
+        let requests = desired
+            .budget_w
+            .map(|w| Request::SetPowerBudget(Some(w)))
+            .into_iter()
+            .chain(desired.limits_w.iter().map(|(&gpu, &w)| Request::SetPowerLimit { gpu, watts: Some(w) }));
+        for r in requests {
+            if let Err(e) = self.execute(r.clone()) {
+                warn!(request = ?r, error = ?e, "a saved desired state no longer applies; dropped");
+            }
+        }
+    }
+
+    /// The birth message and the retained state (see `docs/mqtt.md`).
+    pub fn describe(&self) -> Description {
+        let gpus: Vec<Value> = self
+            .inventory
+            .iter()
+            .zip(self.bounds.iter())
+            .map(|(g, b)| {
+                let mut v = serde_json::to_value(g).expect("inventory serialises");
+                v["bounds_w"] = json!({"min": b.lo, "max": b.hi});
+                v
+            })
+            .collect();
+        let plugins: Vec<Value> =
+            self.policy.status().iter().map(|(name, running)| json!({"name": name, "running": running})).collect();
+        let birth = json!({
+            "node": self.node,
+            "agent_version": env!("CARGO_PKG_VERSION"),
+            "schema": crate::telemetry::SCHEMA,
+            "backend": self.backend.kind(),
+            "tick_ms": self.tick.as_millis() as u64,
+            "gpus": gpus,
+            "plugins": plugins,
+        });
+        let state = vec![
+            (
+                "power-budget".to_owned(),
+                json!({"budget_w": self.guard.budget_w(), "commanded_w": self.desired.budget_w, "configured_w": self.configured_budget_w}),
+            ),
+            ("power-limits".to_owned(), json!({"limits_w": self.desired.limits_w})),
+        ];
+        Description { birth, state, desired: self.desired.clone() }
+    }
+
+    /// Take requests from `control` between ticks.
+    pub fn set_control(&mut self, control: mpsc::Receiver<Control>) {
+        self.control = Some(control);
+    }
+
+    fn handle(&mut self, c: Control) {
+        match c {
+            Control::Execute { request, done } => {
+                let _ = done.send(self.execute(request));
+            }
+            Control::Describe { done } => {
+                let _ = done.send(self.describe());
+            }
+        }
+    }
+
     /// Report events with the next tick (what happened while setting up).
     pub fn report(&mut self, events: Vec<Event>) {
         self.pending.extend(events);
@@ -307,6 +502,10 @@ impl Agent {
                     self.reload();
                     continue;
                 }
+                Some(c) = recv_control(&mut self.control) => {
+                    self.handle(c);
+                    continue;
+                }
                 late = next_tick(&mut timer) => {
                     if late.is_some_and(|l| period.is_some_and(|p| l > p)) {
                         self.stats.ticks_late += 1;
@@ -330,6 +529,17 @@ impl Agent {
 async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     match s {
         Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next control request; never, if there is no channel (or it closed).
+async fn recv_control(c: &mut Option<mpsc::Receiver<Control>>) -> Option<Control> {
+    match c {
+        Some(rx) => match rx.recv().await {
+            Some(c) => Some(c),
+            None => std::future::pending().await,
+        },
         None => std::future::pending().await,
     }
 }

@@ -58,6 +58,8 @@ pub struct Config {
     /// The power plugins, in the order they run (see `docs/plugins.md`).
     #[serde(default, rename = "plugin")]
     pub plugin: Vec<PluginConfig>,
+    /// Fleet reporting and commands (see `docs/mqtt.md`); off when absent.
+    pub mqtt: Option<MqttConfig>,
 }
 
 fn default_tick() -> Duration {
@@ -339,6 +341,153 @@ pub enum Grant {
     Raise,
 }
 
+pub const DEFAULT_MQTT_ROOT: &str = "gpulet/v1";
+pub const DEFAULT_MQTT_STATE_DIR: &str = "/var/lib/gpulet/mqtt";
+
+/// `[mqtt]`: the broker, the outbox and commands.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://HOST[:PORT]` (1883) or `mqtts://HOST[:PORT]` (8883, TLS).
+    pub url: String,
+    /// The topic root; topics are `<root>/<node>/…`.
+    #[serde(default = "default_root")]
+    pub root: String,
+    /// Default: `gpulet-<node>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// A file holding the password (secrets are never inline).
+    pub password_file: Option<PathBuf>,
+    /// For mqtts://: the CA certificate (PEM) that signed the broker's.
+    pub ca_file: Option<PathBuf>,
+    /// For mqtts://: a client certificate and its key (PEM), both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Longest wait between reconnection attempts (the wait doubles from 100 ms, jittered).
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// How long the broker keeps the session (and queued commands) while disconnected.
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// Backlog records replayed per second after a reconnect (live data goes first).
+    #[serde(default = "default_replay_rate")]
+    pub replay_rate: u32,
+    /// Most records published and not yet acknowledged.
+    #[serde(default = "default_inflight")]
+    pub inflight: u32,
+    /// The outbox, the incarnation counter, command ids and the desired state.
+    #[serde(default = "default_mqtt_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub outbox: OutboxSection,
+    #[serde(default)]
+    pub commands: CommandsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSection {
+    /// Pending bytes beyond which the oldest telemetry is dropped (events never are).
+    #[serde(default = "default_outbox_kib")]
+    pub max_kib: u64,
+    /// Telemetry older than this is dropped.
+    #[serde(default = "default_outbox_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(default = "default_segment_kib")]
+    pub segment_kib: u64,
+    /// Sync each tick's records to disk before they count as written.
+    #[serde(default = "yes")]
+    pub fsync: bool,
+}
+
+impl Default for OutboxSection {
+    fn default() -> Self {
+        OutboxSection { max_kib: default_outbox_kib(), max_age: default_outbox_age(), segment_kib: 1024, fsync: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Execute only commands signed by one of the keys (recommended for production).
+    #[serde(default)]
+    pub require_signed: bool,
+    /// Ed25519 public keys, base64 (as `gpulet keygen` writes them).
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    #[serde(default)]
+    pub public_key_files: Vec<PathBuf>,
+    /// Longest validity (expires_ms - issued_ms) of a signed command.
+    #[serde(default = "default_max_validity", with = "humantime_serde")]
+    pub max_validity: Duration,
+    /// Command ids are remembered this long (across restarts): a duplicate is rejected.
+    #[serde(default = "default_id_window", with = "humantime_serde")]
+    pub id_window: Duration,
+    #[serde(default = "default_max_payload_kib")]
+    pub max_payload_kib: u32,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            enabled: true,
+            require_signed: false,
+            public_keys: Vec::new(),
+            public_key_files: Vec::new(),
+            max_validity: default_max_validity(),
+            id_window: default_id_window(),
+            max_payload_kib: default_max_payload_kib(),
+        }
+    }
+}
+
+fn default_root() -> String {
+    DEFAULT_MQTT_ROOT.into()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_replay_rate() -> u32 {
+    200
+}
+fn default_inflight() -> u32 {
+    32
+}
+fn default_mqtt_state_dir() -> PathBuf {
+    DEFAULT_MQTT_STATE_DIR.into()
+}
+fn default_outbox_kib() -> u64 {
+    64 << 10
+}
+fn default_outbox_age() -> Duration {
+    Duration::from_secs(7 * 86400)
+}
+fn default_segment_kib() -> u64 {
+    1024
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_validity() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_id_window() -> Duration {
+    Duration::from_secs(86400)
+}
+fn default_max_payload_kib() -> u32 {
+    64
+}
+
 /// One problem with a configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -425,6 +574,9 @@ impl Config {
         v.telemetry(&self.telemetry);
         v.sim(&self.sim);
         v.plugins(&self.plugins, &self.plugin);
+        if let Some(m) = &self.mqtt {
+            v.mqtt(m);
+        }
         if v.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(v.errors)) }
     }
 
@@ -724,6 +876,72 @@ impl Validator {
                     "lists a grant twice; accepted: \"lower\" and \"raise\", each at most once",
                 );
             }
+        }
+    }
+}
+
+impl Validator {
+    fn mqtt(&mut self, m: &MqttConfig) {
+        match crate::mqtt::parse_url(&m.url) {
+            Ok((tls, _, _)) => {
+                if !tls && (m.ca_file.is_some() || m.cert_file.is_some()) {
+                    self.err("mqtt.ca_file", "is set but the url is mqtt://; accepted: TLS files only with mqtts://");
+                }
+                if tls && m.ca_file.is_none() {
+                    self.err("mqtt.ca_file", "missing; mqtts:// needs the CA certificate (PEM) that signed the broker's");
+                }
+            }
+            Err(e) => self.err("mqtt.url", e),
+        }
+        if m.cert_file.is_some() != m.key_file.is_some() {
+            self.err("mqtt.cert_file", "cert_file and key_file go together; accepted: both or neither");
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            self.err("mqtt.password_file", "is set without mqtt.username");
+        }
+        let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']) && !t.starts_with('/') && !t.ends_with('/');
+        if !topic_ok(&m.root) {
+            self.err("mqtt.root", format!("{:?} is not a topic root; accepted: topic levels without '+', '#', or a leading or trailing '/'", m.root));
+        }
+        if let Some(c) = &m.client_id
+            && (c.is_empty() || c.len() > 128 || c.contains(['+', '#', '/']))
+        {
+            self.err("mqtt.client_id", format!("{c:?}; accepted: 1 to 128 characters without '+', '#', '/'"));
+        }
+        let secs = |d: Duration| d.as_secs_f64();
+        if !(5.0..=3600.0).contains(&secs(m.keep_alive)) {
+            self.err("mqtt.keep_alive", format!("{} is out of range; accepted: 5s to 1h", show(m.keep_alive)));
+        }
+        if !(0.1..=3600.0).contains(&secs(m.reconnect_max)) {
+            self.err("mqtt.reconnect_max", format!("{} is out of range; accepted: 100ms to 1h", show(m.reconnect_max)));
+        }
+        if m.session_expiry > Duration::from_secs(u32::MAX as u64) {
+            self.err("mqtt.session_expiry", format!("{} is out of range; accepted: 0s to 136years", show(m.session_expiry)));
+        }
+        if !(1..=100_000).contains(&m.replay_rate) {
+            self.err("mqtt.replay_rate", format!("{} is out of range; accepted: 1 to 100000 records per second", m.replay_rate));
+        }
+        if !(1..=1000).contains(&m.inflight) {
+            self.err("mqtt.inflight", format!("{} is out of range; accepted: 1 to 1000", m.inflight));
+        }
+        if !(4..=1 << 30).contains(&m.outbox.max_kib) {
+            self.err("mqtt.outbox.max_kib", format!("{} is out of range; accepted: 4 to 1073741824 (1 TiB)", m.outbox.max_kib));
+        }
+        if !(4..=1 << 20).contains(&m.outbox.segment_kib) {
+            self.err("mqtt.outbox.segment_kib", format!("{} is out of range; accepted: 4 to 1048576", m.outbox.segment_kib));
+        }
+        if m.outbox.max_age < Duration::from_secs(1) {
+            self.err("mqtt.outbox.max_age", format!("{} is out of range; accepted: at least 1s", show(m.outbox.max_age)));
+        }
+        let c = &m.commands;
+        if c.require_signed && c.public_keys.is_empty() && c.public_key_files.is_empty() {
+            self.err("mqtt.commands.require_signed", "is true but no public key is configured; accepted: public_keys or public_key_files");
+        }
+        if !(1..=1024).contains(&c.max_payload_kib) {
+            self.err("mqtt.commands.max_payload_kib", format!("{} is out of range; accepted: 1 to 1024", c.max_payload_kib));
+        }
+        if c.max_validity < Duration::from_secs(1) || c.max_validity > c.id_window {
+            self.err("mqtt.commands.max_validity", format!("{} is out of range; accepted: 1s up to id_window ({}), so that a replay is caught by its id or its expiry", show(c.max_validity), show(c.id_window)));
         }
     }
 }

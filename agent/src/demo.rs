@@ -35,12 +35,26 @@ pub struct Options {
     pub json: bool,
     /// Simulated seconds per wall second; `None` runs as fast as possible.
     pub speed: Option<f64>,
+    /// Publish to this broker too.
+    pub mqtt: Option<String>,
 }
 
 /// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
 /// time), writing to `out`.
-pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, VirtualClock), Error> {
-    let config = config();
+pub fn agent(
+    opts: &Options,
+    out: Box<dyn Write + Send>,
+) -> Result<(Agent, VirtualClock, Option<crate::mqtt::Mqtt>), Error> {
+    let mut config = config();
+    if let Some(url) = &opts.mqtt {
+        let mut m: crate::config::MqttConfig = toml::from_str(&format!("url = {url:?}"))
+            .map_err(|e| crate::config::ConfigError::invalid("--mqtt", e.message().to_owned()))
+            .map_err(crate::config::ConfigErrors::from)?;
+        // The demo keeps its outbox apart from a real agent's.
+        m.state_dir = std::env::temp_dir().join("gpulet-demo-mqtt");
+        config.mqtt = Some(m);
+        config.validate()?;
+    }
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let clock = VirtualClock::new(now_ms);
     let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone()))?;
@@ -49,16 +63,19 @@ pub fn agent(opts: &Options, out: Box<dyn Write + Send>) -> Result<(Agent, Virtu
     } else {
         Box::new(LiveView::new(out, config.tick, backend.backend.inventory().len()))
     };
-    let agent =
-        setup::agent(&config, Path::new("."), backend, vec![sink], Arc::new(clock.clone()))?;
-    Ok((agent, clock))
+    let mut sinks = vec![sink];
+    let linked = setup::mqtt(&config, Path::new("."), &mut sinks)?;
+    let mut agent =
+        setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone()))?;
+    let mqtt = linked.map(|l| l.attach(&mut agent));
+    Ok((agent, clock, mqtt))
 }
 
 /// Run the demo until `ticks`, Ctrl-C, or its output is closed (`gpulet demo | head`).
 pub async fn run(opts: Options) -> Result<u64, Error> {
     let closed = Arc::new(Notify::new());
     let out = ClosedPipeNotifier { out: std::io::stdout(), closed: closed.clone() };
-    let (mut agent, clock) = agent(&opts, Box::new(out))?;
+    let (mut agent, clock, mqtt) = agent(&opts, Box::new(out))?;
     let pacing = Pacing::Virtual { clock, speed: opts.speed };
     let stop = async {
         tokio::select! {
@@ -66,7 +83,11 @@ pub async fn run(opts: Options) -> Result<u64, Error> {
             () = closed.notified() => {}
         }
     };
-    Ok(agent.run(opts.ticks, pacing, stop).await)
+    let ticks = agent.run(opts.ticks, pacing, stop).await;
+    if let Some(m) = mqtt {
+        m.stop().await;
+    }
+    Ok(ticks)
 }
 
 /// Standard output that tells the demo to stop when the reader has gone, as command-line

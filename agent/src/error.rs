@@ -15,8 +15,12 @@ pub enum Error {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
     #[error("the plugin {0}")]
     PluginCall(String),
+    #[error("{0}")]
+    Command(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }

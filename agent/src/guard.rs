@@ -124,6 +124,12 @@ impl PowerGuard {
         self.budget_w
     }
 
+    /// A new node budget (from a command), effective at the next check.
+    pub fn set_budget(&mut self, budget_w: Option<f64>) {
+        self.budget_w = budget_w;
+        self.infeasible = false;
+    }
+
     /// Every GPU's effective bounds, in index order.
     pub fn bounds(&self) -> &[Bounds] {
         &self.bounds

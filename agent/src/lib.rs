@@ -8,6 +8,7 @@ pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod guard;
+pub mod mqtt;
 pub mod plugin;
 pub mod policy;
 pub mod setup;

@@ -11,7 +11,7 @@ use gpulet::clock::SystemClock;
 use gpulet::config::{BackendKind, Config, ConfigError, ConfigErrors, Loaded};
 use gpulet::error::Error;
 use gpulet::plugin::dry_run::{self, SnapshotFile};
-use gpulet::{demo, setup};
+use gpulet::{demo, mqtt, setup};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +56,48 @@ enum Command {
         /// Simulated seconds per wall second; 0 runs as fast as possible.
         #[arg(long, default_value_t = 1.0, value_name = "X")]
         speed: f64,
+        /// Also publish the demo node to this broker (mqtt://HOST[:PORT]); watch it with
+        /// `mosquitto_sub -v -t 'gpulet/v1/#'`.
+        #[arg(long, value_name = "URL")]
+        mqtt: Option<String>,
+    },
+    /// Send a command to a node over MQTT, wait for its result and print it (JSON lines).
+    /// Exit 0 if it succeeded, 1 otherwise.
+    Cmd {
+        /// The broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        #[arg(long, value_name = "NODE")]
+        node: String,
+        /// set-power-budget, set-power-limit, reload-plugins, rebirth or ping.
+        #[arg(value_name = "COMMAND")]
+        command: String,
+        /// The arguments, a JSON object, e.g. '{"watts": 4000}'.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        args: String,
+        /// Sign with this private key (from `gpulet keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        #[arg(long, default_value = "gpulet/v1", value_name = "ROOT")]
+        root: String,
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        timeout: humantime::Duration,
+        /// For mqtts://: the CA certificate (PEM).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        #[arg(long, value_name = "NAME")]
+        username: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Publish the command retained (nodes refuse it; for testing that they do).
+        #[arg(long, hide = true)]
+        retain: bool,
+    },
+    /// Make an Ed25519 key pair for signed commands: PREFIX.key (private, mode 0600) and
+    /// PREFIX.pub (for mqtt.commands.public_key_files).
+    Keygen {
+        #[arg(value_name = "PREFIX")]
+        prefix: PathBuf,
     },
     /// Tools for plugin authors.
     #[command(subcommand)]
@@ -118,6 +160,8 @@ impl From<Backend> for BackendKind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls needs exactly one process-wide crypto provider (rumqttc pitfall 10).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let default_level = match cli.command {
         Command::Demo { .. } => tracing::Level::WARN,
         _ => tracing::Level::INFO,
@@ -142,12 +186,106 @@ fn run(command: Command) -> Result<(), Error> {
             if let Some(b) = backend {
                 loaded.config.backend = b.into();
             }
-            let clock = SystemClock::new();
-            let opened = setup::open_backend(&loaded.config, &loaded.base_dir, clock.clone())?;
-            let sinks = setup::sinks(&loaded.config)?;
-            let mut agent = setup::agent(&loaded.config, &loaded.base_dir, opened, sinks, clock)?;
-            agent.set_reload(setup::reloader(config));
-            block_on(agent.run(ticks, Pacing::RealTime, shutdown_signal()))?;
+            block_on(async move {
+                let clock = SystemClock::new();
+                let opened = setup::open_backend(&loaded.config, &loaded.base_dir, clock.clone())?;
+                let mut sinks = setup::sinks(&loaded.config)?;
+                let linked = setup::mqtt(&loaded.config, &loaded.base_dir, &mut sinks)?;
+                let mut agent =
+                    setup::agent(&loaded.config, &loaded.base_dir, opened, sinks, clock)?;
+                agent.set_reload(setup::reloader(config));
+                let mqtt = linked.map(|l| l.attach(&mut agent));
+                agent.run(ticks, Pacing::RealTime, shutdown_signal()).await;
+                if let Some(m) = mqtt {
+                    m.stop().await;
+                }
+                Ok::<_, Error>(())
+            })??;
+            Ok(())
+        }
+        Command::Cmd {
+            broker,
+            node,
+            command,
+            args,
+            key,
+            root,
+            timeout,
+            ca_file,
+            username,
+            password_file,
+            retain,
+        } => {
+            let usage = |k: &str, e: String| Error::from(ConfigErrors(vec![ConfigError::invalid(k, e)]));
+            let args: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&args)
+                .map_err(|e| usage("--args", format!("not a JSON object: {e}")))?;
+            let read = |k: &str, p: &PathBuf| {
+                std::fs::read(p).map_err(|e| usage(k, format!("cannot read {}: {e}", p.display())))
+            };
+            let key = match &key {
+                Some(p) => Some(
+                    mqtt::command::signing_key(&String::from_utf8_lossy(&read("--key", p)?))
+                        .map_err(|e| usage("--key", e))?,
+                ),
+                None => None,
+            };
+            let tls = match &ca_file {
+                Some(p) => Some(std::sync::Arc::new(
+                    mqtt::tls_config(Some(&read("--ca-file", p)?), None)
+                        .map_err(|(_, e)| usage("--ca-file", e))?,
+                )),
+                None => None,
+            };
+            let password = match &password_file {
+                Some(p) => String::from_utf8_lossy(&read("--password-file", p)?).trim_end().to_owned(),
+                None => String::new(),
+            };
+            let opts = mqtt::send::SendOptions {
+                url: broker,
+                root,
+                node,
+                command,
+                args,
+                key,
+                timeout: timeout.into(),
+                tls,
+                credentials: username.map(|u| (u, password)),
+                retain,
+            };
+            let results = block_on(mqtt::send::send(opts))?.map_err(Error::Command)?;
+            for r in &results {
+                println!("{r}");
+            }
+            match results.last().and_then(|r| r["status"].as_str()) {
+                Some("succeeded") => Ok(()),
+                other => Err(Error::Command(format!("the command did not succeed ({})", other.unwrap_or("no result")))),
+            }
+        }
+        Command::Keygen { prefix } => {
+            let (private, public) = mqtt::command::keygen().map_err(Error::Runtime)?;
+            let with = |ext: &str| {
+                let mut p = prefix.clone().into_os_string();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            let (key_path, pub_path) = (with(".key"), with(".pub"));
+            let write_private = || -> std::io::Result<()> {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&key_path)?;
+                writeln!(f, "{private}")
+            };
+            write_private().map_err(|e| {
+                Error::Command(format!("cannot write {}: {e} (an existing key is never overwritten)", key_path.display()))
+            })?;
+            std::fs::write(&pub_path, format!("{public}\n"))
+                .map_err(|e| Error::Command(format!("cannot write {}: {e}", pub_path.display())))?;
+            println!("private key: {} (keep it secret)", key_path.display());
+            println!("public key:  {} = {public}", pub_path.display());
             Ok(())
         }
         Command::CheckConfig { file } => {
@@ -156,9 +294,9 @@ fn run(command: Command) -> Result<(), Error> {
             println!("{}: valid", file.display());
             Ok(())
         }
-        Command::Demo { ticks, json, speed } => {
+        Command::Demo { ticks, json, speed, mqtt } => {
             let speed = (speed > 0.0).then_some(speed);
-            block_on(demo::run(demo::Options { ticks, json, speed }))??;
+            block_on(demo::run(demo::Options { ticks, json, speed, mqtt }))??;
             Ok(())
         }
         Command::Plugin(PluginCommand::Check { file, config }) => {

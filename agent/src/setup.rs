@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{Agent, Parts, Reload};
+use crate::agent::{Agent, Control, Desired, Parts, Reload};
 use crate::clock::Clock;
 use crate::config::{
     BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SimConfig, SinkKind,
@@ -18,6 +18,7 @@ use crate::gpu::sim::workload::{TraceReplay, WorkloadKind};
 use crate::gpu::sim::{self, Fault, GpuSpec, ScheduledFault, SimBackend, SimHandle, SimNode};
 use crate::gpu::{Field, GpuBackend, GpuError};
 use crate::guard::PowerGuard;
+use crate::mqtt::{Mqtt, Settings};
 use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
 use crate::plugin::engine::PluginEngine;
 use crate::plugin::instance::Limits;
@@ -206,4 +207,41 @@ pub fn reloader(path: PathBuf) -> Reload {
         let loaded = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(plugin_specs(&loaded.config, &loaded.base_dir))
     })
+}
+
+/// The MQTT link, started, waiting to be attached to its agent.
+pub struct Linked {
+    pub mqtt: Mqtt,
+    control: tokio::sync::mpsc::Receiver<Control>,
+    desired: Option<Desired>,
+}
+
+impl std::fmt::Debug for Linked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.mqtt.fmt(f)
+    }
+}
+
+impl Linked {
+    /// Give the agent its control channel and what commands had set before a restart.
+    pub fn attach(self, agent: &mut Agent) -> Mqtt {
+        agent.set_control(self.control);
+        if let Some(d) = &self.desired {
+            agent.restore(d);
+        }
+        self.mqtt
+    }
+}
+
+/// Start the MQTT link when `[mqtt]` is configured; its sink joins `sinks`. Must run
+/// inside the tokio runtime that will run the agent.
+pub fn mqtt(
+    config: &Config,
+    base_dir: &Path,
+    sinks: &mut Vec<Box<dyn Sink>>,
+) -> Result<Option<Linked>, Error> {
+    let Some(m) = &config.mqtt else { return Ok(None) };
+    let started = Mqtt::start(Settings::new(m, &config.node_id(), base_dir)?)?;
+    sinks.push(Box::new(started.sink));
+    Ok(Some(Linked { mqtt: started.mqtt, control: started.control, desired: started.desired }))
 }

@@ -3,9 +3,11 @@
 //! test binary (faster to link than one per file).
 
 mod agent_loop;
+mod broker;
 mod cli;
 mod config;
 mod docs;
+mod mqtt;
 mod plugins;
 mod policies;
 

@@ -1,0 +1,496 @@
+//! Fleet reporting and control over MQTT 5. The topic contract is in `docs/mqtt.md`.
+//!
+//! ```text
+//!  agent tick ──▶ MqttSink ──append──▶ Outbox (disk) ──▶ link task ──▶ rumqttc ──▶ broker
+//!                                         ▲  commit on PUBACK  │            ▲
+//!  agent loop ◀── Control (commands, describe) ◀───────────────┘   poll task ┘
+//! ```
+//!
+//! - [`MqttSink`] writes each tick's telemetry record and events into the [`Outbox`];
+//!   the agent never waits on the network.
+//! - The link and poll tasks (`link.rs`) own the connection; commands reach the agent
+//!   through its control channel and are executed between ticks, by the loop.
+//! - Files under `state_dir`: `inc` (the incarnation counter), `outbox/`, `command-ids`
+//!   (ids seen, for exactly-once), `desired.json` (what commands set, restored at start).
+
+pub mod command;
+mod link;
+pub mod outbox;
+pub mod send;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::LastWill;
+use rumqttc::v5::{AsyncClient, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{error, warn};
+
+use crate::agent::{Control, Desired};
+use crate::config::{ConfigError, ConfigErrors, MqttConfig};
+use crate::telemetry::{Record, Sink, SinkError};
+use link::{Ev, Link, LinkSettings, Poller};
+use outbox::{Class, Outbox, OutboxConfig, OutboxStats};
+
+/// The topics of one node (see `docs/mqtt.md`).
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub root: String,
+    pub node: String,
+}
+
+impl Topics {
+    fn at(&self, leaf: &str) -> String {
+        format!("{}/{}/{leaf}", self.root, self.node)
+    }
+    pub fn status(&self) -> String {
+        self.at("status")
+    }
+    pub fn birth(&self) -> String {
+        self.at("birth")
+    }
+    pub fn telemetry(&self) -> String {
+        self.at("telemetry")
+    }
+    pub fn event(&self, kind: &str) -> String {
+        self.at(&format!("events/{kind}"))
+    }
+    pub fn state(&self, key: &str) -> String {
+        self.at(&format!("state/{key}"))
+    }
+    pub fn command(&self, name: &str) -> String {
+        self.at(&format!("cmd/{name}"))
+    }
+    pub fn command_filter(&self) -> String {
+        self.at("cmd/+")
+    }
+    pub fn cmd_result(&self, name: &str) -> String {
+        self.at(&format!("cmd-result/{name}"))
+    }
+}
+
+/// The `status` payload.
+pub fn status_payload(state: &str, inc: u64, ts_ms: u64) -> String {
+    json!({"state": state, "inc": inc, "ts_ms": ts_ms}).to_string()
+}
+
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The link's own numbers, published in every telemetry record as `mqtt`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MqttStats {
+    pub connected: bool,
+    pub inc: u64,
+    /// Records waiting in the outbox, and their bytes.
+    pub outbox_depth: u64,
+    pub outbox_bytes: u64,
+    /// Telemetry records the outbox bound dropped, since start.
+    pub dropped: u64,
+    /// Connections after the first, since start.
+    pub reconnects: u64,
+    /// Backlog records not yet replayed.
+    pub replay_lag: u64,
+    /// Records the broker acknowledged, since start.
+    pub published: u64,
+    /// Publishes the broker refused (negative PUBACK), since start.
+    pub refused: u64,
+    pub commands_accepted: u64,
+    pub commands_rejected: u64,
+}
+
+/// What the sink, the link and the poll task share.
+pub(crate) struct Shared {
+    outbox: Mutex<Outbox>,
+    notify: Notify,
+    stats: Mutex<MqttStats>,
+    topics: Topics,
+    inc: AtomicU64,
+    inc_path: PathBuf,
+}
+
+impl Shared {
+    fn inc(&self) -> u64 {
+        self.inc.load(Ordering::SeqCst)
+    }
+
+    /// The next incarnation, persisted before it is used.
+    fn next_inc(&self) -> u64 {
+        let inc = self.inc.fetch_add(1, Ordering::SeqCst) + 1;
+        let tmp = self.inc_path.with_extension("tmp");
+        let write = std::fs::write(&tmp, inc.to_string()).and_then(|()| std::fs::rename(&tmp, &self.inc_path));
+        if let Err(e) = write {
+            error!(path = %self.inc_path.display(), error = %e, "cannot persist the incarnation counter; a restart may reuse it");
+        }
+        self.stats.lock().expect("stats").inc = inc;
+        inc
+    }
+
+    /// Append a message with `inc` and `seq` added, durably, and wake the link.
+    fn append(&self, class: Class, topic: &str, correlation: Option<&[u8]>, mut body: Value) {
+        let mut outbox = self.outbox.lock().expect("outbox");
+        body["inc"] = json!(self.inc());
+        body["seq"] = json!(outbox.next_seq());
+        let r = outbox.append(class, wall_ms(), topic, correlation, body.to_string().as_bytes()).and_then(|_| outbox.flush());
+        drop(outbox);
+        if let Err(e) = r {
+            error!(error = %e, topic, "cannot write to the outbox; this message is lost");
+        }
+        self.notify.notify_one();
+    }
+
+    /// An event of the link itself (`kind` in `body`).
+    fn event(&self, mut body: Value) {
+        let kind = body["kind"].as_str().unwrap_or("mqtt").to_owned();
+        body["node"] = json!(self.topics.node);
+        body["ts_ms"] = json!(wall_ms());
+        self.append(Class::Critical, &self.topics.event(&kind), None, body);
+    }
+}
+
+/// `[mqtt]` resolved: files read, URL parsed, keys decoded.
+#[derive(Debug)]
+pub struct Settings {
+    pub topics: Topics,
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub credentials: Option<(String, String)>,
+    pub keep_alive: Duration,
+    pub reconnect_max: Duration,
+    pub session_expiry: Duration,
+    pub replay_rate: u32,
+    pub inflight: usize,
+    pub state_dir: PathBuf,
+    pub outbox: OutboxConfig,
+    pub commands: Option<command::Policy>,
+    pub command_id_window: Duration,
+}
+
+impl Settings {
+    /// Resolve `[mqtt]` (validated) for `node`; paths are relative to `base_dir`.
+    pub fn new(cfg: &MqttConfig, node: &str, base_dir: &Path) -> Result<Settings, ConfigErrors> {
+        let mut errors = Vec::new();
+        let (tls, host, port) = match parse_url(&cfg.url) {
+            Ok(x) => x,
+            Err(e) => return Err(ConfigError::invalid("mqtt.url", e).into()),
+        };
+        let read = |key: &str, p: &Path, errors: &mut Vec<ConfigError>| {
+            std::fs::read(base_dir.join(p))
+                .map_err(|e| errors.push(ConfigError::invalid(key, format!("cannot read {}: {e}", p.display()))))
+                .ok()
+        };
+        let password = cfg.password_file.as_ref().and_then(|p| read("mqtt.password_file", p, &mut errors));
+        let credentials = cfg.username.clone().map(|u| {
+            (u, password.map(|p| String::from_utf8_lossy(&p).trim_end_matches(['\n', '\r']).to_owned()).unwrap_or_default())
+        });
+        let tls = if tls {
+            let ca = cfg.ca_file.as_ref().and_then(|p| read("mqtt.ca_file", p, &mut errors));
+            let cert = cfg.cert_file.as_ref().and_then(|p| read("mqtt.cert_file", p, &mut errors));
+            let key = cfg.key_file.as_ref().and_then(|p| read("mqtt.key_file", p, &mut errors));
+            match tls_config(ca.as_deref(), cert.as_deref().zip(key.as_deref())) {
+                Ok(c) => Some(Arc::new(c)),
+                Err((k, e)) => {
+                    errors.push(ConfigError::invalid(k, e));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut keys = Vec::new();
+        for (i, k) in cfg.commands.public_keys.iter().enumerate() {
+            match command::verifying_key(k) {
+                Ok(k) => keys.push(k),
+                Err(e) => errors.push(ConfigError::invalid(format!("mqtt.commands.public_keys[{i}]"), e)),
+            }
+        }
+        for (i, p) in cfg.commands.public_key_files.iter().enumerate() {
+            let key = format!("mqtt.commands.public_key_files[{i}]");
+            if let Some(text) = read(&key, p, &mut errors) {
+                match command::verifying_key(&String::from_utf8_lossy(&text)) {
+                    Ok(k) => keys.push(k),
+                    Err(e) => errors.push(ConfigError::invalid(key, e)),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let state_dir = base_dir.join(&cfg.state_dir);
+        Ok(Settings {
+            topics: Topics { root: cfg.root.clone(), node: node.to_owned() },
+            client_id: cfg.client_id.clone().unwrap_or_else(|| format!("gpulet-{node}")),
+            host,
+            port,
+            tls,
+            credentials,
+            keep_alive: cfg.keep_alive,
+            reconnect_max: cfg.reconnect_max,
+            session_expiry: cfg.session_expiry,
+            replay_rate: cfg.replay_rate,
+            inflight: cfg.inflight as usize,
+            outbox: OutboxConfig {
+                dir: state_dir.join("outbox"),
+                max_bytes: cfg.outbox.max_kib << 10,
+                max_age_ms: cfg.outbox.max_age.as_millis() as u64,
+                segment_bytes: cfg.outbox.segment_kib << 10,
+                fsync: cfg.outbox.fsync,
+            },
+            state_dir,
+            commands: cfg.commands.enabled.then(|| command::Policy {
+                max_payload: (cfg.commands.max_payload_kib as usize) << 10,
+                keys,
+                require_signed: cfg.commands.require_signed,
+                max_validity_ms: cfg.commands.max_validity.as_millis() as u64,
+                max_skew_ms: 30_000,
+            }),
+            command_id_window: cfg.commands.id_window,
+        })
+    }
+}
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]` → (tls, host, port).
+pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
+    let accepted = "accepted: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]";
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!("{url:?} has no mqtt:// or mqtts:// scheme; {accepted}"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| format!("{url:?} has port {p:?}, not a number from 1 to 65535; {accepted}"))?)
+        }
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', '@', '?']) || port == 0 {
+        return Err(format!("{url:?} is not a broker address; {accepted}"));
+    }
+    Ok((tls, host.to_owned(), port))
+}
+
+pub fn tls_config(ca: Option<&[u8]>, client: Option<(&[u8], &[u8])>) -> Result<rustls::ClientConfig, (&'static str, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    let Some(ca) = ca else {
+        return Err(("mqtt.ca_file", "missing; mqtts:// needs the CA certificate (PEM) that signed the broker's".into()));
+    };
+    for cert in rustls_pemfile::certs(&mut &ca[..]) {
+        let cert = cert.map_err(|e| ("mqtt.ca_file", format!("not a PEM certificate: {e}")))?;
+        roots.add(cert).map_err(|e| ("mqtt.ca_file", format!("unusable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(("mqtt.ca_file", "holds no PEM certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("mqtt.url", e.to_string()))?
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let certs = rustls_pemfile::certs(&mut &cert[..])
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ("mqtt.cert_file", format!("not a PEM certificate: {e}")))?;
+            let key = rustls_pemfile::private_key(&mut &key[..])
+                .map_err(|e| ("mqtt.key_file", format!("not a PEM private key: {e}")))?
+                .ok_or(("mqtt.key_file", "holds no PEM private key".to_owned()))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| ("mqtt.cert_file", format!("certificate and key do not fit: {e}")))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("MQTT state folder {path}: {error}")]
+    State { path: String, error: std::io::Error },
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
+}
+
+/// The running link, to stop it cleanly.
+pub struct Mqtt {
+    stop: oneshot::Sender<oneshot::Sender<()>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Mqtt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mqtt").field("topics", &self.shared.topics).finish_non_exhaustive()
+    }
+}
+
+/// What [`Mqtt::start`] gives: the link, the sink for the agent, the agent's control
+/// channel, and what commands set before the last stop (to restore).
+pub struct Started {
+    pub mqtt: Mqtt,
+    pub sink: MqttSink,
+    pub control: mpsc::Receiver<Control>,
+    pub desired: Option<Desired>,
+}
+
+impl Mqtt {
+    /// Open the state, start the poll and link tasks (on the current tokio runtime).
+    pub fn start(s: Settings) -> Result<Started, MqttError> {
+        let state_err = |p: &Path| {
+            let path = p.display().to_string();
+            move |error| MqttError::State { path, error }
+        };
+        std::fs::create_dir_all(&s.state_dir).map_err(state_err(&s.state_dir))?;
+        let inc_path = s.state_dir.join("inc");
+        let inc = match std::fs::read_to_string(&inc_path) {
+            Ok(t) => t.trim().parse().unwrap_or_else(|_| {
+                warn!(path = %inc_path.display(), "the incarnation file is unreadable; starting again from 0");
+                0
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(state_err(&inc_path)(e)),
+        };
+        let fsync = s.outbox.fsync;
+        let outbox = Outbox::open(s.outbox.clone())?;
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(outbox),
+            notify: Notify::new(),
+            stats: Mutex::new(MqttStats::default()),
+            topics: s.topics.clone(),
+            inc: AtomicU64::new(inc),
+            inc_path,
+        });
+        let inc = shared.next_inc();
+        let desired_path = s.state_dir.join("desired.json");
+        let desired = match std::fs::read(&desired_path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .inspect_err(|e| warn!(path = %desired_path.display(), error = %e, "desired state unreadable; not restored"))
+                .ok(),
+            Err(_) => None,
+        };
+        let seen = match &s.commands {
+            Some(_) => {
+                let path = s.state_dir.join("command-ids");
+                Some(
+                    command::SeenIds::open(&path, s.command_id_window.as_millis() as u64, 100_000, fsync, wall_ms())
+                        .map_err(state_err(&path))?,
+                )
+            }
+            None => None,
+        };
+
+        let mut opts = MqttOptions::new(&s.client_id, &s.host, s.port);
+        opts.set_keep_alive(s.keep_alive)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(s.session_expiry.as_secs() as u32))
+            .set_manual_acks(true)
+            // Commands larger than the limit are rejected by the link with a reason; a
+            // packet above rumqttc's own limit would drop the connection (pitfall 6).
+            .set_max_packet_size(Some(4 << 20))
+            .set_last_will(LastWill::new(s.topics.status(), status_payload("offline", inc, wall_ms()), QoS::AtLeastOnce, true, None));
+        if let Some((u, p)) = &s.credentials {
+            opts.set_credentials(u, p);
+        }
+        if let Some(tls) = &s.tls {
+            opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.clone())));
+        }
+        // Room for the window, status, birth, state, acks and results.
+        let (client, eventloop) = AsyncClient::new(opts, s.inflight + 256);
+        let fifo = Arc::default();
+        let (tx, rx) = mpsc::unbounded_channel::<Ev>();
+        let (control_tx, control) = mpsc::channel(64);
+        let (stop, stop_rx) = oneshot::channel();
+        tokio::spawn(
+            Poller { eventloop, fifo: Arc::clone(&fifo), shared: shared.clone(), tx, reconnect_max: s.reconnect_max }.run(),
+        );
+        tokio::spawn(
+            Link {
+                client,
+                fifo,
+                shared: shared.clone(),
+                rx,
+                control: control_tx,
+                settings: LinkSettings { inflight: s.inflight, replay_rate: s.replay_rate, commands: s.commands, seen, desired_path },
+                stop: stop_rx,
+                ever_connected: false,
+            }
+            .run(),
+        );
+        let sink = MqttSink { shared: shared.clone() };
+        Ok(Started { mqtt: Mqtt { stop, shared }, sink, control, desired })
+    }
+
+    /// Publish `offline`, drain the outbox for up to 2 s, save its state, disconnect.
+    pub async fn stop(self) {
+        let (done, wait) = oneshot::channel();
+        if self.stop.send(done).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    pub fn stats(&self) -> MqttStats {
+        current_stats(&self.shared)
+    }
+}
+
+fn current_stats(shared: &Shared) -> MqttStats {
+    let o: OutboxStats = shared.outbox.lock().expect("outbox").stats();
+    let mut st = *shared.stats.lock().expect("stats");
+    st.outbox_depth = o.depth;
+    st.outbox_bytes = o.bytes;
+    st.dropped = o.dropped;
+    st
+}
+
+/// The agent's sink into the outbox: one `telemetry` message and one `events/<kind>`
+/// message per event, each tick, synced to disk together.
+pub struct MqttSink {
+    shared: Arc<Shared>,
+}
+
+impl Sink for MqttSink {
+    fn emit(&mut self, record: &Record<'_>) -> Result<(), SinkError> {
+        let sh = &self.shared;
+        let stats = current_stats(sh);
+        let inc = sh.inc();
+        let mut outbox = sh.outbox.lock().expect("outbox");
+        let io = |e: outbox::OutboxError| SinkError::Write(std::io::Error::other(e.to_string()));
+        for event in record.events {
+            let mut v = serde_json::to_value(event).expect("events serialise");
+            let kind = v["kind"].as_str().unwrap_or("event").to_owned();
+            v["node"] = json!(record.node);
+            v["ts_ms"] = json!(record.ts_ms);
+            v["inc"] = json!(inc);
+            v["seq"] = json!(outbox.next_seq());
+            outbox.append(Class::Critical, record.ts_ms, &sh.topics.event(&kind), None, v.to_string().as_bytes()).map_err(io)?;
+        }
+        let mut v = serde_json::to_value(record).expect("records serialise");
+        v["tick"] = v["seq"].take();
+        v["inc"] = json!(inc);
+        v["seq"] = json!(outbox.next_seq());
+        v["mqtt"] = json!(stats);
+        outbox.append(Class::Telemetry, record.ts_ms, &sh.topics.telemetry(), None, v.to_string().as_bytes()).map_err(io)?;
+        if let Some(loss) = outbox.enforce_bounds(wall_ms()).map_err(io)? {
+            warn!(first_seq = loss.first_seq, last_seq = loss.last_seq, records = loss.records, reason = loss.reason, "outbox full: oldest telemetry dropped");
+            let v = json!({
+                "kind": "data-loss", "node": record.node, "ts_ms": record.ts_ms, "inc": inc, "seq": outbox.next_seq(),
+                "first_seq": loss.first_seq, "last_seq": loss.last_seq, "records": loss.records, "bytes": loss.bytes,
+                "reason": loss.reason,
+            });
+            outbox.append(Class::Critical, record.ts_ms, &sh.topics.event("data-loss"), None, v.to_string().as_bytes()).map_err(io)?;
+        }
+        outbox.flush().map_err(io)?;
+        drop(outbox);
+        sh.notify.notify_one();
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! `gpulet cmd`: send one command to a node and wait for its result, the way an operator
+//! (or a test) does it: MQTT 5 response topic and correlation data, message expiry, and
+//! a signature when given a key.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use serde_json::{Map, Value, json};
+
+use super::command::{self, SigningKey};
+use super::{parse_url, wall_ms};
+
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub url: String,
+    pub root: String,
+    pub node: String,
+    pub command: String,
+    /// The command's arguments (a JSON object); `id` is added when missing.
+    pub args: Map<String, Value>,
+    pub key: Option<SigningKey>,
+    pub timeout: Duration,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pub credentials: Option<(String, String)>,
+    /// Publish the command retained (to test that nodes refuse it).
+    pub retain: bool,
+}
+
+/// Every result received, in order, up to the final one (`rejected`, `succeeded`,
+/// `failed` or `expired`). Errors say why nothing final came.
+pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
+    let (_, host, port) = parse_url(&o.url)?;
+    let suffix = format!("{:08x}", getrandom::u32().unwrap_or_default());
+    let client_id = format!("gpulet-cmd-{suffix}");
+    let mut opts = MqttOptions::new(&client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(10)).set_max_packet_size(Some(1 << 20));
+    if let Some((u, p)) = &o.credentials {
+        opts.set_credentials(u, p);
+    }
+    if let Some(tls) = &o.tls {
+        opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.clone())));
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let reply_topic = format!("{}/_replies/{client_id}", o.root);
+    let mut payload = o.args.clone();
+    let id = payload.entry("id").or_insert_with(|| json!(format!("cmd-{suffix}"))).clone();
+    if let Some(key) = &o.key {
+        let now = wall_ms();
+        payload.entry("issued_ms").or_insert(json!(now));
+        payload.entry("expires_ms").or_insert(json!(now + o.timeout.as_millis() as u64));
+        command::sign(key, &o.node, &o.command, &mut payload);
+    }
+    let topic = format!("{}/{}/cmd/{}", o.root, o.node, o.command);
+    let correlation = Bytes::from(id.to_string());
+    let deadline = tokio::time::Instant::now() + o.timeout;
+    let mut results = Vec::new();
+    let mut sent = false;
+    loop {
+        let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => {
+                return Err(if sent {
+                    format!("no final result within {:?}; results so far: {results:?}", o.timeout)
+                } else {
+                    format!("could not reach the broker at {} within {:?}", o.url, o.timeout)
+                });
+            }
+            Ok(Err(e)) => return Err(format!("MQTT connection to {}: {e}", o.url)),
+            Ok(Ok(ev)) => ev,
+        };
+        match ev {
+            Event::Incoming(Incoming::ConnAck(_)) => {
+                client
+                    .subscribe_many([Filter::new(&reply_topic, QoS::AtLeastOnce)])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Event::Incoming(Incoming::SubAck(_)) if !sent => {
+                let props = PublishProperties {
+                    response_topic: Some(reply_topic.clone()),
+                    correlation_data: Some(correlation.clone()),
+                    message_expiry_interval: Some(o.timeout.as_secs().max(1) as u32),
+                    ..Default::default()
+                };
+                let body = serde_json::to_vec(&payload).expect("JSON serialises");
+                client
+                    .publish_with_properties(&topic, QoS::AtLeastOnce, o.retain, body, props)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sent = true;
+            }
+            Event::Incoming(Incoming::Publish(p)) => {
+                let corr = p.properties.as_ref().and_then(|x| x.correlation_data.as_ref());
+                if corr != Some(&correlation) {
+                    continue;
+                }
+                let v: Value = serde_json::from_slice(&p.payload)
+                    .map_err(|e| format!("a result that is not JSON: {e}"))?;
+                let status = v["status"].as_str().unwrap_or_default().to_owned();
+                results.push(v);
+                if matches!(status.as_str(), "rejected" | "succeeded" | "failed" | "expired") {
+                    let _ = client.disconnect().await;
+                    return Ok(results);
+                }
+            }
+            _ => {}
+        }
+    }
+}
