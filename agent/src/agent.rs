@@ -65,7 +65,10 @@ pub enum Request {
     /// A node budget in place of the configured one; `None` returns to the configured.
     SetPowerBudget(Option<f64>),
     /// An operator's limit for one GPU, within its bounds; `None` removes it.
-    SetPowerLimit { gpu: u32, watts: Option<f64> },
+    SetPowerLimit {
+        gpu: u32,
+        watts: Option<f64>,
+    },
     ReloadPlugins,
 }
 
@@ -374,7 +377,9 @@ impl Agent {
                     .iter()
                     .filter_map(|e| match e {
                         Event::ReloadFailed { error } => Some(error.clone()),
-                        Event::PluginLoadFailed { plugin, error, .. } => Some(format!("{plugin}: {error}")),
+                        Event::PluginLoadFailed { plugin, error, .. } => {
+                            Some(format!("{plugin}: {error}"))
+                        }
                         _ => None,
                     })
                     .collect();
@@ -390,11 +395,13 @@ impl Agent {
     /// Apply what commands set before a restart; what no longer fits (a GPU gone, new
     /// bounds) is logged and dropped.
     pub fn restore(&mut self, desired: &Desired) {
-        let requests = desired
-            .budget_w
-            .map(|w| Request::SetPowerBudget(Some(w)))
-            .into_iter()
-            .chain(desired.limits_w.iter().map(|(&gpu, &w)| Request::SetPowerLimit { gpu, watts: Some(w) }));
+        let requests =
+            desired.budget_w.map(|w| Request::SetPowerBudget(Some(w))).into_iter().chain(
+                desired
+                    .limits_w
+                    .iter()
+                    .map(|(&gpu, &w)| Request::SetPowerLimit { gpu, watts: Some(w) }),
+            );
         for r in requests {
             if let Err(e) = self.execute(r.clone()) {
                 warn!(request = ?r, error = ?e, "a saved desired state no longer applies; dropped");
@@ -414,8 +421,12 @@ impl Agent {
                 v
             })
             .collect();
-        let plugins: Vec<Value> =
-            self.policy.status().iter().map(|(name, running)| json!({"name": name, "running": running})).collect();
+        let plugins: Vec<Value> = self
+            .policy
+            .status()
+            .iter()
+            .map(|(name, running)| json!({"name": name, "running": running}))
+            .collect();
         let birth = json!({
             "node": self.node,
             "agent_version": env!("CARGO_PKG_VERSION"),

@@ -404,7 +404,12 @@ pub struct OutboxSection {
 
 impl Default for OutboxSection {
     fn default() -> Self {
-        OutboxSection { max_kib: default_outbox_kib(), max_age: default_outbox_age(), segment_kib: 1024, fsync: true }
+        OutboxSection {
+            max_kib: default_outbox_kib(),
+            max_age: default_outbox_age(),
+            segment_kib: 1024,
+            fsync: true,
+        }
     }
 }
 
@@ -885,60 +890,107 @@ impl Validator {
         match crate::mqtt::parse_url(&m.url) {
             Ok((tls, _, _)) => {
                 if !tls && (m.ca_file.is_some() || m.cert_file.is_some()) {
-                    self.err("mqtt.ca_file", "is set but the url is mqtt://; accepted: TLS files only with mqtts://");
+                    self.err(
+                        "mqtt.ca_file",
+                        "is set but the url is mqtt://; accepted: TLS files only with mqtts://",
+                    );
                 }
                 if tls && m.ca_file.is_none() {
-                    self.err("mqtt.ca_file", "missing; mqtts:// needs the CA certificate (PEM) that signed the broker's");
+                    self.err(
+                        "mqtt.ca_file",
+                        "missing; mqtts:// needs the CA certificate (PEM) that signed the broker's",
+                    );
                 }
             }
             Err(e) => self.err("mqtt.url", e),
         }
         if m.cert_file.is_some() != m.key_file.is_some() {
-            self.err("mqtt.cert_file", "cert_file and key_file go together; accepted: both or neither");
+            self.err(
+                "mqtt.cert_file",
+                "cert_file and key_file go together; accepted: both or neither",
+            );
         }
         if m.password_file.is_some() && m.username.is_none() {
             self.err("mqtt.password_file", "is set without mqtt.username");
         }
-        let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']) && !t.starts_with('/') && !t.ends_with('/');
+        let topic_ok = |t: &str| {
+            !t.is_empty()
+                && !t.contains(['+', '#', '\0'])
+                && !t.starts_with('/')
+                && !t.ends_with('/')
+        };
         if !topic_ok(&m.root) {
             self.err("mqtt.root", format!("{:?} is not a topic root; accepted: topic levels without '+', '#', or a leading or trailing '/'", m.root));
         }
         if let Some(c) = &m.client_id
             && (c.is_empty() || c.len() > 128 || c.contains(['+', '#', '/']))
         {
-            self.err("mqtt.client_id", format!("{c:?}; accepted: 1 to 128 characters without '+', '#', '/'"));
+            self.err(
+                "mqtt.client_id",
+                format!("{c:?}; accepted: 1 to 128 characters without '+', '#', '/'"),
+            );
         }
         let secs = |d: Duration| d.as_secs_f64();
         if !(5.0..=3600.0).contains(&secs(m.keep_alive)) {
-            self.err("mqtt.keep_alive", format!("{} is out of range; accepted: 5s to 1h", show(m.keep_alive)));
+            self.err(
+                "mqtt.keep_alive",
+                format!("{} is out of range; accepted: 5s to 1h", show(m.keep_alive)),
+            );
         }
         if !(0.1..=3600.0).contains(&secs(m.reconnect_max)) {
-            self.err("mqtt.reconnect_max", format!("{} is out of range; accepted: 100ms to 1h", show(m.reconnect_max)));
+            self.err(
+                "mqtt.reconnect_max",
+                format!("{} is out of range; accepted: 100ms to 1h", show(m.reconnect_max)),
+            );
         }
         if m.session_expiry > Duration::from_secs(u32::MAX as u64) {
-            self.err("mqtt.session_expiry", format!("{} is out of range; accepted: 0s to 136years", show(m.session_expiry)));
+            self.err(
+                "mqtt.session_expiry",
+                format!("{} is out of range; accepted: 0s to 136years", show(m.session_expiry)),
+            );
         }
         if !(1..=100_000).contains(&m.replay_rate) {
-            self.err("mqtt.replay_rate", format!("{} is out of range; accepted: 1 to 100000 records per second", m.replay_rate));
+            self.err(
+                "mqtt.replay_rate",
+                format!(
+                    "{} is out of range; accepted: 1 to 100000 records per second",
+                    m.replay_rate
+                ),
+            );
         }
         if !(1..=1000).contains(&m.inflight) {
-            self.err("mqtt.inflight", format!("{} is out of range; accepted: 1 to 1000", m.inflight));
+            self.err(
+                "mqtt.inflight",
+                format!("{} is out of range; accepted: 1 to 1000", m.inflight),
+            );
         }
         if !(4..=1 << 30).contains(&m.outbox.max_kib) {
-            self.err("mqtt.outbox.max_kib", format!("{} is out of range; accepted: 4 to 1073741824 (1 TiB)", m.outbox.max_kib));
+            self.err(
+                "mqtt.outbox.max_kib",
+                format!("{} is out of range; accepted: 4 to 1073741824 (1 TiB)", m.outbox.max_kib),
+            );
         }
         if !(4..=1 << 20).contains(&m.outbox.segment_kib) {
-            self.err("mqtt.outbox.segment_kib", format!("{} is out of range; accepted: 4 to 1048576", m.outbox.segment_kib));
+            self.err(
+                "mqtt.outbox.segment_kib",
+                format!("{} is out of range; accepted: 4 to 1048576", m.outbox.segment_kib),
+            );
         }
         if m.outbox.max_age < Duration::from_secs(1) {
-            self.err("mqtt.outbox.max_age", format!("{} is out of range; accepted: at least 1s", show(m.outbox.max_age)));
+            self.err(
+                "mqtt.outbox.max_age",
+                format!("{} is out of range; accepted: at least 1s", show(m.outbox.max_age)),
+            );
         }
         let c = &m.commands;
         if c.require_signed && c.public_keys.is_empty() && c.public_key_files.is_empty() {
             self.err("mqtt.commands.require_signed", "is true but no public key is configured; accepted: public_keys or public_key_files");
         }
         if !(1..=1024).contains(&c.max_payload_kib) {
-            self.err("mqtt.commands.max_payload_kib", format!("{} is out of range; accepted: 1 to 1024", c.max_payload_kib));
+            self.err(
+                "mqtt.commands.max_payload_kib",
+                format!("{} is out of range; accepted: 1 to 1024", c.max_payload_kib),
+            );
         }
         if c.max_validity < Duration::from_secs(1) || c.max_validity > c.id_window {
             self.err("mqtt.commands.max_validity", format!("{} is out of range; accepted: 1s up to id_window ({}), so that a replay is caught by its id or its expiry", show(c.max_validity), show(c.id_window)));

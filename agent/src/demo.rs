@@ -65,8 +65,7 @@ pub fn agent(
     };
     let mut sinks = vec![sink];
     let linked = setup::mqtt(&config, Path::new("."), &mut sinks)?;
-    let mut agent =
-        setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone()))?;
+    let mut agent = setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone()))?;
     let mqtt = linked.map(|l| l.attach(&mut agent));
     Ok((agent, clock, mqtt))
 }

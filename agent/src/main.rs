@@ -216,7 +216,8 @@ fn run(command: Command) -> Result<(), Error> {
             password_file,
             retain,
         } => {
-            let usage = |k: &str, e: String| Error::from(ConfigErrors(vec![ConfigError::invalid(k, e)]));
+            let usage =
+                |k: &str, e: String| Error::from(ConfigErrors(vec![ConfigError::invalid(k, e)]));
             let args: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&args)
                 .map_err(|e| usage("--args", format!("not a JSON object: {e}")))?;
             let read = |k: &str, p: &PathBuf| {
@@ -237,7 +238,9 @@ fn run(command: Command) -> Result<(), Error> {
                 None => None,
             };
             let password = match &password_file {
-                Some(p) => String::from_utf8_lossy(&read("--password-file", p)?).trim_end().to_owned(),
+                Some(p) => {
+                    String::from_utf8_lossy(&read("--password-file", p)?).trim_end().to_owned()
+                }
                 None => String::new(),
             };
             let opts = mqtt::send::SendOptions {
@@ -258,7 +261,10 @@ fn run(command: Command) -> Result<(), Error> {
             }
             match results.last().and_then(|r| r["status"].as_str()) {
                 Some("succeeded") => Ok(()),
-                other => Err(Error::Command(format!("the command did not succeed ({})", other.unwrap_or("no result")))),
+                other => Err(Error::Command(format!(
+                    "the command did not succeed ({})",
+                    other.unwrap_or("no result")
+                ))),
             }
         }
         Command::Keygen { prefix } => {
@@ -280,7 +286,10 @@ fn run(command: Command) -> Result<(), Error> {
                 writeln!(f, "{private}")
             };
             write_private().map_err(|e| {
-                Error::Command(format!("cannot write {}: {e} (an existing key is never overwritten)", key_path.display()))
+                Error::Command(format!(
+                    "cannot write {}: {e} (an existing key is never overwritten)",
+                    key_path.display()
+                ))
             })?;
             std::fs::write(&pub_path, format!("{public}\n"))
                 .map_err(|e| Error::Command(format!("cannot write {}: {e}", pub_path.display())))?;

@@ -31,9 +31,14 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// The node power budget, watts; `None` returns to the configured one.
-    SetPowerBudget { watts: Option<f64> },
+    SetPowerBudget {
+        watts: Option<f64>,
+    },
     /// An operator's limit for one GPU, within its bounds; `None` removes it.
-    SetPowerLimit { gpu: u32, watts: Option<f64> },
+    SetPowerLimit {
+        gpu: u32,
+        watts: Option<f64>,
+    },
     ReloadPlugins,
     Rebirth,
     Ping,
@@ -117,24 +122,49 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     let mut env = Envelope::default();
     let fail = |env: &Envelope, why: String| Err((env.clone(), why));
     if msg.payload.len() > policy.max_payload {
-        return fail(&env, format!("payload of {} bytes is too large; accepted: at most {} bytes", msg.payload.len(), policy.max_payload));
+        return fail(
+            &env,
+            format!(
+                "payload of {} bytes is too large; accepted: at most {} bytes",
+                msg.payload.len(),
+                policy.max_payload
+            ),
+        );
     }
     let value: Value = match serde_json::from_slice(msg.payload) {
         Ok(v) => v,
-        Err(e) => return fail(&env, format!("payload is not valid JSON ({e}); accepted: a JSON object with an \"id\"")),
+        Err(e) => {
+            return fail(
+                &env,
+                format!("payload is not valid JSON ({e}); accepted: a JSON object with an \"id\""),
+            );
+        }
     };
     let Value::Object(mut map) = value else {
-        return fail(&env, "payload is not a JSON object; accepted: a JSON object with an \"id\"".into());
+        return fail(
+            &env,
+            "payload is not a JSON object; accepted: a JSON object with an \"id\"".into(),
+        );
     };
     // The envelope first, so that a result can be addressed whatever else is wrong.
     match map.get("reply_to") {
         None => {}
         Some(Value::String(t)) if valid_topic(t) => env.reply_to = Some(t.clone()),
-        Some(v) => return fail(&env, format!("reply_to: {v} is not a topic; accepted: a topic name without wildcards")),
+        Some(v) => {
+            return fail(
+                &env,
+                format!("reply_to: {v} is not a topic; accepted: a topic name without wildcards"),
+            );
+        }
     }
     match map.get("id") {
         Some(Value::String(id)) if !id.is_empty() && id.len() <= 128 => env.id = Some(id.clone()),
-        Some(v) => return fail(&env, format!("id: {v} is not accepted; accepted: a string of 1 to 128 characters")),
+        Some(v) => {
+            return fail(
+                &env,
+                format!("id: {v} is not accepted; accepted: a string of 1 to 128 characters"),
+            );
+        }
         None => return fail(&env, "id is missing; every command needs a string \"id\"".into()),
     }
     if msg.retained {
@@ -150,7 +180,9 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     let u64_field = |map: &Map<String, Value>, k: &str| -> Result<Option<u64>, String> {
         match map.get(k) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("{k}: {v} is not accepted; accepted: milliseconds since the Unix epoch")),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                format!("{k}: {v} is not accepted; accepted: milliseconds since the Unix epoch")
+            }),
         }
     };
     let issued = u64_field(&map, "issued_ms").map_err(|e| (env.clone(), e))?;
@@ -158,7 +190,12 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     if let Some(n) = map.get("node") {
         match n.as_str() {
             Some(n) if n == msg.node => {}
-            _ => return fail(&env, format!("the command is meant for node {n}, not {:?}", msg.node)),
+            _ => {
+                return fail(
+                    &env,
+                    format!("the command is meant for node {n}, not {:?}", msg.node),
+                );
+            }
         }
     }
     if let Some(e) = expires
@@ -169,7 +206,13 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     if let Some(i) = issued
         && i > msg.now_ms + policy.max_skew_ms
     {
-        return fail(&env, format!("the command is issued in the future ({i}, now {}); accepted: at most {} ms ahead", msg.now_ms, policy.max_skew_ms));
+        return fail(
+            &env,
+            format!(
+                "the command is issued in the future ({i}, now {}); accepted: at most {} ms ahead",
+                msg.now_ms, policy.max_skew_ms
+            ),
+        );
     }
     if let Some(s) = msg.expiry_s {
         let e = msg.now_ms + u64::from(s) * 1000;
@@ -177,6 +220,12 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     }
     for k in ["id", "reply_to", "node", "issued_ms", "expires_ms", "sig"] {
         map.remove(k);
+    }
+    if matches!(msg.name, "set-power-budget" | "set-power-limit") && !map.contains_key("watts") {
+        return fail(
+            &env,
+            "watts is missing; accepted: a number of watts, or null to clear".into(),
+        );
     }
     let args = Value::Object(map);
     let command = match msg.name {
@@ -186,7 +235,10 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
         }
         "set-power-limit" => {
             let a: LimitArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
-            Command::SetPowerLimit { gpu: a.gpu, watts: watts(a.watts).map_err(|e| (env.clone(), e))? }
+            Command::SetPowerLimit {
+                gpu: a.gpu,
+                watts: watts(a.watts).map_err(|e| (env.clone(), e))?,
+            }
         }
         "reload-plugins" | "rebirth" | "ping" => {
             let _: NoArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
@@ -198,24 +250,35 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
         }
         other => return fail(&env, format!("{other:?} is not a command; accepted: {NAMES}")),
     };
-    Ok(Accepted { id: env.id.clone().expect("checked"), command, reply_to: env.reply_to, expires_ms: expires })
+    Ok(Accepted {
+        id: env.id.clone().expect("checked"),
+        command,
+        reply_to: env.reply_to,
+        expires_ms: expires,
+    })
 }
 
 /// Deserialise arguments strictly, naming the key at fault. (The outer `Result` is never
 /// an error; it keeps the call sites short.)
 #[allow(clippy::type_complexity)]
-fn args_of<T: serde::de::DeserializeOwned>(args: Value) -> Result<Result<T, String>, (Envelope, String)> {
+fn args_of<T: serde::de::DeserializeOwned>(
+    args: Value,
+) -> Result<Result<T, String>, (Envelope, String)> {
     Ok(serde_path_to_error::deserialize(args).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." { format!("arguments: {}", e.inner()) } else { format!("{path}: {}", e.inner()) }
+        if path == "." {
+            format!("arguments: {}", e.inner())
+        } else {
+            format!("{path}: {}", e.inner())
+        }
     }))
 }
 
 fn watts(w: Option<f64>) -> Result<Option<f64>, String> {
     match w {
-        Some(w) if !w.is_finite() || w <= 0.0 || w > 100_000.0 => {
-            Err(format!("watts: {w} is out of range; accepted: more than 0 up to 100000 W, or null"))
-        }
+        Some(w) if !w.is_finite() || w <= 0.0 || w > 100_000.0 => Err(format!(
+            "watts: {w} is out of range; accepted: more than 0 up to 100000 W, or null"
+        )),
         w => Ok(w),
     }
 }
@@ -228,7 +291,8 @@ fn valid_topic(t: &str) -> bool {
 /// the topic, so a command cannot be moved to another node or command) and the payload
 /// without `sig`, as compact JSON with keys sorted (serde_json's own map order).
 pub fn signed_bytes(node: &str, name: &str, payload: &Map<String, Value>) -> Vec<u8> {
-    let mut unsigned: BTreeMap<&str, &Value> = payload.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut unsigned: BTreeMap<&str, &Value> =
+        payload.iter().map(|(k, v)| (k.as_str(), v)).collect();
     unsigned.remove("sig");
     let mut out = format!("gpulet-cmd-v1\n{node}\n{name}\n").into_bytes();
     serde_json::to_writer(&mut out, &unsigned).expect("JSON values serialise");
@@ -245,12 +309,20 @@ fn verify(msg: &Incoming<'_>, map: &Map<String, Value>, policy: &Policy) -> Resu
         .and_then(|s| B64.decode(s).ok())
         .and_then(|b| Signature::from_slice(&b).ok())
         .ok_or("sig: not a base64 Ed25519 signature (64 bytes)")?;
-    let (Some(issued), Some(expires)) = (map.get("issued_ms").and_then(Value::as_u64), map.get("expires_ms").and_then(Value::as_u64))
-    else {
-        return Err("a signed command needs issued_ms and expires_ms (ms since the Unix epoch)".into());
+    let (Some(issued), Some(expires)) = (
+        map.get("issued_ms").and_then(Value::as_u64),
+        map.get("expires_ms").and_then(Value::as_u64),
+    ) else {
+        return Err(
+            "a signed command needs issued_ms and expires_ms (ms since the Unix epoch)".into()
+        );
     };
     if expires < issued || expires - issued > policy.max_validity_ms {
-        return Err(format!("expires_ms - issued_ms is {} ms; accepted: 0 to {} ms", expires as i128 - issued as i128, policy.max_validity_ms));
+        return Err(format!(
+            "expires_ms - issued_ms is {} ms; accepted: 0 to {} ms",
+            expires as i128 - issued as i128,
+            policy.max_validity_ms
+        ));
     }
     let bytes = signed_bytes(msg.node, msg.name, map);
     if policy.keys.iter().any(|k| k.verify(&bytes, &sig).is_ok()) {
@@ -306,8 +378,16 @@ pub struct SeenIds {
 }
 
 impl SeenIds {
-    pub fn open(path: &Path, window_ms: u64, max: usize, fsync: bool, now_ms: u64) -> io::Result<SeenIds> {
-        let text = fs::read_to_string(path).or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(String::new()) } else { Err(e) })?;
+    pub fn open(
+        path: &Path,
+        window_ms: u64,
+        max: usize,
+        fsync: bool,
+        now_ms: u64,
+    ) -> io::Result<SeenIds> {
+        let text = fs::read_to_string(path).or_else(|e| {
+            if e.kind() == io::ErrorKind::NotFound { Ok(String::new()) } else { Err(e) }
+        })?;
         let mut seen = SeenIds {
             path: path.to_path_buf(),
             file: OpenOptions::new().create(true).append(true).open(path)?,
@@ -382,12 +462,25 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy { max_payload: 1024, keys: Vec::new(), require_signed: false, max_validity_ms: 300_000, max_skew_ms: 30_000 }
+        Policy {
+            max_payload: 1024,
+            keys: Vec::new(),
+            require_signed: false,
+            max_validity_ms: 300_000,
+            max_skew_ms: 30_000,
+        }
     }
 
     fn run(name: &str, payload: &str) -> Result<Accepted, (Envelope, String)> {
         parse(
-            &Incoming { node: "n1", name, payload: payload.as_bytes(), retained: false, expiry_s: None, now_ms: 1_000_000 },
+            &Incoming {
+                node: "n1",
+                name,
+                payload: payload.as_bytes(),
+                retained: false,
+                expiry_s: None,
+                now_ms: 1_000_000,
+            },
             &policy(),
         )
     }
@@ -397,7 +490,10 @@ mod tests {
         let a = run("set-power-budget", r#"{"id":"a","watts":4000}"#).unwrap();
         assert_eq!(a.command, Command::SetPowerBudget { watts: Some(4000.0) });
         let a = run("set-power-budget", r#"{"id":"a","watts":null,"reply_to":"x/y"}"#).unwrap();
-        assert_eq!((a.command, a.reply_to.as_deref()), (Command::SetPowerBudget { watts: None }, Some("x/y")));
+        assert_eq!(
+            (a.command, a.reply_to.as_deref()),
+            (Command::SetPowerBudget { watts: None }, Some("x/y"))
+        );
         let a = run("set-power-limit", r#"{"id":"a","gpu":3,"watts":300,"node":"n1"}"#).unwrap();
         assert_eq!(a.command, Command::SetPowerLimit { gpu: 3, watts: Some(300.0) });
         assert_eq!(run("ping", r#"{"id":"p"}"#).unwrap().command, Command::Ping);
@@ -411,7 +507,7 @@ mod tests {
             ("ping", r#"{"watts":1}"#, "id is missing"),
             ("ping", r#"{"id":7}"#, "id: 7 is not accepted"),
             ("set-power-budget", r#"{"id":"a","watts":"lots"}"#, "watts: invalid type"),
-            ("set-power-budget", r#"{"id":"a"}"#, "missing field `watts`"),
+            ("set-power-budget", r#"{"id":"a"}"#, "watts is missing"),
             ("set-power-budget", r#"{"id":"a","watts":-5}"#, "out of range"),
             ("set-power-budget", r#"{"id":"a","watts":4000,"volts":1}"#, "unknown field `volts`"),
             ("set-power-limit", r#"{"id":"a","gpu":-1,"watts":300}"#, "gpu: invalid value"),
@@ -431,16 +527,35 @@ mod tests {
     fn signatures_bind_node_command_and_arguments() {
         let (sk, pk) = keygen().unwrap();
         let sk = signing_key(&sk).unwrap();
-        let p = Policy { keys: vec![verifying_key(&pk).unwrap()], require_signed: true, ..policy() };
-        let mut m: Map<String, Value> = serde_json::from_str(r#"{"id":"s1","watts":4000,"issued_ms":999000,"expires_ms":1060000}"#).unwrap();
+        let p =
+            Policy { keys: vec![verifying_key(&pk).unwrap()], require_signed: true, ..policy() };
+        let mut m: Map<String, Value> = serde_json::from_str(
+            r#"{"id":"s1","watts":4000,"issued_ms":999000,"expires_ms":1060000}"#,
+        )
+        .unwrap();
         sign(&sk, "n1", "set-power-budget", &mut m);
         let signed = serde_json::to_vec(&m).unwrap();
         let check = |node: &str, name: &str, payload: &[u8]| {
-            parse(&Incoming { node, name, payload, retained: false, expiry_s: None, now_ms: 1_000_000 }, &p)
+            parse(
+                &Incoming {
+                    node,
+                    name,
+                    payload,
+                    retained: false,
+                    expiry_s: None,
+                    now_ms: 1_000_000,
+                },
+                &p,
+            )
         };
         assert!(check("n1", "set-power-budget", &signed).is_ok());
         let tampered = String::from_utf8(signed.clone()).unwrap().replace("4000", "9000");
-        assert!(check("n1", "set-power-budget", tampered.as_bytes()).unwrap_err().1.contains("does not match"));
+        assert!(
+            check("n1", "set-power-budget", tampered.as_bytes())
+                .unwrap_err()
+                .1
+                .contains("does not match")
+        );
         assert!(check("n2", "set-power-budget", &signed).unwrap_err().1.contains("does not match"));
         assert!(check("n1", "set-power-limit", &signed).unwrap_err().1.contains("does not match"));
         assert!(check("n1", "ping", br#"{"id":"u"}"#).unwrap_err().1.contains("not signed"));

@@ -20,13 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, Filter, LastWill, PubAckReason, Publish, PublishProperties,
     SubscribeReasonCode,
 };
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, Incoming};
-use rumqttc::Outgoing;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -85,7 +85,10 @@ impl Poller {
                         Some(tag) => {
                             pkids.insert(pkid, tag);
                         }
-                        None => warn!(pkid, "an outgoing publish with no tag; its PUBACK will not be paired"),
+                        None => warn!(
+                            pkid,
+                            "an outgoing publish with no tag; its PUBACK will not be paired"
+                        ),
                     }
                 }
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => {
@@ -153,7 +156,8 @@ impl Poller {
                     );
                     self.eventloop.options.set_last_will(will);
                     backoff = (backoff * 2).clamp(Duration::from_millis(100), self.reconnect_max);
-                    let jitter = 0.5 + f64::from(getrandom::u32().unwrap_or(0)) / f64::from(u32::MAX) / 2.0;
+                    let jitter =
+                        0.5 + f64::from(getrandom::u32().unwrap_or(0)) / f64::from(u32::MAX) / 2.0;
                     tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 }
             }
@@ -163,7 +167,9 @@ impl Poller {
 
 fn describe(e: &ConnectionError) -> String {
     match e {
-        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword) => {
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
+        ) => {
             format!("{e}: check mqtt.username, mqtt.password_file and the client certificate")
         }
         _ => e.to_string(),
@@ -253,11 +259,19 @@ impl Link {
                 }
                 self.ever_connected = true;
                 let next = self.shared.outbox.lock().expect("outbox").next_seq();
-                *s = Sending { connected: true, live_start: next, next_live: next, next_backlog: 0, inflight: 0, tokens: 0.0 };
+                *s = Sending {
+                    connected: true,
+                    live_start: next,
+                    next_live: next,
+                    next_backlog: 0,
+                    inflight: 0,
+                    tokens: 0.0,
+                };
                 // Subscriptions are re-made on every connection: rumqttc does not say when a
                 // session was lost, and re-subscribing is harmless when it was not.
                 if self.settings.commands.is_some() {
-                    let mut filter = Filter::new(self.shared.topics.command_filter(), QoS::AtLeastOnce);
+                    let mut filter =
+                        Filter::new(self.shared.topics.command_filter(), QoS::AtLeastOnce);
                     // Retain-as-published: a command published retained arrives marked so,
                     // and is refused (it would otherwise run again at every reconnect).
                     filter.preserve_retain = true;
@@ -265,7 +279,12 @@ impl Link {
                         warn!(error = %e, "cannot subscribe to commands");
                     }
                 }
-                self.publish_plain(&self.shared.topics.status(), true, status_payload("online", inc, wall_ms()).into_bytes(), None);
+                self.publish_plain(
+                    &self.shared.topics.status(),
+                    true,
+                    status_payload("online", inc, wall_ms()).into_bytes(),
+                    None,
+                );
                 self.rebirth().await;
             }
             Ev::Disconnected { error } => {
@@ -275,7 +294,8 @@ impl Link {
                 s.inflight = 0;
             }
             Ev::Acked { tag, reason } => {
-                let refused = !matches!(reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers);
+                let refused =
+                    !matches!(reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers);
                 match tag {
                     Tag::Record(seq) => {
                         s.inflight = s.inflight.saturating_sub(1);
@@ -283,7 +303,12 @@ impl Link {
                         if refused {
                             // Resending would be refused again: the record is committed,
                             // and the refusal reported (once per topic and connection).
-                            let topic = outbox.read(seq).ok().flatten().map(|m| m.topic).unwrap_or_default();
+                            let topic = outbox
+                                .read(seq)
+                                .ok()
+                                .flatten()
+                                .map(|m| m.topic)
+                                .unwrap_or_default();
                             drop(outbox);
                             self.refused(&topic, reason);
                             outbox = self.shared.outbox.lock().expect("outbox");
@@ -297,7 +322,10 @@ impl Link {
             }
             Ev::SubAck { refused } => {
                 if !refused.is_empty() {
-                    let why = format!("the broker refused the command subscription ({}): this node cannot be sent commands; check the broker's ACL", refused.join(", "));
+                    let why = format!(
+                        "the broker refused the command subscription ({}): this node cannot be sent commands; check the broker's ACL",
+                        refused.join(", ")
+                    );
                     error!("{why}");
                     self.shared.event(json!({"kind": "mqtt-refused", "topic": self.shared.topics.command_filter(), "reason": why}));
                 }
@@ -318,7 +346,9 @@ impl Link {
             return;
         }
         error!(topic, ?reason, "the broker refused a publish; check its ACL for this node");
-        self.shared.event(json!({"kind": "mqtt-refused", "topic": topic, "reason": format!("{reason:?}")}));
+        self.shared.event(
+            json!({"kind": "mqtt-refused", "topic": topic, "reason": format!("{reason:?}")}),
+        );
     }
 
     /// Publish outbox records while the window has room: live first, then backlog as the
@@ -329,18 +359,19 @@ impl Link {
         }
         while s.inflight < self.settings.inflight {
             let outbox = self.shared.outbox.lock().expect("outbox");
-            let (seq, historical) = if let Some(&seq) = outbox.pending(s.next_live, u64::MAX, 1).first() {
-                s.next_live = seq + 1;
-                (seq, false)
-            } else if s.tokens >= 1.0
-                && let Some(&seq) = outbox.pending(s.next_backlog, s.live_start, 1).first()
-            {
-                s.next_backlog = seq + 1;
-                s.tokens -= 1.0;
-                (seq, true)
-            } else {
-                return;
-            };
+            let (seq, historical) =
+                if let Some(&seq) = outbox.pending(s.next_live, u64::MAX, 1).first() {
+                    s.next_live = seq + 1;
+                    (seq, false)
+                } else if s.tokens >= 1.0
+                    && let Some(&seq) = outbox.pending(s.next_backlog, s.live_start, 1).first()
+                {
+                    s.next_backlog = seq + 1;
+                    s.tokens -= 1.0;
+                    (seq, true)
+                } else {
+                    return;
+                };
             let msg = match outbox.read(seq) {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
@@ -351,7 +382,10 @@ impl Link {
             };
             drop(outbox);
             let payload = if historical { mark_historical(&msg.payload) } else { msg.payload };
-            let props = msg.correlation.map(|c| PublishProperties { correlation_data: Some(Bytes::from(c)), ..Default::default() });
+            let props = msg.correlation.map(|c| PublishProperties {
+                correlation_data: Some(Bytes::from(c)),
+                ..Default::default()
+            });
             if self.send(Tag::Record(seq), &msg.topic, false, payload, props) {
                 s.inflight += 1;
             } else {
@@ -360,11 +394,20 @@ impl Link {
         }
     }
 
-    fn send(&self, tag: Tag, topic: &str, retain: bool, payload: Vec<u8>, props: Option<PublishProperties>) -> bool {
+    fn send(
+        &self,
+        tag: Tag,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+        props: Option<PublishProperties>,
+    ) -> bool {
         let mut fifo = self.fifo.lock().expect("fifo");
         fifo.push_back(tag);
         let r = match props {
-            Some(p) => self.client.try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, p),
+            Some(p) => {
+                self.client.try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, p)
+            }
             None => self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload),
         };
         if let Err(e) = r {
@@ -375,7 +418,13 @@ impl Link {
         true
     }
 
-    fn publish_plain(&self, topic: &str, retain: bool, payload: Vec<u8>, props: Option<PublishProperties>) {
+    fn publish_plain(
+        &self,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+        props: Option<PublishProperties>,
+    ) {
         self.send(Tag::Plain(topic.to_owned()), topic, retain, payload, props);
     }
 
@@ -386,9 +435,19 @@ impl Link {
         let mut d = answer.await.ok()?;
         d.birth["inc"] = json!(self.shared.inc());
         d.birth["ts_ms"] = json!(wall_ms());
-        self.publish_plain(&self.shared.topics.birth(), true, d.birth.to_string().into_bytes(), None);
+        self.publish_plain(
+            &self.shared.topics.birth(),
+            true,
+            d.birth.to_string().into_bytes(),
+            None,
+        );
         for (key, value) in &d.state {
-            self.publish_plain(&self.shared.topics.state(key), true, value.to_string().into_bytes(), None);
+            self.publish_plain(
+                &self.shared.topics.state(key),
+                true,
+                value.to_string().into_bytes(),
+                None,
+            );
         }
         Some(d)
     }
@@ -398,7 +457,11 @@ impl Link {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let name = topic.rsplit('/').next().unwrap_or_default().to_owned();
         let props = p.properties.clone().unwrap_or_default();
-        let response = Response { name: name.clone(), topic: props.response_topic.clone(), correlation: props.correlation_data.clone() };
+        let response = Response {
+            name: name.clone(),
+            topic: props.response_topic.clone(),
+            correlation: props.correlation_data.clone(),
+        };
         let Some(policy) = &self.settings.commands else { return };
         if p.retain && p.payload.is_empty() {
             // Someone clearing a retained command: nothing to run or answer.
@@ -428,14 +491,23 @@ impl Link {
         if let Some(seen) = &mut self.settings.seen {
             if seen.contains(&accepted.id) {
                 self.ack(&p);
-                let why = format!("command id {:?} was already received; a command is executed at most once", accepted.id);
+                let why = format!(
+                    "command id {:?} was already received; a command is executed at most once",
+                    accepted.id
+                );
                 self.result(&response, &env, "rejected", Some(&why), None);
                 return;
             }
             // On disk before the PUBACK: a crash after this cannot execute it twice.
             if let Err(e) = seen.insert(&accepted.id, now) {
                 error!(error = %e, "cannot record a command id; the command is not executed");
-                self.result(&response, &env, "failed", Some(&format!("cannot record the command id: {e}")), None);
+                self.result(
+                    &response,
+                    &env,
+                    "failed",
+                    Some(&format!("cannot record the command id: {e}")),
+                    None,
+                );
                 self.ack(&p);
                 return;
             }
@@ -447,13 +519,25 @@ impl Link {
     async fn execute(&mut self, a: Accepted, response: Response) {
         let env = Envelope { id: Some(a.id.clone()), reply_to: a.reply_to.clone() };
         if a.expires_ms.is_some_and(|e| e <= wall_ms()) {
-            self.result(&response, &env, "expired", Some("the command expired before it could run"), None);
+            self.result(
+                &response,
+                &env,
+                "expired",
+                Some("the command expired before it could run"),
+                None,
+            );
             return;
         }
         let request = match a.command {
             Command::Ping => {
                 self.result(&response, &env, "accepted", None, None);
-                self.result(&response, &env, "succeeded", None, Some(json!({"inc": self.shared.inc()})));
+                self.result(
+                    &response,
+                    &env,
+                    "succeeded",
+                    None,
+                    Some(json!({"inc": self.shared.inc()})),
+                );
                 return;
             }
             Command::Rebirth => {
@@ -474,7 +558,9 @@ impl Link {
         };
         // The agent checks and applies at once: `accepted` is published with the outcome.
         match outcome {
-            Err(Refusal::Rejected(why)) => self.result(&response, &env, "rejected", Some(&why), None),
+            Err(Refusal::Rejected(why)) => {
+                self.result(&response, &env, "rejected", Some(&why), None)
+            }
             Err(Refusal::Failed(why)) => {
                 self.result(&response, &env, "accepted", None, None);
                 self.result(&response, &env, "failed", Some(&why), None);
@@ -486,8 +572,9 @@ impl Link {
                 if let Some(d) = self.rebirth().await {
                     let path = &self.settings.desired_path;
                     let tmp = path.with_extension("tmp");
-                    let write = std::fs::write(&tmp, serde_json::to_vec(&d.desired).expect("serialises"))
-                        .and_then(|()| std::fs::rename(&tmp, path));
+                    let write =
+                        std::fs::write(&tmp, serde_json::to_vec(&d.desired).expect("serialises"))
+                            .and_then(|()| std::fs::rename(&tmp, path));
                     if let Err(e) = write {
                         error!(path = %path.display(), error = %e, "cannot save the desired state; a restart will not restore it");
                     }
@@ -504,7 +591,14 @@ impl Link {
 
     /// A command result, through the outbox (results are never dropped): to the MQTT 5
     /// response topic with its correlation data, else `reply_to`, else `cmd-result/<name>`.
-    fn result(&self, r: &Response, env: &Envelope, status: &str, reason: Option<&str>, extra: Option<serde_json::Value>) {
+    fn result(
+        &self,
+        r: &Response,
+        env: &Envelope,
+        status: &str,
+        reason: Option<&str>,
+        extra: Option<serde_json::Value>,
+    ) {
         {
             let mut st = self.shared.stats.lock().expect("stats");
             match status {
@@ -525,7 +619,11 @@ impl Link {
         if let Some(serde_json::Value::Object(m)) = extra {
             body.as_object_mut().expect("object").extend(m);
         }
-        let topic = r.topic.clone().or_else(|| env.reply_to.clone()).unwrap_or_else(|| self.shared.topics.cmd_result(&r.name));
+        let topic = r
+            .topic
+            .clone()
+            .or_else(|| env.reply_to.clone())
+            .unwrap_or_else(|| self.shared.topics.cmd_result(&r.name));
         self.shared.append(Class::Critical, &topic, r.correlation.as_deref(), body);
     }
 
@@ -547,8 +645,12 @@ impl Link {
                 offline_sent = true;
             }
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Ev::Acked { tag: Tag::Plain(t), .. })) if t == status && offline_sent => break,
-                Ok(Some(ev @ (Ev::Acked { .. } | Ev::Disconnected { .. }))) => self.on_event(ev, s).await,
+                Ok(Some(Ev::Acked { tag: Tag::Plain(t), .. })) if t == status && offline_sent => {
+                    break;
+                }
+                Ok(Some(ev @ (Ev::Acked { .. } | Ev::Disconnected { .. }))) => {
+                    self.on_event(ev, s).await
+                }
                 // The agent loop has ended: a command left unacknowledged is delivered
                 // again by the broker at the next connection.
                 Ok(Some(_)) => {}

@@ -81,7 +81,9 @@ pub fn status_payload(state: &str, inc: u64, ts_ms: u64) -> String {
 }
 
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The link's own numbers, published in every telemetry record as `mqtt`.
@@ -125,7 +127,8 @@ impl Shared {
     fn next_inc(&self) -> u64 {
         let inc = self.inc.fetch_add(1, Ordering::SeqCst) + 1;
         let tmp = self.inc_path.with_extension("tmp");
-        let write = std::fs::write(&tmp, inc.to_string()).and_then(|()| std::fs::rename(&tmp, &self.inc_path));
+        let write = std::fs::write(&tmp, inc.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &self.inc_path));
         if let Err(e) = write {
             error!(path = %self.inc_path.display(), error = %e, "cannot persist the incarnation counter; a restart may reuse it");
         }
@@ -138,7 +141,9 @@ impl Shared {
         let mut outbox = self.outbox.lock().expect("outbox");
         body["inc"] = json!(self.inc());
         body["seq"] = json!(outbox.next_seq());
-        let r = outbox.append(class, wall_ms(), topic, correlation, body.to_string().as_bytes()).and_then(|_| outbox.flush());
+        let r = outbox
+            .append(class, wall_ms(), topic, correlation, body.to_string().as_bytes())
+            .and_then(|_| outbox.flush());
         drop(outbox);
         if let Err(e) = r {
             error!(error = %e, topic, "cannot write to the outbox; this message is lost");
@@ -185,12 +190,23 @@ impl Settings {
         };
         let read = |key: &str, p: &Path, errors: &mut Vec<ConfigError>| {
             std::fs::read(base_dir.join(p))
-                .map_err(|e| errors.push(ConfigError::invalid(key, format!("cannot read {}: {e}", p.display()))))
+                .map_err(|e| {
+                    errors.push(ConfigError::invalid(
+                        key,
+                        format!("cannot read {}: {e}", p.display()),
+                    ))
+                })
                 .ok()
         };
-        let password = cfg.password_file.as_ref().and_then(|p| read("mqtt.password_file", p, &mut errors));
+        let password =
+            cfg.password_file.as_ref().and_then(|p| read("mqtt.password_file", p, &mut errors));
         let credentials = cfg.username.clone().map(|u| {
-            (u, password.map(|p| String::from_utf8_lossy(&p).trim_end_matches(['\n', '\r']).to_owned()).unwrap_or_default())
+            (
+                u,
+                password
+                    .map(|p| String::from_utf8_lossy(&p).trim_end_matches(['\n', '\r']).to_owned())
+                    .unwrap_or_default(),
+            )
         });
         let tls = if tls {
             let ca = cfg.ca_file.as_ref().and_then(|p| read("mqtt.ca_file", p, &mut errors));
@@ -210,7 +226,9 @@ impl Settings {
         for (i, k) in cfg.commands.public_keys.iter().enumerate() {
             match command::verifying_key(k) {
                 Ok(k) => keys.push(k),
-                Err(e) => errors.push(ConfigError::invalid(format!("mqtt.commands.public_keys[{i}]"), e)),
+                Err(e) => {
+                    errors.push(ConfigError::invalid(format!("mqtt.commands.public_keys[{i}]"), e))
+                }
             }
         }
         for (i, p) in cfg.commands.public_key_files.iter().enumerate() {
@@ -246,7 +264,7 @@ impl Settings {
                 fsync: cfg.outbox.fsync,
             },
             state_dir,
-            commands: cfg.commands.enabled.then(|| command::Policy {
+            commands: cfg.commands.enabled.then_some(command::Policy {
                 max_payload: (cfg.commands.max_payload_kib as usize) << 10,
                 keys,
                 require_signed: cfg.commands.require_signed,
@@ -270,9 +288,12 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse::<u16>().map_err(|_| format!("{url:?} has port {p:?}, not a number from 1 to 65535; {accepted}"))?)
-        }
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>().map_err(|_| {
+                format!("{url:?} has port {p:?}, not a number from 1 to 65535; {accepted}")
+            })?,
+        ),
         _ => (rest, if tls { 8883 } else { 1883 }),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -282,10 +303,16 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host.to_owned(), port))
 }
 
-pub fn tls_config(ca: Option<&[u8]>, client: Option<(&[u8], &[u8])>) -> Result<rustls::ClientConfig, (&'static str, String)> {
+pub fn tls_config(
+    ca: Option<&[u8]>,
+    client: Option<(&[u8], &[u8])>,
+) -> Result<rustls::ClientConfig, (&'static str, String)> {
     let mut roots = rustls::RootCertStore::empty();
     let Some(ca) = ca else {
-        return Err(("mqtt.ca_file", "missing; mqtts:// needs the CA certificate (PEM) that signed the broker's".into()));
+        return Err((
+            "mqtt.ca_file",
+            "missing; mqtts:// needs the CA certificate (PEM) that signed the broker's".into(),
+        ));
     };
     for cert in rustls_pemfile::certs(&mut &ca[..]) {
         let cert = cert.map_err(|e| ("mqtt.ca_file", format!("not a PEM certificate: {e}")))?;
@@ -308,7 +335,9 @@ pub fn tls_config(ca: Option<&[u8]>, client: Option<(&[u8], &[u8])>) -> Result<r
             let key = rustls_pemfile::private_key(&mut &key[..])
                 .map_err(|e| ("mqtt.key_file", format!("not a PEM private key: {e}")))?
                 .ok_or(("mqtt.key_file", "holds no PEM private key".to_owned()))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| ("mqtt.cert_file", format!("certificate and key do not fit: {e}")))
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| ("mqtt.cert_file", format!("certificate and key do not fit: {e}")))
         }
     }
 }
@@ -381,8 +410,14 @@ impl Mqtt {
             Some(_) => {
                 let path = s.state_dir.join("command-ids");
                 Some(
-                    command::SeenIds::open(&path, s.command_id_window.as_millis() as u64, 100_000, fsync, wall_ms())
-                        .map_err(state_err(&path))?,
+                    command::SeenIds::open(
+                        &path,
+                        s.command_id_window.as_millis() as u64,
+                        100_000,
+                        fsync,
+                        wall_ms(),
+                    )
+                    .map_err(state_err(&path))?,
                 )
             }
             None => None,
@@ -396,7 +431,13 @@ impl Mqtt {
             // Commands larger than the limit are rejected by the link with a reason; a
             // packet above rumqttc's own limit would drop the connection (pitfall 6).
             .set_max_packet_size(Some(4 << 20))
-            .set_last_will(LastWill::new(s.topics.status(), status_payload("offline", inc, wall_ms()), QoS::AtLeastOnce, true, None));
+            .set_last_will(LastWill::new(
+                s.topics.status(),
+                status_payload("offline", inc, wall_ms()),
+                QoS::AtLeastOnce,
+                true,
+                None,
+            ));
         if let Some((u, p)) = &s.credentials {
             opts.set_credentials(u, p);
         }
@@ -410,7 +451,14 @@ impl Mqtt {
         let (control_tx, control) = mpsc::channel(64);
         let (stop, stop_rx) = oneshot::channel();
         tokio::spawn(
-            Poller { eventloop, fifo: Arc::clone(&fifo), shared: shared.clone(), tx, reconnect_max: s.reconnect_max }.run(),
+            Poller {
+                eventloop,
+                fifo: Arc::clone(&fifo),
+                shared: shared.clone(),
+                tx,
+                reconnect_max: s.reconnect_max,
+            }
+            .run(),
         );
         tokio::spawn(
             Link {
@@ -419,7 +467,13 @@ impl Mqtt {
                 shared: shared.clone(),
                 rx,
                 control: control_tx,
-                settings: LinkSettings { inflight: s.inflight, replay_rate: s.replay_rate, commands: s.commands, seen, desired_path },
+                settings: LinkSettings {
+                    inflight: s.inflight,
+                    replay_rate: s.replay_rate,
+                    commands: s.commands,
+                    seen,
+                    desired_path,
+                },
                 stop: stop_rx,
                 ever_connected: false,
             }
@@ -471,22 +525,52 @@ impl Sink for MqttSink {
             v["ts_ms"] = json!(record.ts_ms);
             v["inc"] = json!(inc);
             v["seq"] = json!(outbox.next_seq());
-            outbox.append(Class::Critical, record.ts_ms, &sh.topics.event(&kind), None, v.to_string().as_bytes()).map_err(io)?;
+            outbox
+                .append(
+                    Class::Critical,
+                    record.ts_ms,
+                    &sh.topics.event(&kind),
+                    None,
+                    v.to_string().as_bytes(),
+                )
+                .map_err(io)?;
         }
         let mut v = serde_json::to_value(record).expect("records serialise");
         v["tick"] = v["seq"].take();
         v["inc"] = json!(inc);
         v["seq"] = json!(outbox.next_seq());
         v["mqtt"] = json!(stats);
-        outbox.append(Class::Telemetry, record.ts_ms, &sh.topics.telemetry(), None, v.to_string().as_bytes()).map_err(io)?;
+        outbox
+            .append(
+                Class::Telemetry,
+                record.ts_ms,
+                &sh.topics.telemetry(),
+                None,
+                v.to_string().as_bytes(),
+            )
+            .map_err(io)?;
         if let Some(loss) = outbox.enforce_bounds(wall_ms()).map_err(io)? {
-            warn!(first_seq = loss.first_seq, last_seq = loss.last_seq, records = loss.records, reason = loss.reason, "outbox full: oldest telemetry dropped");
+            warn!(
+                first_seq = loss.first_seq,
+                last_seq = loss.last_seq,
+                records = loss.records,
+                reason = loss.reason,
+                "outbox full: oldest telemetry dropped"
+            );
             let v = json!({
                 "kind": "data-loss", "node": record.node, "ts_ms": record.ts_ms, "inc": inc, "seq": outbox.next_seq(),
                 "first_seq": loss.first_seq, "last_seq": loss.last_seq, "records": loss.records, "bytes": loss.bytes,
                 "reason": loss.reason,
             });
-            outbox.append(Class::Critical, record.ts_ms, &sh.topics.event("data-loss"), None, v.to_string().as_bytes()).map_err(io)?;
+            outbox
+                .append(
+                    Class::Critical,
+                    record.ts_ms,
+                    &sh.topics.event("data-loss"),
+                    None,
+                    v.to_string().as_bytes(),
+                )
+                .map_err(io)?;
         }
         outbox.flush().map_err(io)?;
         drop(outbox);

@@ -75,7 +75,11 @@ impl Broker {
         self.child = Some(child);
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "mosquitto did not start: {}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -181,8 +185,13 @@ impl Collector {
                 return;
             }
             if t.elapsed() > timeout {
-                let tail: Vec<String> =
-                    self.got.iter().rev().take(8).map(|m| format!("{} {}", m.topic, m.text())).collect();
+                let tail: Vec<String> = self
+                    .got
+                    .iter()
+                    .rev()
+                    .take(8)
+                    .map(|m| format!("{} {}", m.topic, m.text()))
+                    .collect();
                 panic!("timed out waiting for {what}; last received: {tail:#?}");
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -203,9 +212,21 @@ impl Collector {
     }
 
     /// Publish raw (for malformed and hand-made commands).
-    pub fn publish(&self, topic: &str, payload: &[u8], retain: bool, props: Option<PublishProperties>) {
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        props: Option<PublishProperties>,
+    ) {
         match props {
-            Some(p) => self.client.publish_with_properties(topic, QoS::AtLeastOnce, retain, payload.to_vec(), p),
+            Some(p) => self.client.publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                retain,
+                payload.to_vec(),
+                p,
+            ),
             None => self.client.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()),
         }
         .unwrap();
@@ -215,7 +236,8 @@ impl Collector {
 /// Every seq of what went through a node's outbox (telemetry, events, command results),
 /// de-duplicated and checked to be contiguous from 0; returns the count.
 pub fn contiguous_seqs(msgs: &[Msg]) -> u64 {
-    let mut seqs: Vec<u64> = streamed(msgs).iter().map(|m| m.json()["seq"].as_u64().unwrap()).collect();
+    let mut seqs: Vec<u64> =
+        streamed(msgs).iter().map(|m| m.json()["seq"].as_u64().unwrap()).collect();
     seqs.sort_unstable();
     seqs.dedup();
     for (i, s) in seqs.iter().enumerate() {
@@ -283,7 +305,12 @@ pub fn node_config(url: &str, extra: &str) -> String {
 /// The messages that carry an outbox seq: all but status, birth and state.
 pub fn streamed(msgs: &[Msg]) -> Vec<&Msg> {
     msgs.iter()
-        .filter(|m| !m.retain && !m.topic.ends_with("/status") && !m.topic.ends_with("/birth") && !m.topic.contains("/state/"))
+        .filter(|m| {
+            !m.retain
+                && !m.topic.ends_with("/status")
+                && !m.topic.ends_with("/birth")
+                && !m.topic.contains("/state/")
+        })
         .filter(|m| !m.payload.is_empty() && m.json().get("seq").is_some())
         .collect()
 }

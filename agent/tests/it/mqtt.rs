@@ -36,10 +36,15 @@ fn telemetry_and_events_arrive_in_order_status_and_birth_are_retained() {
     let broker = Broker::start();
     let mut c = Collector::start(broker.port, "gpulet/v1/#");
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), "[power]\nbudget_w = 400\n"));
-    c.wait(T, "20 telemetry records", |g| g.iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 20);
+    let agent =
+        AgentThread::start(dir.path(), &node_config(&broker.url(), "[power]\nbudget_w = 400\n"));
+    c.wait(T, "20 telemetry records", |g| {
+        g.iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 20
+    });
     agent.stop();
-    c.wait(T, "offline", |g| g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("offline")));
+    c.wait(T, "offline", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("offline"))
+    });
 
     // Contiguous, each with inc and seq; in order, but for what was written before the
     // first connection: replayed after live data, marked historical.
@@ -54,9 +59,15 @@ fn telemetry_and_events_arrive_in_order_status_and_birth_are_retained() {
     contiguous_seqs(&c.got);
     assert!(c.got.iter().any(|m| m.topic == "gpulet/v1/n1/events/limit-changed"));
     let t = c.on("/telemetry").pop().unwrap();
-    assert_eq!((t["schema"].as_str(), t["node"].as_str()), (Some("gpulet.telemetry.v1"), Some("n1")));
+    assert_eq!(
+        (t["schema"].as_str(), t["node"].as_str()),
+        (Some("gpulet.telemetry.v1"), Some("n1"))
+    );
     assert!(t["mqtt"]["connected"].as_bool().unwrap() && t["tick"].is_u64());
-    assert!(!c.got.iter().any(|m| m.retain && m.topic.contains("/telemetry")), "telemetry is not retained");
+    assert!(
+        !c.got.iter().any(|m| m.retain && m.topic.contains("/telemetry")),
+        "telemetry is not retained"
+    );
 
     // The last status (offline) and the birth are retained: a late consumer gets them.
     let mut late = Collector::start(broker.port, "gpulet/v1/+/+");
@@ -66,7 +77,10 @@ fn telemetry_and_events_arrive_in_order_status_and_birth_are_retained() {
     assert!(late.got.iter().all(|m| m.retain));
     let birth = late.on("/birth").pop().unwrap();
     assert_eq!(birth["gpus"].as_array().unwrap().len(), 2);
-    assert_eq!((birth["inc"].as_u64(), birth["schema"].as_str()), (Some(1), Some("gpulet.telemetry.v1")));
+    assert_eq!(
+        (birth["inc"].as_u64(), birth["schema"].as_str()),
+        (Some(1), Some("gpulet.telemetry.v1"))
+    );
     assert!(birth["gpus"][0]["bounds_w"]["max"].as_f64().unwrap() > 0.0);
 }
 
@@ -86,8 +100,12 @@ fn a_broker_crash_mid_stream_loses_nothing() {
     assert!(online["inc"].as_u64().unwrap() > 1, "{online}");
     c.next_on(before, "gpulet/v1/n1/birth", |v| v["inc"] == online["inc"]);
     // Live data goes on; the outage's backlog is replayed, marked historical.
-    c.wait(T, "replayed backlog", |g| g[before..].iter().any(|m| m.text().starts_with("{\"historical\":true")));
-    c.wait(T, "more live telemetry", |g| g[before..].iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 40);
+    c.wait(T, "replayed backlog", |g| {
+        g[before..].iter().any(|m| m.text().starts_with("{\"historical\":true"))
+    });
+    c.wait(T, "more live telemetry", |g| {
+        g[before..].iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 40
+    });
     // A command after the restart still runs (subscriptions were re-made).
     let results = cmd(&broker, "ping", json!({}));
     assert_eq!(results.last().unwrap()["status"], "succeeded", "{results:?}");
@@ -116,7 +134,9 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
             .unwrap()
     };
     let mut agent = spawn();
-    c.wait(T, "online", |g| g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online")));
+    c.wait(T, "online", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
+    });
     c.wait(T, "telemetry", |g| g.iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 5);
     agent.kill().unwrap();
     agent.wait().unwrap();
@@ -126,7 +146,9 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
     // Restart, then the broker goes down; the agent buffers, and is killed too.
     let mut agent = spawn();
     c.next_on(0, "gpulet/v1/n1/status", |v| v["state"] == "online" && v["inc"] == 2);
-    c.wait(T, "telemetry of inc 2", |g| g.iter().any(|m| m.topic.ends_with("/telemetry") && m.json()["inc"] == 2));
+    c.wait(T, "telemetry of inc 2", |g| {
+        g.iter().any(|m| m.topic.ends_with("/telemetry") && m.json()["inc"] == 2)
+    });
     broker.kill();
     std::thread::sleep(Duration::from_millis(1500));
     agent.kill().unwrap();
@@ -134,8 +156,16 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
     broker.restart();
     let mut agent = spawn();
     let before = c.got.len();
-    c.wait(T, "backlog replayed", |g| g[before..].iter().filter(|m| m.text().starts_with("{\"historical\":true")).count() >= 20);
-    c.wait(T, "live telemetry", |g| g[before..].iter().filter(|m| m.topic.ends_with("/telemetry") && !m.text().starts_with("{\"historical")).count() >= 5);
+    c.wait(T, "backlog replayed", |g| {
+        g[before..].iter().filter(|m| m.text().starts_with("{\"historical\":true")).count() >= 20
+    });
+    c.wait(T, "live telemetry", |g| {
+        g[before..]
+            .iter()
+            .filter(|m| m.topic.ends_with("/telemetry") && !m.text().starts_with("{\"historical"))
+            .count()
+            >= 5
+    });
     let state = std::fs::read_to_string(dir.path().join("state/inc")).unwrap();
     assert!(state.trim().parse::<u64>().unwrap() >= 3);
     sigterm(&agent);
@@ -156,19 +186,27 @@ fn the_outbox_bound_drops_oldest_telemetry_and_says_so() {
     broker.kill();
     let dir = tempfile::tempdir().unwrap();
     // No broker: records pile up in a 4 KiB outbox.
-    let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), "[mqtt.outbox]\nmax_kib = 4\nsegment_kib = 4\n"));
+    let agent = AgentThread::start(
+        dir.path(),
+        &node_config(&broker.url(), "[mqtt.outbox]\nmax_kib = 4\nsegment_kib = 4\n"),
+    );
     std::thread::sleep(Duration::from_millis(1500));
     broker.restart();
     assert_eq!(broker.port, port);
     let mut c = Collector::start(broker.port, "gpulet/v1/#");
     c.wait(T, "data-loss event", |g| g.iter().any(|m| m.topic.ends_with("/events/data-loss")));
     c.wait(T, "a telemetry record counting drops", |g| {
-        g.iter().any(|m| m.topic.ends_with("/telemetry") && m.json()["mqtt"]["dropped"].as_u64() > Some(0))
+        g.iter().any(|m| {
+            m.topic.ends_with("/telemetry") && m.json()["mqtt"]["dropped"].as_u64() > Some(0)
+        })
     });
     agent.stop();
     let loss = c.on("/events/data-loss").remove(0);
     assert_eq!(loss["reason"], "max_bytes");
-    assert!(loss["records"].as_u64().unwrap() > 0 && loss["last_seq"].as_u64() >= loss["first_seq"].as_u64());
+    assert!(
+        loss["records"].as_u64().unwrap() > 0
+            && loss["last_seq"].as_u64() >= loss["first_seq"].as_u64()
+    );
     // The dropped seqs are exactly the gaps: nothing else is missing.
     let mut seen: Vec<u64> = c
         .got
@@ -195,7 +233,9 @@ fn commands_change_the_desired_state_once() {
     let dir = tempfile::tempdir().unwrap();
     let conf = node_config(&broker.url(), "[power]\nbudget_w = 400\n");
     let agent = AgentThread::start(dir.path(), &conf);
-    c.wait(T, "online", |g| g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online")));
+    c.wait(T, "online", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
+    });
 
     let r = cmd(&broker, "set-power-budget", json!({"id": "b1", "watts": 300}));
     let statuses: Vec<&str> = r.iter().map(|v| v["status"].as_str().unwrap()).collect();
@@ -210,11 +250,16 @@ fn commands_change_the_desired_state_once() {
     assert!(r.last().unwrap()["reason"].as_str().unwrap().contains("already received"));
     // An operator limit, checked against the GPU's bounds by the agent.
     let r = cmd(&broker, "set-power-limit", json!({"gpu": 1, "watts": 5000}));
-    assert!(r.last().unwrap()["reason"].as_str().unwrap().contains("outside GPU 1's bounds"), "{r:?}");
+    assert!(
+        r.last().unwrap()["reason"].as_str().unwrap().contains("outside GPU 1's bounds"),
+        "{r:?}"
+    );
     let r = cmd(&broker, "set-power-limit", json!({"gpu": 1, "watts": 150}));
     assert_eq!(r.last().unwrap()["status"], "succeeded", "{r:?}");
     let from = c.got.len();
-    c.next_on(from, "gpulet/v1/n1/events/limit-changed", |v| v["gpu"] == 1 && v["source"] == "operator");
+    c.next_on(from, "gpulet/v1/n1/events/limit-changed", |v| {
+        v["gpu"] == 1 && v["source"] == "operator"
+    });
     agent.stop();
 
     // A restart restores what the commands set, and still refuses the old id.
@@ -238,8 +283,13 @@ fn malformed_commands_are_rejected_with_a_reason_and_nothing_else() {
     let broker = Broker::start();
     let mut c = Collector::start(broker.port, "gpulet/v1/#");
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), "[mqtt.commands]\nmax_payload_kib = 1\n"));
-    c.wait(T, "online", |g| g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online")));
+    let agent = AgentThread::start(
+        dir.path(),
+        &node_config(&broker.url(), "[mqtt.commands]\nmax_payload_kib = 1\n"),
+    );
+    c.wait(T, "online", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
+    });
     let big = format!("{{\"id\":\"big\",\"pad\":\"{}\"}}", "x".repeat(2000));
     let cases: Vec<(&str, String, bool, &str)> = vec![
         ("ping", "not json".into(), false, "not valid JSON"),
@@ -247,8 +297,18 @@ fn malformed_commands_are_rejected_with_a_reason_and_nothing_else() {
         ("ping", "{}".into(), false, "id is missing"),
         ("set-power-budget", r#"{"id":"t1","watts":"lots"}"#.into(), false, "watts: invalid type"),
         ("set-power-budget", r#"{"id":"t2","watts":1e9}"#.into(), false, "out of range"),
-        ("set-power-budget", r#"{"id":"t3","watts":300,"extra":1}"#.into(), false, "unknown field `extra`"),
-        ("set-power-limit", r#"{"id":"t4","gpu":7,"watts":200}"#.into(), false, "GPU 7 does not exist"),
+        (
+            "set-power-budget",
+            r#"{"id":"t3","watts":300,"extra":1}"#.into(),
+            false,
+            "unknown field `extra`",
+        ),
+        (
+            "set-power-limit",
+            r#"{"id":"t4","gpu":7,"watts":200}"#.into(),
+            false,
+            "GPU 7 does not exist",
+        ),
         ("ping", r#"{"id":"t5","node":"n2"}"#.into(), false, "meant for node \"n2\""),
         ("reboot", r#"{"id":"t6"}"#.into(), false, "is not a command"),
         ("ping", r#"{"id":"t7"}"#.into(), true, "retained"),
@@ -279,7 +339,10 @@ fn malformed_commands_are_rejected_with_a_reason_and_nothing_else() {
     c.wait(T, "the reply on the response topic", |g| {
         g[from..].iter().any(|m| m.topic == "ops/replies" && m.text().contains("succeeded"))
     });
-    let reply = c.got[from..].iter().find(|m| m.topic == "ops/replies" && m.text().contains("succeeded")).unwrap();
+    let reply = c.got[from..]
+        .iter()
+        .find(|m| m.topic == "ops/replies" && m.text().contains("succeeded"))
+        .unwrap();
     assert_eq!(reply.correlation.as_deref(), Some(&b"corr-1"[..]));
     let t = c.next_on(c.got.len(), "gpulet/v1/n1/telemetry", |_| true);
     assert_eq!(t["mqtt"]["commands_rejected"].as_u64(), Some(cases.len() as u64));
@@ -298,7 +361,9 @@ fn signed_commands_tamper_replay_and_time_cases() {
     let key = signing_key(&private).unwrap();
     let extra = format!("[mqtt.commands]\nrequire_signed = true\npublic_keys = [\"{public}\"]\n");
     let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), &extra));
-    c.wait(T, "online", |g| g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online")));
+    c.wait(T, "online", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
+    });
     let now = gpulet::mqtt::wall_ms();
     let signed = |node: &str, name: &str, id: &str, issued: u64, expires: u64| {
         let mut m = json!({"id": id, "watts": 300, "issued_ms": issued, "expires_ms": expires})
@@ -310,7 +375,11 @@ fn signed_commands_tamper_replay_and_time_cases() {
     };
     let good = signed("n1", "set-power-budget", "s1", now, now + 60_000);
     let (other_key, _) = keygen().unwrap();
-    let mut foreign = json!({"id": "s7", "watts": 300, "issued_ms": now, "expires_ms": now + 60_000}).as_object().unwrap().clone();
+    let mut foreign =
+        json!({"id": "s7", "watts": 300, "issued_ms": now, "expires_ms": now + 60_000})
+            .as_object()
+            .unwrap()
+            .clone();
     command::sign(&signing_key(&other_key).unwrap(), "n1", "set-power-budget", &mut foreign);
     let cases: Vec<(String, &str)> = vec![
         (good.clone(), "succeeded"),
@@ -326,7 +395,9 @@ fn signed_commands_tamper_replay_and_time_cases() {
     for (payload, want) in &cases {
         let from = c.got.len();
         c.publish("gpulet/v1/n1/cmd/set-power-budget", payload.as_bytes(), false, None);
-        let r = c.next_on(from, "gpulet/v1/n1/cmd-result/set-power-budget", |v| v["status"] != "accepted");
+        let r = c.next_on(from, "gpulet/v1/n1/cmd-result/set-power-budget", |v| {
+            v["status"] != "accepted"
+        });
         let text = r.to_string();
         assert!(text.contains(want), "{payload}: {text}");
     }
@@ -358,15 +429,27 @@ fn tls_with_client_certificates_and_an_acl_refusal_reported() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     let openssl = |args: &str| {
-        let out = Command::new("openssl").args(args.split_whitespace()).current_dir(d).output().unwrap_or_else(|e| panic!("openssl: {e}; install the Debian package openssl (.ci/test does)"));
+        let out = Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(d)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("openssl: {e}; install the Debian package openssl (.ci/test does)")
+            });
         assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
     };
     std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    openssl("req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca");
+    openssl(
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca",
+    );
     for name in ["server", "client"] {
         let cn = if name == "server" { "localhost" } else { "n1" };
-        openssl(&format!("req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {name}.key -out {name}.csr -subj /CN={cn}"));
-        openssl(&format!("x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt -days 2 -extfile san.ext"));
+        openssl(&format!(
+            "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {name}.key -out {name}.csr -subj /CN={cn}"
+        ));
+        openssl(&format!(
+            "x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt -days 2 -extfile san.ext"
+        ));
     }
     for f in ["ca.crt", "server.crt", "server.key"] {
         std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -391,7 +474,9 @@ fn tls_with_client_certificates_and_an_acl_refusal_reported() {
         "node = \"n1\"\ntick = \"50ms\"\n[telemetry]\nsink = \"none\"\n[[sim.gpu]]\npreset = \"l40s\"\nworkload = \"inference\"\n[mqtt]\nurl = \"mqtts://localhost:{tls_port}\"\nstate_dir = \"state\"\nca_file = \"ca.crt\"\ncert_file = \"client.crt\"\nkey_file = \"client.key\"\n"
     );
     let agent = AgentThread::start(d, &conf);
-    c.wait(T, "online over TLS", |g| g.iter().any(|m| m.topic == "gpulet/v1/n1/status" && m.text().contains("online")));
+    c.wait(T, "online over TLS", |g| {
+        g.iter().any(|m| m.topic == "gpulet/v1/n1/status" && m.text().contains("online"))
+    });
     let refused = c.next_on(0, "gpulet/v1/n1/events/mqtt-refused", |_| true);
     assert_eq!(refused["topic"], "gpulet/v1/n1/telemetry");
     assert!(refused["reason"].as_str().unwrap().contains("NotAuthorized"), "{refused}");
