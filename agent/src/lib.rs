@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fleet_sim;
 pub mod gpu;
 pub mod guard;
 pub mod mqtt;

@@ -99,6 +99,27 @@ enum Command {
         #[arg(value_name = "PREFIX")]
         prefix: PathBuf,
     },
+    /// Simulate a fleet against a broker: N nodes of simulated GPUs in this process, each
+    /// with its own MQTT connection and outbox, publishing at 1 Hz; a consumer counts what
+    /// arrives. Prints a JSON report. A load tool for sizing a broker's ingest.
+    FleetSim {
+        #[arg(long, value_name = "N")]
+        nodes: u32,
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        #[arg(long, default_value = "60s", value_name = "DURATION")]
+        duration: humantime::Duration,
+        #[arg(long, default_value_t = 8, value_name = "N")]
+        gpus: u32,
+        /// Keep the outboxes here (default: a temporary folder, removed at the end).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Sync each tick's records to disk, as a real agent does by default.
+        #[arg(long)]
+        fsync: bool,
+        #[arg(long, default_value = "gpulet/v1", value_name = "ROOT")]
+        root: String,
+    },
     /// Tools for plugin authors.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -163,7 +184,9 @@ fn main() -> ExitCode {
     // rustls needs exactly one process-wide crypto provider (rumqttc pitfall 10).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let default_level = match cli.command {
-        Command::Demo { .. } => tracing::Level::WARN,
+        Command::Demo { .. } | Command::FleetSim { .. } | Command::Cmd { .. } => {
+            tracing::Level::WARN
+        }
         _ => tracing::Level::INFO,
     };
     tracing_subscriber::fmt()
@@ -266,6 +289,22 @@ fn run(command: Command) -> Result<(), Error> {
                     other.unwrap_or("no result")
                 ))),
             }
+        }
+        Command::FleetSim { nodes, broker, duration, gpus, dir, fsync, root } => {
+            let report = gpulet::fleet_sim::run(gpulet::fleet_sim::Options {
+                nodes,
+                broker,
+                duration: duration.into(),
+                gpus,
+                dir,
+                fsync,
+                root,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            if report.lost > 0 {
+                return Err(Error::Command(format!("{} messages lost", report.lost)));
+            }
+            Ok(())
         }
         Command::Keygen { prefix } => {
             let (private, public) = mqtt::command::keygen().map_err(Error::Runtime)?;

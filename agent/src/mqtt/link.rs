@@ -108,6 +108,8 @@ impl Poller {
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     let _ = self.tx.send(Ev::Command(p));
                 }
+                // The link asked for it: a clean stop.
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                 Ok(Event::Incoming(Incoming::Disconnect(d))) => {
                     warn!(reason = ?d.reason_code, "the broker sent DISCONNECT");
                 }
@@ -208,6 +210,8 @@ struct Sending {
     inflight: usize,
     /// Backlog records that may be sent now (refilled by the rate).
     tokens: f64,
+    /// Whether backlog may remain (the rate limiter runs only then).
+    backlog: bool,
 }
 
 impl Link {
@@ -226,7 +230,7 @@ impl Link {
                     None => return,
                 },
                 () = shared.notify.notified() => {}
-                _ = replay.tick() => {
+                _ = replay.tick(), if s.backlog => {
                     let rate = f64::from(self.settings.replay_rate);
                     s.tokens = (s.tokens + rate * refill.as_secs_f64()).min(rate.max(1.0));
                 }
@@ -266,6 +270,7 @@ impl Link {
                     next_backlog: 0,
                     inflight: 0,
                     tokens: 0.0,
+                    backlog: true,
                 };
                 // Subscriptions are re-made on every connection: rumqttc does not say when a
                 // session was lost, and re-subscribing is harmless when it was not.
@@ -631,9 +636,8 @@ impl Link {
     /// DISCONNECT suppresses the Will), save the outbox state, disconnect.
     async fn stop(&mut self, s: &mut Sending, done: Option<oneshot::Sender<()>>) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        // Everything pending goes now, backlog included.
-        s.live_start = 0;
-        s.next_live = 0;
+        // Everything pending goes now, the backlog at full speed.
+        s.tokens = f64::INFINITY;
         let status = self.shared.topics.status();
         let mut offline_sent = false;
         while s.connected {

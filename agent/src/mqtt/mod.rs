@@ -431,6 +431,8 @@ impl Mqtt {
             // Commands larger than the limit are rejected by the link with a reason; a
             // packet above rumqttc's own limit would drop the connection (pitfall 6).
             .set_max_packet_size(Some(4 << 20))
+            // rumqttc sizes its per-connection tables by this (64 Ki entries by default).
+            .set_outgoing_inflight_upper_limit(s.inflight as u16)
             .set_last_will(LastWill::new(
                 s.topics.status(),
                 status_payload("offline", inc, wall_ms()),
@@ -493,6 +495,11 @@ impl Mqtt {
 
     pub fn stats(&self) -> MqttStats {
         current_stats(&self.shared)
+    }
+
+    /// Messages ever put through this node's outbox (its next seq).
+    pub fn appended(&self) -> u64 {
+        self.shared.outbox.lock().expect("outbox").next_seq()
     }
 }
 

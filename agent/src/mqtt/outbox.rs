@@ -1,17 +1,21 @@
 //! The outbox: every telemetry record, event and command result goes through this
 //! bounded, append-only, checksummed log on disk before it reaches the network.
 //!
-//! Layout: a folder of segment files `<first-seq>.seg` and a `state.json`. A segment is a
+//! Layout: a folder of segment files `<first-seq>.seg` and two state slots `state.a`,
+//! `state.b`. A segment is a
 //! run of frames `[len u32][crc32 u32][body]`, body = `seq u64, class u8, ts_ms u64,
 //! topic (u16 length + bytes), correlation data (u16 length + bytes), payload`.
 //!
 //! - A record is *pending* from its append until the broker acknowledged it
 //!   ([`Outbox::commit`], called on PUBACK) or the bound dropped it. Only pending records
 //!   are indexed, in memory, by seq.
-//! - `state.json` keeps what is no longer pending (everything below `low`, plus the
+//! - The state keeps what is no longer pending (everything below `low`, plus the
 //!   `done` ranges above it) and the next seq. It is written at most once per second
-//!   and at a clean stop: after a crash the records acknowledged since are sent again
-//!   (at-least-once; consumers de-duplicate on `(node, inc, seq)`).
+//!   and at a clean stop, into the two slots in turn (JSON, a generation and a CRC), so
+//!   that a torn write spoils only one, and without creating files (creating a file per
+//!   second per node was most of the cost of a fleet). After a crash the records
+//!   acknowledged since the last save are sent again (at-least-once; consumers
+//!   de-duplicate on `(node, inc, seq)`).
 //! - At open, every segment is scanned; a frame that is short or fails its CRC (a torn
 //!   write at a crash) ends the segment, which is truncated there.
 //! - Bounds: telemetry is dropped oldest first when the pending bytes exceed
@@ -109,6 +113,8 @@ struct Segment {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
+    /// Which slot is newer.
+    generation: u64,
     next_seq: u64,
     /// Every seq below is done.
     low: u64,
@@ -133,6 +139,9 @@ pub struct Outbox {
     pending_bytes: u64,
     dropped: u64,
     dirty: bool,
+    /// The two state slots, written in turn.
+    slots: [File; 2],
+    generation: u64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutboxError + '_ {
@@ -149,15 +158,31 @@ impl Outbox {
     pub fn open(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
         let dir = cfg.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let state_path = dir.join("state.json");
-        let state: State = match fs::read(&state_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!(path = %state_path.display(), error = %e, "outbox state unreadable; everything on disk is sent again");
-                State::default()
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(io_err(&state_path)(e)),
-        };
+        let mut slots = Vec::new();
+        let mut state = State::default();
+        for name in ["state.a", "state.b"] {
+            let path = dir.join(name);
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            let mut text = String::new();
+            io::Read::read_to_string(&mut f, &mut text).map_err(io_err(&path))?;
+            match read_slot(&text) {
+                Some(s) if s.generation >= state.generation => state = s,
+                Some(_) => {}
+                None if text.is_empty() => {}
+                None => {
+                    warn!(path = %path.display(), "an outbox state slot is torn or corrupt; the other one is used")
+                }
+            }
+            slots.push(f);
+        }
+        let slots: [File; 2] = slots.try_into().expect("two slots");
+        let generation = state.generation;
         let is_done =
             |seq: u64| seq < state.low || state.done.iter().any(|&(a, b)| a <= seq && seq <= b);
 
@@ -225,6 +250,8 @@ impl Outbox {
             pending_bytes,
             dropped: 0,
             dirty: true,
+            slots,
+            generation,
         };
         let empty: Vec<u64> = outbox
             .segments
@@ -475,21 +502,33 @@ impl Outbox {
             }
             prev = seq;
         }
-        let state = State { next_seq: self.next_seq, low, done };
-        let path = self.cfg.dir.join("state.json");
-        let tmp = self.cfg.dir.join("state.json.tmp");
+        self.generation += 1;
+        let state = State { generation: self.generation, next_seq: self.next_seq, low, done };
+        let json = serde_json::to_string(&state).expect("state serialises");
+        let text = format!("{json}\n{:08x}\n", crc32fast::hash(json.as_bytes()));
+        let slot = (self.generation % 2) as usize;
+        let path = self.cfg.dir.join(["state.a", "state.b"][slot]);
+        let f = &self.slots[slot];
         let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(&state).expect("state serialises"))?;
+            f.write_all_at(text.as_bytes(), 0)?;
+            f.set_len(text.len() as u64)?;
             if self.cfg.fsync {
-                f.sync_all()?;
+                f.sync_data()?;
             }
-            fs::rename(&tmp, &path)
+            Ok(())
         };
         write().map_err(io_err(&path))?;
         self.dirty = false;
         Ok(())
     }
+}
+
+/// A state slot's content, if whole: JSON, a newline, its CRC-32 in hex.
+fn read_slot(text: &str) -> Option<State> {
+    let (json, crc) = text.trim_end().rsplit_once('\n')?;
+    (u32::from_str_radix(crc, 16).ok()? == crc32fast::hash(json.as_bytes()))
+        .then(|| serde_json::from_str(json).ok())
+        .flatten()
 }
 
 fn encode(
@@ -598,14 +637,24 @@ mod tests {
         o.commit(a);
         o.save_state().unwrap();
         drop(o);
-        let o = Outbox::open(cfg(dir.path())).unwrap();
+        let mut o = Outbox::open(cfg(dir.path())).unwrap();
         assert_eq!(o.pending(0, u64::MAX, 10), vec![1]);
         let m = o.read(1).unwrap().unwrap();
         assert_eq!(
             (m.topic.as_str(), m.payload.as_slice(), m.class, m.ts_ms),
             ("a/c", &b"{}"[..], Class::Telemetry, 6)
         );
-        assert_eq!(o.next_seq(), 2);
+        // A torn write of the newer slot: the older one is used, and seqs go on.
+        o.append(Class::Telemetry, 7, "a/c", None, b"{}").unwrap();
+        o.commit(1);
+        o.save_state().unwrap();
+        let slot = dir.path().join(["state.a", "state.b"][(o.generation % 2) as usize]);
+        drop(o);
+        let len = fs::metadata(&slot).unwrap().len();
+        OpenOptions::new().write(true).open(&slot).unwrap().set_len(len - 3).unwrap();
+        let o = Outbox::open(cfg(dir.path())).unwrap();
+        assert_eq!(o.pending(0, u64::MAX, 10), vec![2], "still pending by the older slot");
+        assert_eq!(o.next_seq(), 3);
     }
 
     #[test]
