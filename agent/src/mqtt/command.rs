@@ -369,7 +369,6 @@ pub fn verifying_key(b64: &str) -> Result<VerifyingKey, String> {
 #[derive(Debug)]
 pub struct SeenIds {
     path: PathBuf,
-    file: File,
     window_ms: u64,
     max: usize,
     order: VecDeque<(u64, String)>,
@@ -390,7 +389,6 @@ impl SeenIds {
         })?;
         let mut seen = SeenIds {
             path: path.to_path_buf(),
-            file: OpenOptions::new().create(true).append(true).open(path)?,
             window_ms,
             max,
             order: VecDeque::new(),
@@ -421,10 +419,12 @@ impl SeenIds {
         if !self.set.insert(id.to_owned()) {
             return Ok(());
         }
-        // Ids are at most 128 characters; a newline in one would split its line.
-        writeln!(self.file, "{now_ms} {}", id.replace('\n', " "))?;
+        // Ids are at most 128 characters; a newline in one would split its line. The
+        // file is opened per command (rare) rather than held open.
+        let mut file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        writeln!(file, "{now_ms} {}", id.replace('\n', " "))?;
         if self.fsync {
-            self.file.sync_data()?;
+            file.sync_data()?;
         }
         self.order.push_back((now_ms, id.to_owned()));
         if self.order.len() > 2 * self.max {
@@ -444,16 +444,16 @@ impl SeenIds {
     }
 
     /// Compact the file to the ids still remembered.
-    fn rewrite(&mut self) -> io::Result<()> {
+    fn rewrite(&self) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp)?;
         for (ts, id) in &self.order {
             writeln!(f, "{ts} {id}")?;
         }
-        f.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
-        Ok(())
+        if self.fsync {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &self.path)
     }
 }
 

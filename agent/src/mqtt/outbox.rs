@@ -139,8 +139,9 @@ pub struct Outbox {
     pending_bytes: u64,
     dropped: u64,
     dirty: bool,
-    /// The two state slots, written in turn.
-    slots: [File; 2],
+    /// The two state slots, written in turn (opened per write: a fleet simulation runs
+    /// thousands of outboxes in one process, and descriptors are finite).
+    slots: [PathBuf; 2],
     generation: u64,
 }
 
@@ -179,9 +180,10 @@ impl Outbox {
                     warn!(path = %path.display(), "an outbox state slot is torn or corrupt; the other one is used")
                 }
             }
-            slots.push(f);
+            drop(f);
+            slots.push(path);
         }
-        let slots: [File; 2] = slots.try_into().expect("two slots");
+        let slots: [PathBuf; 2] = slots.try_into().expect("two slots");
         let generation = state.generation;
         let is_done =
             |seq: u64| seq < state.low || state.done.iter().any(|&(a, b)| a <= seq && seq <= b);
@@ -506,10 +508,9 @@ impl Outbox {
         let state = State { generation: self.generation, next_seq: self.next_seq, low, done };
         let json = serde_json::to_string(&state).expect("state serialises");
         let text = format!("{json}\n{:08x}\n", crc32fast::hash(json.as_bytes()));
-        let slot = (self.generation % 2) as usize;
-        let path = self.cfg.dir.join(["state.a", "state.b"][slot]);
-        let f = &self.slots[slot];
+        let path = &self.slots[(self.generation % 2) as usize];
         let write = || -> io::Result<()> {
+            let f = OpenOptions::new().write(true).open(path)?;
             f.write_all_at(text.as_bytes(), 0)?;
             f.set_len(text.len() as u64)?;
             if self.cfg.fsync {
@@ -517,7 +518,7 @@ impl Outbox {
             }
             Ok(())
         };
-        write().map_err(io_err(&path))?;
+        write().map_err(io_err(path))?;
         self.dirty = false;
         Ok(())
     }

@@ -1,0 +1,130 @@
+//! The publishing path's local cost: the outbox alone (append, sync, replay), and one
+//! agent tick with the MQTT sink next to the JSON-lines sink. No broker is reached: the
+//! link is started but its runtime is never driven, so records stay in the outbox.
+//! Run: `cargo bench -p gpulet --bench outbox`.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use gpulet::agent::Agent;
+use gpulet::clock::VirtualClock;
+use gpulet::mqtt::outbox::{Class, Outbox, OutboxConfig};
+use gpulet::mqtt::{Mqtt, Settings};
+use gpulet::setup;
+use gpulet::telemetry::{JsonLines, Sink};
+
+fn demo_agent(sinks: Vec<Box<dyn Sink>>) -> (Agent, VirtualClock) {
+    let config = gpulet::demo::config();
+    let clock = VirtualClock::new(0);
+    let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone())).unwrap();
+    let mut agent =
+        setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone())).unwrap();
+    for _ in 0..30 {
+        clock.advance(Duration::from_secs(1));
+        agent.tick();
+    }
+    (agent, clock)
+}
+
+/// An MQTT sink writing to an outbox in `dir`, its link never run.
+fn mqtt_sink(dir: &Path, fsync: bool) -> (Box<dyn Sink>, Mqtt, tokio::runtime::Runtime) {
+    let toml = format!(
+        "url = \"mqtt://127.0.0.1:9\"\nstate_dir = {:?}\n[outbox]\nfsync = {fsync}\nmax_kib = 1048576\n",
+        dir.display().to_string()
+    );
+    let cfg: gpulet::config::MqttConfig = toml::from_str(&toml).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let started = Mqtt::start(Settings::new(&cfg, "bench", Path::new(".")).unwrap()).unwrap();
+    (Box::new(started.sink), started.mqtt, rt)
+}
+
+/// One telemetry message as the sink writes it (8 GPUs), for the raw outbox benches.
+fn telemetry_payload() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, mqtt, _rt) = mqtt_sink(dir.path(), false);
+    let (mut agent, _) = demo_agent(vec![sink]);
+    agent.tick();
+    let s = mqtt.stats();
+    eprintln!(
+        "outbox: {} records, {} bytes pending: {:.0} bytes per record (frame included) for 8 GPUs and their events",
+        s.outbox_depth,
+        s.outbox_bytes,
+        s.outbox_bytes as f64 / s.outbox_depth as f64
+    );
+    vec![b'x'; (s.outbox_bytes / s.outbox_depth) as usize]
+}
+
+fn outbox(c: &mut Criterion) {
+    let payload = telemetry_payload();
+    let mut g = c.benchmark_group("outbox");
+    g.throughput(Throughput::Elements(1));
+    for fsync in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 1 << 40,
+            max_age_ms: u64::MAX,
+            segment_bytes: 1 << 20,
+            fsync,
+        };
+        let mut o = Outbox::open(cfg).unwrap();
+        let name = if fsync { "append_and_fsync" } else { "append_no_sync" };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let seq =
+                    o.append(Class::Telemetry, 0, "gpulet/v1/n/telemetry", None, &payload).unwrap();
+                o.flush().unwrap();
+                // Acknowledged at once, as with a broker keeping up: the outbox stays small.
+                o.commit(seq);
+                black_box(seq)
+            })
+        });
+    }
+    // Replay: read a pending record back and commit it, as after a reconnect.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        dir: dir.path().to_path_buf(),
+        max_bytes: 1 << 40,
+        max_age_ms: u64::MAX,
+        segment_bytes: 1 << 20,
+        fsync: false,
+    };
+    let mut o = Outbox::open(cfg).unwrap();
+    g.bench_function("replay_read_and_commit", |b| {
+        b.iter_batched(
+            || o.append(Class::Telemetry, 0, "gpulet/v1/n/telemetry", None, &payload).unwrap(),
+            |seq| {
+                let m = o.read(seq).unwrap().unwrap();
+                o.commit(seq);
+                black_box(m.payload.len())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn tick_with_mqtt(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tick_8_gpus_sink");
+    let (mut agent, _) = demo_agent(vec![Box::new(JsonLines::new(std::io::sink()))]);
+    g.bench_function("json_lines", |b| b.iter(|| black_box(agent.tick())));
+    for fsync in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, _mqtt, _rt) = mqtt_sink(dir.path(), fsync);
+        let (mut agent, _) = demo_agent(vec![sink]);
+        let name = if fsync { "mqtt_outbox_fsync" } else { "mqtt_outbox_no_sync" };
+        g.bench_function(name, |b| b.iter(|| black_box(agent.tick())));
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = outbox, tick_with_mqtt
+}
+criterion_main!(benches);
