@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gpulet::agent::Agent;
 use gpulet::clock::VirtualClock;
 use gpulet::mqtt::outbox::{Class, Outbox, OutboxConfig};
@@ -95,15 +95,21 @@ fn outbox(c: &mut Criterion) {
     };
     let mut o = Outbox::open(cfg).unwrap();
     g.bench_function("replay_read_and_commit", |b| {
-        b.iter_batched(
-            || o.append(Class::Telemetry, 0, "gpulet/v1/n/telemetry", None, &payload).unwrap(),
-            |seq| {
+        b.iter_custom(|iters| {
+            // A backlog of `iters` records (not timed), then replayed (timed).
+            let first = o.next_seq();
+            for _ in 0..iters {
+                o.append(Class::Telemetry, 0, "gpulet/v1/n/telemetry", None, &payload).unwrap();
+            }
+            o.flush().unwrap();
+            let t = std::time::Instant::now();
+            for seq in first..first + iters {
                 let m = o.read(seq).unwrap().unwrap();
                 o.commit(seq);
-                black_box(m.payload.len())
-            },
-            BatchSize::SmallInput,
-        )
+                black_box(m.payload.len());
+            }
+            t.elapsed()
+        })
     });
     g.finish();
 }

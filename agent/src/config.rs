@@ -572,6 +572,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut v = Validator::default();
         v.node(self.node.as_deref());
+        if self.node.is_none() && self.mqtt.is_some() {
+            // The hostname becomes the node id in topics: it must fit them too.
+            let before = v.errors.len();
+            v.node(Some(&self.node_id()));
+            for e in &mut v.errors[before..] {
+                if let ConfigError::Invalid { message, .. } = e {
+                    message.push_str(" (the hostname, used as the node id: set `node`)");
+                }
+            }
+        }
         if self.tick < MIN_TICK || self.tick > MAX_TICK {
             v.err("tick", format!("{} is out of range; accepted: 10ms to 1h", show(self.tick)));
         }

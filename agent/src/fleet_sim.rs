@@ -46,18 +46,24 @@ pub struct Report {
     pub sent: u64,
     /// Distinct `(node, inc, seq)` the consumer received.
     pub received: u64,
+    /// Still in the outboxes when the nodes stopped (2 s to drain): not lost, they go at
+    /// the next start.
+    pub pending_at_stop: u64,
     pub lost: u64,
     pub duplicates: u64,
     /// Telemetry records that the nodes' outbox bounds dropped.
     pub dropped_by_outbox: u64,
     pub messages_per_s: f64,
-    /// This process (all nodes and the consumer) over `seconds` of steady state: CPU
+    /// This process (all nodes and the consumers) over `seconds` of steady state: CPU
     /// share of one core, and memory.
     pub cpu_pct: f64,
     pub rss_mib: f64,
     pub cpu_pct_per_node: f64,
     pub rss_kib_per_node: f64,
 }
+
+/// What the consumers received: `(inc, seq)` per node.
+type Seen = Arc<Mutex<HashMap<String, HashSet<(u64, u64)>>>>;
 
 /// Run the fleet for `duration`, stop every node cleanly, and report.
 pub fn run(o: Options) -> Result<Report, Error> {
@@ -77,9 +83,21 @@ async fn fleet(o: Options) -> Result<Report, Error> {
     };
     let (_, host, port) =
         parse_url(&o.broker).map_err(|e| Error::Command(format!("--broker: {e}")))?;
-    let seen: Arc<Mutex<HashMap<String, HashSet<(u64, u64)>>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let duplicates = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    consumer(&host, port, &o.root, seen.clone(), duplicates.clone()).await?;
+    // One consumer per 500 nodes, sharing the subscription as an ingest tier does, so
+    // that no single consumer's broker queue limits what the fleet is measured at.
+    // They run on a thread of their own, so that nodes blocked in fsync cannot starve
+    // them into the broker dropping their queue (which would count as loss).
+    let consumer_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let on = consumer_rt.handle().clone();
+    std::thread::spawn(move || consumer_rt.block_on(std::future::pending::<()>()));
+    for k in 0..o.nodes.div_ceil(500).max(1) {
+        consumer(&on, &host, port, &o.root, k, seen.clone(), duplicates.clone()).await?;
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
@@ -115,9 +133,8 @@ async fn fleet(o: Options) -> Result<Report, Error> {
                         let _ = stop.wait_for(|s| *s).await;
                     })
                     .await;
-                let stats = mqtt.stats();
                 let appended = mqtt.appended();
-                mqtt.stop().await;
+                let stats = mqtt.stop().await;
                 Ok::<_, Error>((stats, appended))
             }),
             ready_rx,
@@ -137,18 +154,20 @@ async fn fleet(o: Options) -> Result<Report, Error> {
     let _ = stop_tx.send(true);
     let mut sent = 0;
     let mut dropped = 0;
+    let mut pending = 0;
     for (task, _) in nodes {
         let (stats, appended) =
             task.await.map_err(|e| Error::Command(format!("a node panicked: {e}")))??;
         sent += appended;
         dropped += stats.dropped;
+        pending += stats.outbox_depth;
     }
     // The consumer gets the last messages.
     let mut received = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let r: u64 = seen.lock().await.values().map(|s| s.len() as u64).sum();
-        if r >= sent {
+        if r + pending >= sent {
             received = r;
             break;
         }
@@ -165,7 +184,8 @@ async fn fleet(o: Options) -> Result<Report, Error> {
         fsync: o.fsync,
         sent,
         received,
-        lost: sent.saturating_sub(received),
+        pending_at_stop: pending,
+        lost: sent.saturating_sub(received + pending),
         duplicates: duplicates.load(std::sync::atomic::Ordering::Relaxed),
         dropped_by_outbox: dropped,
         messages_per_s: received as f64 / started.elapsed().as_secs_f64(),
@@ -178,21 +198,27 @@ async fn fleet(o: Options) -> Result<Report, Error> {
 
 /// The verifying consumer: telemetry and events of every node, QoS 1.
 async fn consumer(
+    on: &tokio::runtime::Handle,
     host: &str,
     port: u16,
     root: &str,
-    seen: Arc<Mutex<HashMap<String, HashSet<(u64, u64)>>>>,
+    k: u32,
+    seen: Seen,
     duplicates: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), Error> {
-    let mut opts =
-        MqttOptions::new(format!("gpulet-fleet-sim-consumer-{}", std::process::id()), host, port);
+    let mut opts = MqttOptions::new(
+        format!("gpulet-fleet-sim-consumer-{}-{k}", std::process::id()),
+        host,
+        port,
+    );
     opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
-    let filters = [format!("{root}/+/telemetry"), format!("{root}/+/events/#")];
+    let filters =
+        [format!("$share/verify/{root}/+/telemetry"), format!("$share/verify/{root}/+/events/#")];
     let root_levels = root.split('/').count();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut ready_tx = Some(ready_tx);
-    tokio::spawn(async move {
+    on.spawn(async move {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {

@@ -121,6 +121,10 @@ impl Poller {
                         let mut fifo = self.fifo.lock().expect("fifo");
                         self.eventloop.clean();
                         self.eventloop.pending.clear();
+                        // Events of the lost connection not yet returned (an outgoing
+                        // publish among them would take a tag of the next connection).
+                        self.eventloop.state.events.clear();
+                        self.eventloop.state.collision = None;
                         fifo.clear();
                     }
                     pkids.clear();
@@ -197,6 +201,8 @@ pub(super) struct Link {
     pub settings: LinkSettings,
     pub stop: oneshot::Receiver<oneshot::Sender<()>>,
     pub ever_connected: bool,
+    /// Topics the broker refused on this connection (reported once each).
+    pub refused_topics: std::collections::HashSet<String>,
 }
 
 /// Where the link is in sending the outbox.
@@ -262,6 +268,7 @@ impl Link {
                     st.reconnects += u64::from(self.ever_connected);
                 }
                 self.ever_connected = true;
+                self.refused_topics.clear();
                 let next = self.shared.outbox.lock().expect("outbox").next_seq();
                 *s = Sending {
                     connected: true,
@@ -307,7 +314,7 @@ impl Link {
                         let mut outbox = self.shared.outbox.lock().expect("outbox");
                         if refused {
                             // Resending would be refused again: the record is committed,
-                            // and the refusal reported (once per topic and connection).
+                            // and the refusal reported.
                             let topic = outbox
                                 .read(seq)
                                 .ok()
@@ -339,12 +346,14 @@ impl Link {
         }
     }
 
-    /// A PUBACK with a negative reason: logged, counted, and published as an event,
-    /// except a refusal of that event itself (that would loop).
-    fn refused(&self, topic: &str, reason: PubAckReason) {
-        let mut st = self.shared.stats.lock().expect("stats");
-        st.refused += 1;
-        drop(st);
+    /// A PUBACK with a negative reason: counted, and logged and published as an event
+    /// once per topic and connection, except a refusal of that event itself (that would
+    /// loop).
+    fn refused(&mut self, topic: &str, reason: PubAckReason) {
+        self.shared.stats.lock().expect("stats").refused += 1;
+        if !self.refused_topics.insert(topic.to_owned()) {
+            return;
+        }
         let own = self.shared.topics.event("mqtt-refused");
         if topic == own {
             error!(topic, ?reason, "the broker refuses this node's mqtt-refused events too");

@@ -478,6 +478,7 @@ impl Mqtt {
                 },
                 stop: stop_rx,
                 ever_connected: false,
+                refused_topics: Default::default(),
             }
             .run(),
         );
@@ -485,12 +486,14 @@ impl Mqtt {
         Ok(Started { mqtt: Mqtt { stop, shared }, sink, control, desired })
     }
 
-    /// Publish `offline`, drain the outbox for up to 2 s, save its state, disconnect.
-    pub async fn stop(self) {
+    /// Drain the outbox for up to 2 s, publish `offline`, save the outbox state,
+    /// disconnect. Returns the final numbers (what is still pending goes at the next start).
+    pub async fn stop(self) -> MqttStats {
         let (done, wait) = oneshot::channel();
         if self.stop.send(done).is_ok() {
             let _ = wait.await;
         }
+        current_stats(&self.shared)
     }
 
     pub fn stats(&self) -> MqttStats {
@@ -556,7 +559,7 @@ impl Sink for MqttSink {
                 v.to_string().as_bytes(),
             )
             .map_err(io)?;
-        if let Some(loss) = outbox.enforce_bounds(wall_ms()).map_err(io)? {
+        if let Some(loss) = outbox.enforce_bounds(record.ts_ms).map_err(io)? {
             warn!(
                 first_seq = loss.first_seq,
                 last_seq = loss.last_seq,

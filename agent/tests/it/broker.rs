@@ -4,7 +4,8 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -127,6 +128,8 @@ pub struct Collector {
     rx: mpsc::Receiver<Msg>,
     pub got: Vec<Msg>,
     pub client: Client,
+    /// Subscriptions made so far (one per connection).
+    subscribed: Arc<AtomicUsize>,
 }
 
 impl Collector {
@@ -139,6 +142,8 @@ impl Collector {
         let sub = client.clone();
         let filter = filter.to_owned();
         let (ready_tx, ready) = mpsc::channel();
+        let subscribed = Arc::new(AtomicUsize::new(0));
+        let count = subscribed.clone();
         std::thread::spawn(move || {
             for ev in conn.iter() {
                 match ev {
@@ -148,6 +153,7 @@ impl Collector {
                         let _ = sub.try_subscribe_many([f]);
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        count.fetch_add(1, Ordering::SeqCst);
                         let _ = ready_tx.send(());
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
@@ -167,7 +173,21 @@ impl Collector {
             }
         });
         ready.recv_timeout(Duration::from_secs(10)).expect("collector subscribed");
-        Collector { rx, got: Vec::new(), client }
+        Collector { rx, got: Vec::new(), client, subscribed }
+    }
+
+    /// After a broker restart: wait until this consumer is subscribed again, so that
+    /// what a node sends next is not missed by the test's own consumer.
+    pub fn wait_resubscribed(&self, before: usize) {
+        let t = Instant::now();
+        while self.subscribed.load(Ordering::SeqCst) <= before {
+            assert!(t.elapsed() < Duration::from_secs(10), "the collector did not reconnect");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn subscriptions(&self) -> usize {
+        self.subscribed.load(Ordering::SeqCst)
     }
 
     fn drain(&mut self) {

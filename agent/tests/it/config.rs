@@ -165,6 +165,54 @@ const BAD: &[(&str, &str)] = &[
         "[[sim.fault]]\nat = \"1s\"\ngpu = 0\nkind = \"lost\"\nxid = 79",
         "sim.fault[0].xid: is set but kind is not \"xid\"",
     ),
+    // [mqtt]
+    ("[mqtt]\nroot = \"x\"", "mqtt: missing field `url`"),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\nbogus = 1",
+        "mqtt.bogus: unknown field `bogus`, expected one of `url`",
+    ),
+    (
+        "[mqtt]\nurl = \"http://b\"",
+        "mqtt.url: \"http://b\" has no mqtt:// or mqtts:// scheme; accepted: mqtt://HOST[:PORT]",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtt://b:99999\"",
+        "mqtt.url: \"mqtt://b:99999\" has port \"99999\", not a number from 1 to 65535",
+    ),
+    ("[mqtt]\nurl = \"mqtts://b\"", "mqtt.ca_file: missing; mqtts:// needs the CA certificate"),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\nca_file = \"ca.pem\"",
+        "mqtt.ca_file: is set but the url is mqtt://",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtts://b\"\nca_file = \"c\"\ncert_file = \"c\"",
+        "mqtt.cert_file: cert_file and key_file go together",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\npassword_file = \"p\"",
+        "mqtt.password_file: is set without mqtt.username",
+    ),
+    ("[mqtt]\nurl = \"mqtt://b\"\nroot = \"a/#\"", "mqtt.root: \"a/#\" is not a topic root"),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\ninflight = 0",
+        "mqtt.inflight: 0 is out of range; accepted: 1 to 1000",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\nkeep_alive = \"0s\"",
+        "mqtt.keep_alive: \"0s\" is out of range; accepted: 5s to 1h",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\n[mqtt.outbox]\nmax_kib = 1",
+        "mqtt.outbox.max_kib: 1 is out of range",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\n[mqtt.commands]\nrequire_signed = true",
+        "mqtt.commands.require_signed: is true but no public key is configured",
+    ),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\n[mqtt.commands]\nmax_validity = \"2days\"",
+        "mqtt.commands.max_validity: \"2days\" is out of range; accepted: 1s up to id_window",
+    ),
 ];
 
 #[test]

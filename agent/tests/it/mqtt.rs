@@ -91,9 +91,13 @@ fn a_broker_crash_mid_stream_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), ""));
     c.wait(T, "telemetry", |g| g.iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 10);
+    let subs = c.subscriptions();
     broker.kill();
     std::thread::sleep(Duration::from_millis(1500));
     broker.restart();
+    // The agent's backoff has reached several hundred ms; the collector retries every
+    // 20 ms, so it is back before the agent replays.
+    c.wait_resubscribed(subs);
     let before = c.got.len();
     // The status goes online again with a new incarnation, and the birth is re-sent.
     let online = c.next_on(before, "gpulet/v1/n1/status", |v| v["state"] == "online");
@@ -125,14 +129,17 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("gpulet.toml");
     std::fs::write(&conf, node_config(&broker.url(), "")).unwrap();
+    let log = dir.path().join("agent.log");
     let spawn = || {
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         Command::new(env!("CARGO_BIN_EXE_gpulet"))
-            .args(["run", "--config", conf.to_str().unwrap()])
+            .args(["--log-level", "debug", "run", "--config", conf.to_str().unwrap()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .unwrap()
     };
+    let _log_on_panic = scopeguard_log(&log);
     let mut agent = spawn();
     c.wait(T, "online", |g| {
         g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
@@ -153,7 +160,9 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
     std::thread::sleep(Duration::from_millis(1500));
     agent.kill().unwrap();
     agent.wait().unwrap();
+    let subs = c.subscriptions();
     broker.restart();
+    c.wait_resubscribed(subs);
     let mut agent = spawn();
     let before = c.got.len();
     c.wait(T, "backlog replayed", |g| {
@@ -172,6 +181,19 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
     assert!(agent.wait().unwrap().success());
     let n = contiguous_seqs(&c.got);
     assert!(n >= 40, "{n}");
+}
+
+/// Prints the agent's log if the test panics while this lives.
+fn scopeguard_log(path: &std::path::Path) -> impl Drop + '_ {
+    struct G<'a>(&'a std::path::Path);
+    impl Drop for G<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("agent log:\n{}", std::fs::read_to_string(self.0).unwrap_or_default());
+            }
+        }
+    }
+    G(path)
 }
 
 fn sigterm(child: &std::process::Child) {
@@ -483,4 +505,48 @@ fn tls_with_client_certificates_and_an_acl_refusal_reported() {
     assert!(!c.got.iter().any(|m| m.topic == "gpulet/v1/n1/telemetry"));
     agent.stop();
     let _ = &broker;
+}
+
+#[test]
+fn keygen_and_cmd_from_the_command_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let gpulet =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_gpulet")).args(args).output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("ops");
+    let out = gpulet(&["keygen", prefix.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = dir.path().join("ops.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = gpulet(&["keygen", prefix.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+
+    let broker = Broker::start();
+    let mut c = Collector::start(broker.port, "gpulet/v1/+/status");
+    let extra = "[mqtt.commands]\nrequire_signed = true\npublic_key_files = [\"ops.pub\"]\n";
+    let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), extra));
+    c.wait(T, "online", |g| g.iter().any(|m| m.text().contains("online")));
+    let url = broker.url();
+    let signed = gpulet(&[
+        "cmd",
+        "--broker",
+        &url,
+        "--node",
+        "n1",
+        "set-power-budget",
+        "--args",
+        r#"{"watts": 300}"#,
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&signed.stdout);
+    assert!(signed.status.success(), "{stdout} {}", String::from_utf8_lossy(&signed.stderr));
+    assert!(stdout.contains("\"accepted\"") && stdout.contains("\"succeeded\""), "{stdout}");
+    let unsigned = gpulet(&["cmd", "--broker", &url, "--node", "n1", "ping"]);
+    assert_eq!(unsigned.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unsigned.stdout).contains("not signed"));
+    let bad = gpulet(&["cmd", "--broker", &url, "--node", "n1", "ping", "--args", "[1]"]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    agent.stop();
 }
