@@ -3,31 +3,17 @@
 //! link is started but its runtime is never driven, so records stay in the outbox.
 //! Run: `cargo bench -p gpulet --bench outbox`.
 
+mod common;
+
 use std::hint::black_box;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::demo_agent;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gpulet::agent::Agent;
-use gpulet::clock::VirtualClock;
 use gpulet::mqtt::outbox::{Class, Outbox, OutboxConfig};
 use gpulet::mqtt::{Mqtt, Settings};
-use gpulet::setup;
 use gpulet::telemetry::{JsonLines, Sink};
-
-fn demo_agent(sinks: Vec<Box<dyn Sink>>) -> (Agent, VirtualClock) {
-    let config = gpulet::demo::config();
-    let clock = VirtualClock::new(0);
-    let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone())).unwrap();
-    let mut agent =
-        setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone())).unwrap();
-    for _ in 0..30 {
-        clock.advance(Duration::from_secs(1));
-        agent.tick();
-    }
-    (agent, clock)
-}
 
 /// An MQTT sink writing to an outbox in `dir`, its link never run.
 fn mqtt_sink(dir: &Path, fsync: bool) -> (Box<dyn Sink>, Mqtt, tokio::runtime::Runtime) {
@@ -58,20 +44,26 @@ fn telemetry_payload() -> Vec<u8> {
     vec![b'x'; (s.outbox_bytes / s.outbox_depth) as usize]
 }
 
+/// An unbounded outbox in `dir`.
+fn open(dir: &Path, fsync: bool) -> Outbox {
+    let max = u64::MAX >> 1;
+    let cfg = OutboxConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: max,
+        max_age_ms: max,
+        segment_bytes: 1 << 20,
+        fsync,
+    };
+    Outbox::open(cfg).unwrap()
+}
+
 fn outbox(c: &mut Criterion) {
     let payload = telemetry_payload();
     let mut g = c.benchmark_group("outbox");
     g.throughput(Throughput::Elements(1));
     for fsync in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = OutboxConfig {
-            dir: dir.path().to_path_buf(),
-            max_bytes: 1 << 40,
-            max_age_ms: u64::MAX,
-            segment_bytes: 1 << 20,
-            fsync,
-        };
-        let mut o = Outbox::open(cfg).unwrap();
+        let mut o = open(dir.path(), fsync);
         let name = if fsync { "append_and_fsync" } else { "append_no_sync" };
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -86,14 +78,7 @@ fn outbox(c: &mut Criterion) {
     }
     // Replay: read a pending record back and commit it, as after a reconnect.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = OutboxConfig {
-        dir: dir.path().to_path_buf(),
-        max_bytes: 1 << 40,
-        max_age_ms: u64::MAX,
-        segment_bytes: 1 << 20,
-        fsync: false,
-    };
-    let mut o = Outbox::open(cfg).unwrap();
+    let mut o = open(dir.path(), false);
     g.bench_function("replay_read_and_commit", |b| {
         b.iter_custom(|iters| {
             // A backlog of `iters` records (not timed), then replayed (timed).

@@ -347,21 +347,18 @@ pub fn keygen() -> io::Result<(String, String)> {
 }
 
 pub fn signing_key(b64: &str) -> Result<SigningKey, String> {
-    let bytes: [u8; 32] = B64
-        .decode(b64.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or("not a base64 Ed25519 private key (32 bytes); make one with `gpulet keygen`")?;
-    Ok(SigningKey::from_bytes(&bytes))
+    Ok(SigningKey::from_bytes(&key_bytes(b64, "private")?))
 }
 
 pub fn verifying_key(b64: &str) -> Result<VerifyingKey, String> {
-    let bytes: [u8; 32] = B64
-        .decode(b64.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or("not a base64 Ed25519 public key (32 bytes); make one with `gpulet keygen`")?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not a valid Ed25519 public key: {e}"))
+    VerifyingKey::from_bytes(&key_bytes(b64, "public")?)
+        .map_err(|e| format!("not a valid Ed25519 public key: {e}"))
+}
+
+fn key_bytes(b64: &str, which: &str) -> Result<[u8; 32], String> {
+    B64.decode(b64.trim()).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| {
+        format!("not a base64 Ed25519 {which} key (32 bytes); make one with `gpulet keygen`")
+    })
 }
 
 /// The ids seen within a window, kept on disk so that a restart does not execute a
