@@ -119,6 +119,9 @@ pub struct Agent {
     sink_failing: Vec<bool>,
     stats: AgentStats,
     control: Option<mpsc::Receiver<Control>>,
+    /// Told when what `describe` returns changed outside a control request (a SIGHUP
+    /// reload), so that the birth is published again.
+    changed: Option<Arc<tokio::sync::Notify>>,
     desired: Desired,
     /// The budget in the config, to return to.
     configured_budget_w: Option<f64>,
@@ -178,6 +181,7 @@ impl Agent {
             sinks: parts.sinks,
             stats: AgentStats::default(),
             control: None,
+            changed: None,
             desired: Desired::default(),
         }
     }
@@ -446,9 +450,15 @@ impl Agent {
         Description { birth, state, desired: self.desired.clone() }
     }
 
-    /// Take requests from `control` between ticks.
-    pub fn set_control(&mut self, control: mpsc::Receiver<Control>) {
+    /// Take requests from `control` between ticks; tell `changed` when the description
+    /// changes by itself.
+    pub fn set_control(
+        &mut self,
+        control: mpsc::Receiver<Control>,
+        changed: Arc<tokio::sync::Notify>,
+    ) {
         self.control = Some(control);
+        self.changed = Some(changed);
     }
 
     fn handle(&mut self, c: Control) {
@@ -511,6 +521,9 @@ impl Agent {
                 }
                 Some(()) = recv(&mut hangup) => {
                     self.reload();
+                    if let Some(c) = &self.changed {
+                        c.notify_one();
+                    }
                     continue;
                 }
                 Some(c) = recv_control(&mut self.control) => {

@@ -60,6 +60,17 @@ pub struct Config {
     pub plugin: Vec<PluginConfig>,
     /// Fleet reporting and commands (see `docs/mqtt.md`); off when absent.
     pub mqtt: Option<MqttConfig>,
+    #[serde(default)]
+    pub nvml: NvmlConfig,
+}
+
+/// `[nvml]`: for `backend = "nvml"`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmlConfig {
+    /// The NVML library. Default: `GPULET_NVML_LIBRARY` if set, else the system's
+    /// `libnvidia-ml.so.1` (for containers and unusual installs).
+    pub library: Option<PathBuf>,
 }
 
 fn default_tick() -> Duration {

@@ -16,7 +16,7 @@ use crate::gpu::sim::model::Preset;
 use crate::gpu::sim::trace::Trace;
 use crate::gpu::sim::workload::{TraceReplay, WorkloadKind};
 use crate::gpu::sim::{self, Fault, GpuSpec, ScheduledFault, SimBackend, SimHandle, SimNode};
-use crate::gpu::{Field, GpuBackend, GpuError};
+use crate::gpu::{Field, GpuBackend};
 use crate::guard::PowerGuard;
 use crate::mqtt::{Mqtt, Settings};
 use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
@@ -50,10 +50,15 @@ pub fn open_backend(
             let sim = Some(backend.handle());
             Ok(Backend { backend: Box::new(backend), sim })
         }
-        BackendKind::Nvml => Err(Error::Gpu(GpuError::Unavailable {
-            backend: "nvml",
-            why: "this version of gpulet has no NVML support yet; use backend = \"sim\"".into(),
-        })),
+        BackendKind::Nvml => {
+            let library = match (&config.nvml.library, std::env::var_os("GPULET_NVML_LIBRARY")) {
+                (Some(path), _) => base_dir.join(path).into_os_string(),
+                (None, Some(env)) => env,
+                (None, None) => crate::gpu::nvml::DEFAULT_LIBRARY.into(),
+            };
+            let backend = crate::gpu::nvml::NvmlBackend::open(&library)?;
+            Ok(Backend { backend: Box::new(backend), sim: None })
+        }
     }
 }
 
@@ -213,6 +218,7 @@ pub fn reloader(path: PathBuf) -> Reload {
 pub struct Linked {
     pub mqtt: Mqtt,
     control: tokio::sync::mpsc::Receiver<Control>,
+    changed: Arc<tokio::sync::Notify>,
     desired: Option<Desired>,
 }
 
@@ -225,7 +231,7 @@ impl std::fmt::Debug for Linked {
 impl Linked {
     /// Give the agent its control channel and what commands had set before a restart.
     pub fn attach(self, agent: &mut Agent) -> Mqtt {
-        agent.set_control(self.control);
+        agent.set_control(self.control, self.changed);
         if let Some(d) = &self.desired {
             agent.restore(d);
         }
@@ -243,5 +249,10 @@ pub fn mqtt(
     let Some(m) = &config.mqtt else { return Ok(None) };
     let started = Mqtt::start(Settings::new(m, &config.node_id(), base_dir)?)?;
     sinks.push(Box::new(started.sink));
-    Ok(Some(Linked { mqtt: started.mqtt, control: started.control, desired: started.desired }))
+    Ok(Some(Linked {
+        mqtt: started.mqtt,
+        control: started.control,
+        changed: started.changed,
+        desired: started.desired,
+    }))
 }

@@ -3,14 +3,15 @@
 //! The agent never talks to hardware directly. It sees a [`GpuBackend`]: an inventory
 //! read once at start, a sample of every GPU per tick, a queue of asynchronous events
 //! (XIDs), and one control, the power limit. Two sides implement it: [`sim`], a physical
-//! model of a node used by the demo, the tests and the benchmarks, and (in a later
-//! change) the NVML backend for real servers.
+//! model of a node used by the demo, the tests and the benchmarks, and [`nvml`], real
+//! GPUs through NVML (tested in CI against a stand-in `libnvidia-ml` built from [`sim`]).
 //!
 //! Errors stay per GPU and per field. A GPU that stops answering marks its own sample
 //! [`Health::Lost`] and its fields [`Reading::Failed`]; the other GPUs' samples are
 //! untouched. A field the SKU does not have is [`Reading::Unsupported`], a value rather
 //! than an error, and the inventory says so up front.
 
+pub mod nvml;
 pub mod sim;
 
 use std::fmt;

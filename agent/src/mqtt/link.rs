@@ -201,6 +201,8 @@ pub(super) struct Link {
     pub settings: LinkSettings,
     pub stop: oneshot::Receiver<oneshot::Sender<()>>,
     pub ever_connected: bool,
+    /// The agent's description changed (a SIGHUP reload): publish the birth again.
+    pub changed: Arc<tokio::sync::Notify>,
     /// Topics the broker refused on this connection (reported once each).
     pub refused_topics: std::collections::HashSet<String>,
 }
@@ -236,6 +238,11 @@ impl Link {
                     None => return,
                 },
                 () = shared.notify.notified() => {}
+                () = self.changed.notified() => {
+                    if s.connected {
+                        self.rebirth().await;
+                    }
+                }
                 _ = replay.tick(), if s.backlog => {
                     let rate = f64::from(self.settings.replay_rate);
                     s.tokens = (s.tokens + rate * refill.as_secs_f64()).min(rate.max(1.0));

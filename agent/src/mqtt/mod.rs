@@ -368,6 +368,8 @@ pub struct Started {
     pub mqtt: Mqtt,
     pub sink: MqttSink,
     pub control: mpsc::Receiver<Control>,
+    /// The agent tells the link here when its birth changed by itself.
+    pub changed: Arc<Notify>,
     pub desired: Option<Desired>,
 }
 
@@ -452,6 +454,7 @@ impl Mqtt {
         let (tx, rx) = mpsc::unbounded_channel::<Ev>();
         let (control_tx, control) = mpsc::channel(64);
         let (stop, stop_rx) = oneshot::channel();
+        let changed = Arc::new(Notify::new());
         tokio::spawn(
             Poller {
                 eventloop,
@@ -478,12 +481,13 @@ impl Mqtt {
                 },
                 stop: stop_rx,
                 ever_connected: false,
+                changed: changed.clone(),
                 refused_topics: Default::default(),
             }
             .run(),
         );
         let sink = MqttSink { shared: shared.clone() };
-        Ok(Started { mqtt: Mqtt { stop, shared }, sink, control, desired })
+        Ok(Started { mqtt: Mqtt { stop, shared }, sink, control, changed, desired })
     }
 
     /// Drain the outbox for up to 2 s, publish `offline`, save the outbox state,

@@ -81,17 +81,33 @@ fn run_emits_one_record_per_tick_and_stops_after_ticks() {
     assert_eq!(records[0]["gpus"].as_array().unwrap().len(), 2);
 }
 
+/// gpulet with NVML pointed at a library that is not there (as on a machine without the
+/// NVIDIA driver).
+fn gpulet_without_nvml(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(args)
+        .env("GPULET_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1")
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
 #[test]
-fn run_with_nvml_says_it_is_not_in_this_build() {
+fn run_with_nvml_and_no_driver_says_what_to_do() {
     let cfg = config_file("backend = \"nvml\"\n");
-    let out = gpulet(&["run", "--config", cfg.path().to_str().unwrap(), "--ticks", "1"]);
+    let out =
+        gpulet_without_nvml(&["run", "--config", cfg.path().to_str().unwrap(), "--ticks", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("backend nvml is not available in this build"), "{err}");
+    assert!(
+        err.contains("cannot load /nonexistent/libnvidia-ml.so.1")
+            && err.contains("Install the NVIDIA driver"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty(), "no fallback to the simulator");
 
     let cfg = config_file(FAST);
-    let out = gpulet(&[
+    let out = gpulet_without_nvml(&[
         "run",
         "--config",
         cfg.path().to_str().unwrap(),
@@ -176,7 +192,7 @@ fn inventory_lists_the_gpus() {
     let table = text(&out.stdout);
     assert!(table.contains("NVIDIA A100-SXM4-40GB") && table.contains("NVIDIA L40S"), "{table}");
 
-    let out = gpulet(&["inventory", "--backend", "nvml"]);
+    let out = gpulet_without_nvml(&["inventory", "--backend", "nvml"]);
     assert_eq!(out.status.code(), Some(1));
 }
 

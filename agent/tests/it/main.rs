@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod docs;
 mod mqtt;
+mod nvml;
 mod plugins;
 mod policies;
 

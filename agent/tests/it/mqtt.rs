@@ -175,6 +175,13 @@ fn will_on_sigkill_and_an_agent_crash_during_an_outage_loses_nothing() {
             .count()
             >= 5
     });
+    // A SIGHUP reload publishes the birth again (its plugin list may have changed).
+    let births =
+        |g: &[crate::broker::Msg]| g.iter().filter(|m| m.topic.ends_with("/birth")).count();
+    let before_hup = births(&c.got);
+    let ok = Command::new("kill").args(["-HUP", &agent.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    c.wait(T, "the birth after SIGHUP", |g| births(g) > before_hup);
     let state = std::fs::read_to_string(dir.path().join("state/inc")).unwrap();
     assert!(state.trim().parse::<u64>().unwrap() >= 3);
     sigterm(&agent);
@@ -549,4 +556,20 @@ fn keygen_and_cmd_from_the_command_line() {
     let bad = gpulet(&["cmd", "--broker", &url, "--node", "n1", "ping", "--args", "[1]"]);
     assert_eq!(bad.status.code(), Some(2), "a usage error");
     agent.stop();
+}
+
+#[test]
+fn the_demo_publishes_to_a_broker() {
+    let broker = Broker::start();
+    let mut c = Collector::start(broker.port, "gpulet/v1/demo-node/#");
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["demo", "--ticks", "5", "--speed", "0", "--json", "--mqtt", &broker.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.wait(T, "the demo's telemetry, birth and offline status", |g| {
+        g.iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 5
+            && g.iter().any(|m| m.topic.ends_with("/birth"))
+            && g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("offline"))
+    });
 }

@@ -1,0 +1,222 @@
+//! The NVML backend: real GPUs through `libnvidia-ml.so.1`, loaded at run time
+//! (nvml-wrapper, libloading), so that the binary builds and starts on machines without
+//! NVIDIA libraries and fails, if asked for NVML there, with a message saying what to do.
+//!
+//! - The inventory is read once, with a probe of every sample field: a field this SKU
+//!   does not have (GeForce, MIG instances) is left out of the GPU's field set, so it is
+//!   reported as unsupported once, up front, and never asked for again.
+//! - A GPU that stops answering is `Lost` in its own sample; the others go on.
+//! - A limit is set in milliwatts and read back as the *enforced* limit.
+//! - Energy: the GPU's counter where it has one (Volta and later); otherwise the field
+//!   is unsupported and the agent's consumers integrate power.
+
+use std::ffi::OsStr;
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::error::NvmlError;
+
+use super::{
+    Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, PowerConstraints, Reading,
+    Throttle, XidEvent,
+};
+
+/// Where the library is looked for when neither the config nor the environment says.
+pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
+
+pub struct NvmlBackend {
+    nvml: Nvml,
+    inventory: Vec<GpuInfo>,
+    /// The driver's versions, for the inventory and the birth message.
+    pub driver_version: String,
+    pub cuda_version: Option<i32>,
+}
+
+impl std::fmt::Debug for NvmlBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlBackend")
+            .field("gpus", &self.inventory.len())
+            .field("driver", &self.driver_version)
+            .finish()
+    }
+}
+
+/// What an NVML error means for GPU `gpu`, in words an operator can act on.
+fn gpu_error(gpu: u32, what: &'static str, e: NvmlError) -> GpuError {
+    match e {
+        NvmlError::GpuLost => GpuError::Lost(gpu),
+        NvmlError::NotSupported => GpuError::NotSupported { gpu, what },
+        NvmlError::NoPermission => GpuError::NoPermission { gpu, what },
+        NvmlError::InvalidArg => GpuError::InvalidArgument {
+            gpu,
+            value: what.into(),
+            accepted: "see the GPU's constraints".into(),
+        },
+        e => GpuError::FieldFailed { gpu, field: what, message: e.to_string() },
+    }
+}
+
+impl NvmlBackend {
+    /// Load NVML from `library` and read the inventory.
+    pub fn open(library: &OsStr) -> Result<NvmlBackend, GpuError> {
+        let nvml = Nvml::builder().lib_path(library).init().map_err(|e| {
+            let lib = library.to_string_lossy();
+            let why = match e {
+                NvmlError::LibloadingError(e) => format!(
+                    "cannot load {lib}: {e}. Install the NVIDIA driver, or point [nvml] library (or GPULET_NVML_LIBRARY) at libnvidia-ml.so.1"
+                ),
+                NvmlError::DriverNotLoaded => "the NVIDIA kernel driver is not loaded: check `lsmod | grep nvidia` and `dmesg`".into(),
+                NvmlError::NoPermission => "no permission to open the GPUs: check the permissions of /dev/nvidia*".into(),
+                e => format!("NVML failed to initialise from {lib}: {e}"),
+            };
+            GpuError::Unavailable { backend: "nvml", why }
+        })?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| GpuError::Other(format!("NVML cannot count the GPUs: {e}")))?;
+        let mut inventory = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let dev = nvml.device_by_index(index).map_err(|e| gpu_error(index, "open", e))?;
+            let name = dev.name().unwrap_or_else(|_| "unknown NVIDIA GPU".into());
+            let uuid = dev.uuid().map_err(|e| gpu_error(index, "read its UUID", e))?;
+            let memory_total_mib = dev.memory_info().map(|m| m.total >> 20).unwrap_or(0);
+            let (power_limit, can_set_power_limit) = match (
+                dev.power_management_limit_constraints(),
+                dev.power_management_limit_default(),
+            ) {
+                (Ok(c), Ok(d)) => (
+                    PowerConstraints {
+                        min_w: f64::from(c.min_limit) / 1000.0,
+                        max_w: f64::from(c.max_limit) / 1000.0,
+                        default_w: f64::from(d) / 1000.0,
+                    },
+                    c.max_limit > c.min_limit,
+                ),
+                // No power management: report the enforced limit as a fixed range.
+                _ => {
+                    let w =
+                        dev.enforced_power_limit().map(|mw| f64::from(mw) / 1000.0).unwrap_or(0.0);
+                    (PowerConstraints { min_w: w, max_w: w, default_w: w }, false)
+                }
+            };
+            let mut fields = FieldSet::ALL;
+            for f in Field::ALL {
+                if let Reading::Unsupported = probe(&dev, f) {
+                    fields = fields.without(f);
+                }
+            }
+            inventory.push(GpuInfo {
+                index,
+                uuid,
+                name,
+                memory_total_mib,
+                power_limit,
+                fields,
+                can_set_power_limit,
+            });
+        }
+        let driver_version = nvml.sys_driver_version().unwrap_or_default();
+        let cuda_version = nvml.sys_cuda_driver_version().ok();
+        Ok(NvmlBackend { nvml, inventory, driver_version, cuda_version })
+    }
+}
+
+/// Read one field: a value, unsupported, or failed.
+fn probe(dev: &nvml_wrapper::Device<'_>, f: Field) -> Reading<f64> {
+    let gpu = dev.index().unwrap_or(u32::MAX);
+    let r: Result<f64, NvmlError> = match f {
+        Field::PowerW => dev.power_usage().map(|mw| f64::from(mw) / 1000.0),
+        Field::EnergyJ => dev.total_energy_consumption().map(|mj| mj as f64 / 1000.0),
+        Field::TempC => dev.temperature(TemperatureSensor::Gpu).map(f64::from),
+        Field::UtilPct => dev.utilization_rates().map(|u| f64::from(u.gpu)),
+        Field::MemUsedMib => dev.memory_info().map(|m| (m.used >> 20) as f64),
+        Field::SmClockMhz => dev.clock_info(Clock::SM).map(f64::from),
+        Field::PowerLimitW => dev.enforced_power_limit().map(|mw| f64::from(mw) / 1000.0),
+        Field::Throttle => dev.current_throttle_reasons().map(|t| t.bits() as f64),
+    };
+    match r {
+        Ok(v) => Reading::Value(v),
+        Err(NvmlError::NotSupported) => Reading::Unsupported,
+        Err(e) => Reading::Failed(gpu_error(gpu, f.name(), e)),
+    }
+}
+
+impl GpuBackend for NvmlBackend {
+    fn kind(&self) -> &'static str {
+        "nvml"
+    }
+
+    fn inventory(&self) -> &[GpuInfo] {
+        &self.inventory
+    }
+
+    fn sample_all(&mut self) -> Vec<GpuSample> {
+        self.inventory
+            .iter()
+            .map(|info| {
+                let i = info.index;
+                let dev = match self.nvml.device_by_index(i) {
+                    Ok(d) => d,
+                    Err(e) => return GpuSample::lost(i, &gpu_error(i, "open", e)),
+                };
+                let read = |f: Field| {
+                    if info.fields.contains(f) { probe(&dev, f) } else { Reading::Unsupported }
+                };
+                let sample = GpuSample {
+                    index: i,
+                    power_w: read(Field::PowerW),
+                    energy_j: read(Field::EnergyJ),
+                    temp_c: read(Field::TempC),
+                    util_pct: read(Field::UtilPct),
+                    mem_used_mib: convert(read(Field::MemUsedMib), |v| v as u64),
+                    sm_clock_mhz: convert(read(Field::SmClockMhz), |v| v as u32),
+                    power_limit_w: read(Field::PowerLimitW),
+                    throttle: convert(read(Field::Throttle), |v| Throttle(v as u64)),
+                    health: Health::Ok,
+                };
+                // A GPU that stops answering mid-sample is lost as a whole.
+                if sample.errors().iter().any(|(_, e)| matches!(e, GpuError::Lost(_))) {
+                    return GpuSample::lost(i, &GpuError::Lost(i));
+                }
+                sample
+            })
+            .collect()
+    }
+
+    fn set_power_limit(&mut self, gpu: u32, watts: f64) -> Result<f64, GpuError> {
+        let info = self.inventory.get(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
+        let c = info.power_limit;
+        if !info.can_set_power_limit {
+            return Err(GpuError::NotSupported { gpu, what: "setting the power limit" });
+        }
+        if !(c.min_w..=c.max_w).contains(&watts) {
+            return Err(GpuError::InvalidArgument {
+                gpu,
+                value: format!("{watts} W"),
+                accepted: format!("{} to {} W", c.min_w, c.max_w),
+            });
+        }
+        let mut dev = self.nvml.device_by_index(gpu).map_err(|e| gpu_error(gpu, "open", e))?;
+        dev.set_power_management_limit((watts * 1000.0).round() as u32)
+            .map_err(|e| gpu_error(gpu, "set the power limit", e))?;
+        let enforced = dev
+            .enforced_power_limit()
+            .map_err(|e| gpu_error(gpu, "read the enforced power limit", e))?;
+        Ok(f64::from(enforced) / 1000.0)
+    }
+
+    fn drain_events(&mut self) -> Vec<XidEvent> {
+        // XID events through NVML's event API are not wired yet (issue 5, part 2).
+        Vec::new()
+    }
+}
+
+/// A reading in another unit or type (probe reads every field as f64: NVML's values
+/// are integers far below 2^53, so nothing is lost).
+fn convert<T>(r: Reading<f64>, f: impl Fn(f64) -> T) -> Reading<T> {
+    match r {
+        Reading::Value(v) => Reading::Value(f(v)),
+        Reading::Unsupported => Reading::Unsupported,
+        Reading::Failed(e) => Reading::Failed(e),
+    }
+}

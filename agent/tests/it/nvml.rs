@@ -1,0 +1,179 @@
+//! The NVML backend's real code path (nvml-wrapper, the C ABI, NVML's return codes)
+//! against the stand-in `libnvidia-ml` (`nvml-standin/`), which serves the simulator.
+//! Each test runs gpulet as a process: the stand-in's state is per process, as a
+//! driver's is per machine.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The stand-in library, built beside this test binary by `cargo test` at the workspace
+/// root (it is a default member).
+fn standin() -> PathBuf {
+    // Test binaries and the libraries cargo builds for them share `target/<profile>/deps`.
+    let exe = std::env::current_exe().unwrap();
+    let lib = exe.parent().unwrap().join("libgpulet_nvml_standin.so");
+    assert!(
+        lib.exists(),
+        "{} is missing: run the tests from the workspace root (`cargo test`), or build it with `cargo build -p gpulet-nvml-standin`",
+        lib.display()
+    );
+    lib
+}
+
+fn gpulet(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpulet"));
+    c.args(args)
+        .env("GPULET_NVML_LIBRARY", standin())
+        .env("GPULET_NVML_STANDIN", dir)
+        .current_dir(dir);
+    c
+}
+
+/// Two L40S on the stand-in.
+fn node(dir: &Path) {
+    std::fs::write(
+        dir.join("node.toml"),
+        "[[gpu]]\npreset = \"l40s\"\nworkload = \"inference\"\ncount = 2\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn inventory_through_nvml() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gpulet(dir.path(), &["inventory", "--backend", "nvml", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let inv: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpus = inv.as_array().unwrap();
+    assert_eq!(gpus.len(), 8, "the stand-in's default node: 8 × H100");
+    assert_eq!(gpus[0]["name"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(
+        (gpus[3]["power_limit"]["min_w"].as_f64(), gpus[3]["power_limit"]["max_w"].as_f64()),
+        (Some(200.0), Some(700.0))
+    );
+    assert!(gpus[0]["uuid"].as_str().unwrap().starts_with("GPU-"));
+    assert!(gpus[0]["memory_total_mib"].as_u64().unwrap() > 80_000);
+    assert_eq!(gpus[0]["fields"].as_array().unwrap().len(), 8, "every field probed and supported");
+    assert_eq!(gpus[0]["can_set_power_limit"], true);
+}
+
+struct Running {
+    child: Child,
+    lines: BufReader<ChildStdout>,
+}
+
+impl Running {
+    fn start(dir: &Path, toml: &str) -> Running {
+        std::fs::write(dir.join("gpulet.toml"), toml).unwrap();
+        let mut child = gpulet(dir, &["run", "--config", "gpulet.toml"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap());
+        Running { child, lines }
+    }
+
+    /// Records until one matches `pred` (at most 10 s); returns all read.
+    fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let t = Instant::now();
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        while t.elapsed() < Duration::from_secs(10) {
+            line.clear();
+            if self.lines.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let done = pred(&v);
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+        panic!("no record with {what}; last: {:?}", seen.last());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn control(dir: &Path, line: &str) {
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join("control")).unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
+fn events<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .flat_map(|r| r["events"].as_array().into_iter().flatten())
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn the_agent_runs_on_nvml_sets_limits_and_survives_a_lost_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    let mut agent = Running::start(
+        dir.path(),
+        "backend = \"nvml\"\ntick = \"50ms\"\n[power]\nbudget_w = 500\n",
+    );
+    let first = agent.until("a record", |_| true);
+    let r = &first[0];
+    assert_eq!(r["backend"], "nvml");
+    assert!(r["gpus"][0]["power_w"].as_f64().unwrap() > 0.0);
+    assert!(r["gpus"][1]["energy_j"].is_number() && r["gpus"][1]["throttle"].is_array());
+    // The budget is applied through NVML, and read back as the enforced limit.
+    let changed = events(&first, "limit-changed");
+    assert_eq!(changed.len(), 2, "{first:?}");
+    assert_eq!(changed[0]["to_w"], 250.0);
+    let set = std::fs::read_to_string(dir.path().join("set.log")).unwrap();
+    assert_eq!(set.lines().count(), 2, "{set}");
+    let later = agent.until("the enforced limits", |r| r["gpus"][0]["power_limit_w"] == 250.0);
+    assert!(later.last().unwrap()["gpus"][1]["power_limit_w"] == 250.0);
+
+    // GPU 1 falls off the bus: it is lost, GPU 0 goes on.
+    control(dir.path(), "lost 1");
+    let after = agent.until("GPU 1 lost", |r| r["gpus"][1]["health"] == "lost");
+    let r = after.last().unwrap();
+    assert_eq!(r["gpus"][0]["health"], "ok");
+    assert!(r["gpus"][0]["power_w"].as_f64().unwrap() > 0.0);
+    assert!(r["gpus"][1]["errors"]["power_w"].as_str().unwrap().contains("not answering"));
+    assert_eq!(events(&after, "health").len(), 1);
+}
+
+#[test]
+fn no_permission_to_set_is_reported_once_and_monitoring_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    control(dir.path(), "deny-set");
+    let mut agent = Running::start(
+        dir.path(),
+        "backend = \"nvml\"\ntick = \"50ms\"\n[power]\nbudget_w = 500\n",
+    );
+    let records = agent.until("20 records", {
+        let n = std::cell::Cell::new(0);
+        move |_| {
+            n.set(n.get() + 1);
+            n.get() >= 20
+        }
+    });
+    let failed = events(&records, "limit-failed");
+    assert_eq!(failed.len(), 2, "once per GPU, not every tick: {failed:?}");
+    assert!(
+        failed[0]["error"].as_str().unwrap().contains("run as root or with CAP_SYS_ADMIN"),
+        "{}",
+        failed[0]
+    );
+    assert!(records.iter().all(|r| r["gpus"][0]["power_w"].is_number()), "monitoring goes on");
+}
