@@ -51,6 +51,10 @@ pub struct Parts {
 /// Produces the current plugin list, or says why it cannot.
 pub type Reload = Box<dyn FnMut() -> Result<Vec<PluginSpec>, String> + Send>;
 
+/// A limit further than this from the one the agent set is a drift (NVML reports whole
+/// milliwatts; firmware may round to a few watts).
+const DRIFT_W: f64 = 2.0;
+
 /// What reaches the loop from outside (the MQTT link), handled between ticks.
 #[derive(Debug)]
 pub enum Control {
@@ -115,6 +119,10 @@ pub struct Agent {
     health: Vec<Health>,
     /// The last failure setting each GPU's limit, to audit a repeated failure once.
     last_failure: Vec<Option<String>>,
+    /// The limit the agent last set on each GPU (read back), and whether a drift from
+    /// it has been reported.
+    applied: Vec<Option<f64>>,
+    drifted: Vec<bool>,
     /// Whether each sink failed last time, to log a failing sink once.
     sink_failing: Vec<bool>,
     stats: AgentStats,
@@ -176,6 +184,8 @@ impl Agent {
             seq: 0,
             health: vec![Health::Ok; n],
             last_failure: vec![None; n],
+            applied: vec![None; n],
+            drifted: vec![false; n],
             sink_failing: vec![false; parts.sinks.len()],
             configured_budget_w,
             sinks: parts.sinks,
@@ -206,6 +216,25 @@ impl Agent {
             let uuid = self.inventory.get(x.gpu as usize).map_or("", |g| g.uuid.as_str());
             warn!(gpu = x.gpu, uuid, code = x.code, "XID event");
             events.push(Event::xid(x.gpu, uuid, x.code));
+        }
+        // Limits are desired state: one that moved without the agent is reported.
+        for s in &samples {
+            let i = s.index as usize;
+            let (Some(found), Some(expected)) = (s.power_limit_w.value(), self.applied[i]) else {
+                continue;
+            };
+            let drift = (found - expected).abs() > DRIFT_W;
+            if drift && !self.drifted[i] {
+                let uuid = self.inventory[i].uuid.clone();
+                warn!(gpu = s.index, %uuid, expected_w = expected, found_w = found, "power limit changed behind the agent's back");
+                events.push(Event::LimitDrift {
+                    gpu: s.index,
+                    uuid,
+                    expected_w: expected,
+                    found_w: found,
+                });
+            }
+            self.drifted[i] = drift;
         }
         for (s, prev) in samples.iter().zip(&mut self.health) {
             if s.health != *prev {
@@ -252,6 +281,8 @@ impl Agent {
                     info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
                     self.guard.applied(&change, snapshot.now_ms);
                     self.last_failure[gpu as usize] = None;
+                    self.applied[gpu as usize] = Some(enforced);
+                    self.drifted[gpu as usize] = false;
                     events.push(Event::LimitChanged {
                         gpu,
                         uuid: uuid.clone(),

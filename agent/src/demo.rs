@@ -186,6 +186,11 @@ pub fn describe(e: &Event) -> String {
         Event::LimitFailed { gpu, to_w, error, .. } => {
             format!("GPU {gpu}: setting {to_w:.0} W failed: {error}")
         }
+        Event::LimitDrift { gpu, expected_w, found_w, .. } => {
+            format!(
+                "GPU {gpu}: limit moved to {found_w:.0} W behind the agent's back (set {expected_w:.0} W)"
+            )
+        }
         Event::DecisionRejected { source, gpu, reason } => {
             format!("{source}: decision for GPU {gpu} rejected: {reason}")
         }

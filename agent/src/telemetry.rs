@@ -144,6 +144,10 @@ pub enum Event {
     },
     /// A power-limit change that the hardware refused.
     LimitFailed { gpu: u32, uuid: String, to_w: f64, error: String },
+    /// The enforced limit is no longer the one the agent set (a driver reload, a reset,
+    /// someone running `nvidia-smi -pl`). Reported once per drift; where the agent has
+    /// a desired limit for the GPU, the next tick puts it back (`limit-changed`).
+    LimitDrift { gpu: u32, uuid: String, expected_w: f64, found_w: f64 },
     /// A decision the guard refused outright (not merely clamped).
     DecisionRejected { source: String, gpu: u32, reason: String },
     /// The budget cannot be met even with every GPU at its minimum.

@@ -167,6 +167,7 @@ fn a_limit_changed_behind_the_agents_back_is_put_back_and_audited() {
     );
     match &t.events[..] {
         [
+            Event::LimitDrift { gpu: 1, expected_w: 300.0, found_w: 400.0, .. },
             Event::LimitChanged {
                 gpu: 1, from_w: Some(400.0), to_w: 300.0, source, reason, ..
             },

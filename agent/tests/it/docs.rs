@@ -49,6 +49,7 @@ fn every_telemetry_key_and_event_kind_is_in_docs_telemetry_md() {
             reason: u(),
         },
         Event::LimitFailed { gpu: 0, uuid: u(), to_w: 1.0, error: u() },
+        Event::LimitDrift { gpu: 0, uuid: u(), expected_w: 1.0, found_w: 2.0 },
         Event::DecisionRejected { source: u(), gpu: 0, reason: u() },
         Event::BudgetInfeasible { budget_w: 1.0, min_total_w: 2.0 },
         Event::PluginLoaded { plugin: u(), version: u(), path: u(), compiled: true, load_ms: 1.0 },

@@ -142,6 +142,26 @@ fn the_agent_runs_on_nvml_sets_limits_and_survives_a_lost_gpu() {
     let later = agent.until("the enforced limits", |r| r["gpus"][0]["power_limit_w"] == 250.0);
     assert!(later.last().unwrap()["gpus"][1]["power_limit_w"] == 250.0);
 
+    // Someone runs `nvidia-smi -pl 300` on GPU 0: the drift is reported once, and the
+    // desired limit put back.
+    control(dir.path(), "set 0 300");
+    let drift =
+        agent.until("the drift", |r| !events(std::slice::from_ref(r), "limit-drift").is_empty());
+    let d = events(&drift, "limit-drift")[0].clone();
+    assert_eq!(
+        (d["gpu"].as_u64(), d["expected_w"].as_f64(), d["found_w"].as_f64()),
+        (Some(0), Some(250.0), Some(300.0))
+    );
+    let mut back = agent.until("the limit put back", |r| r["gpus"][0]["power_limit_w"] == 250.0);
+    assert!(events(&back, "limit-drift").is_empty(), "reported once");
+    // The drift is seen when sampling; the guard puts the limit back in the same tick.
+    back.extend(drift);
+    let fixed = events(&back, "limit-changed");
+    assert!(
+        fixed.iter().any(|e| e["gpu"] == 0 && e["from_w"] == 300.0 && e["to_w"] == 250.0),
+        "{back:?}"
+    );
+
     // GPU 1 falls off the bus: it is lost, GPU 0 goes on.
     control(dir.path(), "lost 1");
     let after = agent.until("GPU 1 lost", |r| r["gpus"][1]["health"] == "lost");
