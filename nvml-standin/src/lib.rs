@@ -49,7 +49,7 @@ struct Standin {
     applied: usize,
     deny_set: bool,
     /// Samples of the current instant (NVML is asked one field at a time).
-    cache: Option<(Instant, Vec<GpuSample>)>,
+    cache: Option<Vec<GpuSample>>,
 }
 
 static STATE: Mutex<Option<Standin>> = Mutex::new(None);
@@ -79,10 +79,12 @@ impl Standin {
         })
     }
 
-    /// Follow the wall clock and apply new control lines.
+    /// Follow the wall clock (in steps of at least 5 ms: NVML is asked one field at a
+    /// time, and a driver's readings are not fresher than that either) and apply new
+    /// control lines.
     fn update(&mut self) {
         let now = self.started.elapsed();
-        if now > self.node.now() {
+        if now.saturating_sub(self.node.now()).as_millis() >= 5 {
             self.node.advance_to(now);
             self.cache = None;
         }
@@ -112,11 +114,10 @@ impl Standin {
     }
 
     fn sample(&mut self, gpu: u32) -> Option<GpuSample> {
-        let fresh = self.cache.as_ref().is_some_and(|(t, _)| t.elapsed().as_millis() < 5);
-        if !fresh {
-            self.cache = Some((Instant::now(), self.node.sample_all()));
+        if self.cache.is_none() {
+            self.cache = Some(self.node.sample_all());
         }
-        self.cache.as_ref().and_then(|(_, s)| s.get(gpu as usize).cloned())
+        self.cache.as_ref().and_then(|s| s.get(gpu as usize).cloned())
     }
 }
 
