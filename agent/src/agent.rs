@@ -133,6 +133,8 @@ pub struct Agent {
     desired: Desired,
     /// The budget in the config, to return to.
     configured_budget_w: Option<f64>,
+    /// Where the limits found at start are kept, to put back at stop.
+    start_limits: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -192,6 +194,7 @@ impl Agent {
             stats: AgentStats::default(),
             control: None,
             changed: None,
+            start_limits: None,
             desired: Desired::default(),
         }
     }
@@ -501,6 +504,96 @@ impl Agent {
                 let _ = done.send(self.describe());
             }
         }
+    }
+
+    /// Keep the limits the GPUs have now in `path`, to put back at [`Agent::stop`]. If
+    /// `path` already holds limits, the last run did not stop cleanly: they are put back
+    /// now (and reported with the first tick) and kept for this run's stop.
+    pub fn keep_start_limits(&mut self, path: std::path::PathBuf) -> std::io::Result<()> {
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let saved: BTreeMap<String, f64> = serde_json::from_slice(&bytes)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+                warn!(path = %path.display(), "the last run did not stop cleanly; putting back the limits from before it");
+                let events = self.put_limits(
+                    &saved,
+                    "the limits from before the last run, which did not stop cleanly",
+                );
+                self.pending.extend(events);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let found: BTreeMap<String, f64> = self
+                    .backend
+                    .sample_all()
+                    .iter()
+                    .filter_map(|s| {
+                        Some((
+                            self.inventory[s.index as usize].uuid.clone(),
+                            s.power_limit_w.value()?,
+                        ))
+                    })
+                    .collect();
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::to_vec(&found).expect("limits serialise"))?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.start_limits = Some(path);
+        Ok(())
+    }
+
+    /// Stop: put back the limits found at start (when kept), logging each change.
+    pub fn stop(&mut self) {
+        let Some(path) = self.start_limits.take() else { return };
+        let saved: BTreeMap<String, f64> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let events = self.put_limits(&saved, "the limit from before the agent started");
+        let failed = events.iter().any(|e| matches!(e, Event::LimitFailed { .. }));
+        if failed {
+            warn!(path = %path.display(), "some limits could not be put back; they will be tried again at the next start");
+        } else if let Err(e) = std::fs::remove_file(&path) {
+            warn!(path = %path.display(), error = %e, "cannot remove the saved start limits");
+        }
+    }
+
+    /// Set each GPU (by UUID) to a saved limit, within its hardware range; the audit
+    /// events. A GPU no longer present is skipped.
+    fn put_limits(&mut self, saved: &BTreeMap<String, f64>, reason: &str) -> Vec<Event> {
+        let mut events = Vec::new();
+        for info in self.inventory.iter() {
+            let Some(&w) = saved.get(&info.uuid) else { continue };
+            let w = info.power_limit.clamp(w);
+            match self.backend.set_power_limit(info.index, w) {
+                Ok(enforced) => {
+                    info!(gpu = info.index, uuid = %info.uuid, to_w = enforced, "power limit put back");
+                    self.applied[info.index as usize] = Some(enforced);
+                    events.push(Event::LimitChanged {
+                        gpu: info.index,
+                        uuid: info.uuid.clone(),
+                        from_w: None,
+                        to_w: enforced,
+                        source: "restore".into(),
+                        reason: reason.into(),
+                    });
+                }
+                Err(e) => {
+                    warn!(gpu = info.index, uuid = %info.uuid, error = %e, "cannot put a power limit back");
+                    events.push(Event::LimitFailed {
+                        gpu: info.index,
+                        uuid: info.uuid.clone(),
+                        to_w: w,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        events
     }
 
     /// Report events with the next tick (what happened while setting up).

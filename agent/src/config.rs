@@ -65,12 +65,29 @@ pub struct Config {
 }
 
 /// `[nvml]`: for `backend = "nvml"`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NvmlConfig {
     /// The NVML library. Default: `GPULET_NVML_LIBRARY` if set, else the system's
     /// `libnvidia-ml.so.1` (for containers and unusual installs).
     pub library: Option<PathBuf>,
+    /// Put the limits found at start back when the agent stops (and at the next start,
+    /// if it did not stop cleanly).
+    #[serde(default = "yes")]
+    pub restore_limits: bool,
+    /// Where the limits found at start are kept.
+    #[serde(default = "default_nvml_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+impl Default for NvmlConfig {
+    fn default() -> Self {
+        NvmlConfig { library: None, restore_limits: true, state_dir: default_nvml_state_dir() }
+    }
+}
+
+fn default_nvml_state_dir() -> PathBuf {
+    "/var/lib/gpulet/nvml".into()
 }
 
 fn default_tick() -> Duration {

@@ -218,7 +218,20 @@ fn run(command: Command) -> Result<(), Error> {
                     setup::agent(&loaded.config, &loaded.base_dir, opened, sinks, clock)?;
                 agent.set_reload(setup::reloader(config));
                 let mqtt = linked.map(|l| l.attach(&mut agent));
+                if loaded.config.backend == BackendKind::Nvml && loaded.config.nvml.restore_limits {
+                    let path = loaded
+                        .base_dir
+                        .join(&loaded.config.nvml.state_dir)
+                        .join("start-limits.json");
+                    agent.keep_start_limits(path).map_err(|e| {
+                        ConfigErrors(vec![ConfigError::invalid(
+                            "nvml.state_dir",
+                            format!("cannot keep the limits found at start: {e}"),
+                        )])
+                    })?;
+                }
                 agent.run(ticks, Pacing::RealTime, shutdown_signal()).await;
+                agent.stop();
                 if let Some(m) = mqtt {
                     m.stop().await;
                 }

@@ -33,6 +33,10 @@ fn gpulet(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// A 500 W budget over the two GPUs (250 W each), the start limits kept in the test's folder.
+const BUDGET: &str =
+    "backend = \"nvml\"\ntick = \"50ms\"\n[power]\nbudget_w = 500\n[nvml]\nstate_dir = \"state\"\n";
+
 /// Two L40S on the stand-in.
 fn node(dir: &Path) {
     std::fs::write(
@@ -99,6 +103,16 @@ impl Running {
     }
 }
 
+impl Running {
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let ok =
+            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+        self.child.wait().unwrap()
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -124,10 +138,7 @@ fn events<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
 fn the_agent_runs_on_nvml_sets_limits_and_survives_a_lost_gpu() {
     let dir = tempfile::tempdir().unwrap();
     node(dir.path());
-    let mut agent = Running::start(
-        dir.path(),
-        "backend = \"nvml\"\ntick = \"50ms\"\n[power]\nbudget_w = 500\n",
-    );
+    let mut agent = Running::start(dir.path(), BUDGET);
     let first = agent.until("a record", |_| true);
     let r = &first[0];
     assert_eq!(r["backend"], "nvml");
@@ -177,10 +188,7 @@ fn no_permission_to_set_is_reported_once_and_monitoring_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     node(dir.path());
     control(dir.path(), "deny-set");
-    let mut agent = Running::start(
-        dir.path(),
-        "backend = \"nvml\"\ntick = \"50ms\"\n[power]\nbudget_w = 500\n",
-    );
+    let mut agent = Running::start(dir.path(), BUDGET);
     let records = agent.until("20 records", {
         let n = std::cell::Cell::new(0);
         move |_| {
@@ -196,4 +204,35 @@ fn no_permission_to_set_is_reported_once_and_monitoring_goes_on() {
         failed[0]
     );
     assert!(records.iter().all(|r| r["gpus"][0]["power_w"].is_number()), "monitoring goes on");
+}
+
+#[test]
+fn limits_found_at_start_are_put_back_at_stop_and_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    let saved = dir.path().join("state/start-limits.json");
+    let set_log = || std::fs::read_to_string(dir.path().join("set.log")).unwrap_or_default();
+
+    // A clean stop puts the L40S's 350 W back.
+    let mut agent = Running::start(dir.path(), BUDGET);
+    agent.until("the budget applied", |r| r["gpus"][1]["power_limit_w"] == 250.0);
+    assert!(saved.exists());
+    assert!(agent.stop().success());
+    assert_eq!(set_log(), "0 250\n1 250\n0 350\n1 350\n");
+    assert!(!saved.exists(), "nothing left to restore");
+
+    // A crash leaves the limits where the agent set them; the next start puts the old
+    // ones back first (audited), then applies its own again.
+    let mut agent = Running::start(dir.path(), BUDGET);
+    agent.until("the budget applied", |r| r["gpus"][1]["power_limit_w"] == 250.0);
+    drop(agent); // SIGKILL
+    assert!(saved.exists());
+    let mut agent = Running::start(dir.path(), BUDGET);
+    let first = agent.until("a record", |_| true);
+    let restored: Vec<_> =
+        events(&first, "limit-changed").into_iter().filter(|e| e["source"] == "restore").collect();
+    assert_eq!(restored.len(), 2, "{first:?}");
+    assert_eq!(restored[0]["to_w"], 350.0);
+    assert!(agent.stop().success());
+    assert!(set_log().ends_with("0 350\n1 350\n"));
 }
