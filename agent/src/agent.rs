@@ -46,6 +46,8 @@ pub struct Parts {
     /// Re-reads the plugin list (from the config file) on SIGHUP; `None`: nothing to
     /// reload from.
     pub reload: Option<Reload>,
+    /// Repeats of an XID (same GPU and code) within this are counted, not reported.
+    pub xid_debounce: Duration,
 }
 
 /// Produces the current plugin list, or says why it cannot.
@@ -74,6 +76,10 @@ pub enum Request {
         watts: Option<f64>,
     },
     ReloadPlugins,
+    /// Clear a GPU's sticky `degraded` state (its XID was dealt with).
+    ClearHealth {
+        gpu: u32,
+    },
 }
 
 /// Why a request did not succeed.
@@ -135,6 +141,10 @@ pub struct Agent {
     configured_budget_w: Option<f64>,
     /// Where the limits found at start are kept, to put back at stop.
     start_limits: Option<std::path::PathBuf>,
+    /// XIDs per (GPU, code) since start, and when each was last seen (backend ms).
+    xid_counts: BTreeMap<(u32, u32), u64>,
+    xid_last: std::collections::HashMap<(u32, u32), u64>,
+    xid_debounce_ms: u64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -195,6 +205,9 @@ impl Agent {
             control: None,
             changed: None,
             start_limits: None,
+            xid_counts: BTreeMap::new(),
+            xid_last: Default::default(),
+            xid_debounce_ms: parts.xid_debounce.as_millis() as u64,
             desired: Desired::default(),
         }
     }
@@ -216,9 +229,15 @@ impl Agent {
         // 1. Sample.
         let samples = self.backend.sample_all();
         for x in self.backend.drain_events() {
+            let count = self.xid_counts.entry((x.gpu, x.code)).or_default();
+            *count += 1;
+            let last = self.xid_last.insert((x.gpu, x.code), x.at_ms);
+            if last.is_some_and(|t| x.at_ms.saturating_sub(t) < self.xid_debounce_ms) {
+                continue;
+            }
             let uuid = self.inventory.get(x.gpu as usize).map_or("", |g| g.uuid.as_str());
-            warn!(gpu = x.gpu, uuid, code = x.code, "XID event");
-            events.push(Event::xid(x.gpu, uuid, x.code));
+            warn!(gpu = x.gpu, uuid, code = x.code, count = *count, "XID event");
+            events.push(Event::xid(x.gpu, uuid, x.code, *count));
         }
         // Limits are desired state: one that moved without the agent is reported.
         for s in &samples {
@@ -402,6 +421,17 @@ impl Agent {
                         Ok(format!("GPU {gpu} back to its policy"))
                     }
                 }
+            }
+            Request::ClearHealth { gpu } => {
+                if gpu as usize >= self.inventory.len() {
+                    return Err(Refusal::Rejected(format!(
+                        "GPU {gpu} does not exist; accepted: 0 to {}",
+                        self.inventory.len().saturating_sub(1)
+                    )));
+                }
+                self.backend.clear_health(gpu).map_err(|e| Refusal::Failed(e.to_string()))?;
+                info!(gpu, "GPU health cleared by command");
+                Ok(format!("GPU {gpu} health cleared"))
             }
             Request::ReloadPlugins => {
                 if self.reload.is_none() {

@@ -62,6 +62,28 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     #[serde(default)]
     pub nvml: NvmlConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[health]`: how GPU health events are reported.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Repeats of an XID (same GPU, same code) within this of the last reported one are
+    /// counted but not reported again.
+    #[serde(default = "default_xid_debounce", with = "humantime_serde")]
+    pub xid_debounce: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { xid_debounce: default_xid_debounce() }
+    }
+}
+
+fn default_xid_debounce() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[nvml]`: for `backend = "nvml"`.
@@ -619,6 +641,12 @@ impl Config {
         v.plugins(&self.plugins, &self.plugin);
         if let Some(m) = &self.mqtt {
             v.mqtt(m);
+        }
+        if self.health.xid_debounce > MAX_TICK {
+            v.err(
+                "health.xid_debounce",
+                format!("{} is out of range; accepted: 0s to 1h", show(self.health.xid_debounce)),
+            );
         }
         if v.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(v.errors)) }
     }

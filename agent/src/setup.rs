@@ -168,6 +168,7 @@ pub fn agent(
         sinks,
         clock,
         reload: None,
+        xid_debounce: config.health.xid_debounce,
     });
     agent.report(events);
     Ok(agent)

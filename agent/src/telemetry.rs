@@ -126,8 +126,17 @@ fn round2(v: Option<f64>) -> Option<f64> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Event {
-    /// An XID error reported by the driver.
-    Xid { gpu: u32, uuid: String, code: u32, severity: &'static str, action: &'static str },
+    /// An XID error reported by the driver. `count`: occurrences of this code on this
+    /// GPU since the agent started (occurrences within the debounce window of the last
+    /// reported one are counted but not reported).
+    Xid {
+        gpu: u32,
+        uuid: String,
+        code: u32,
+        count: u64,
+        severity: &'static str,
+        action: &'static str,
+    },
     /// A GPU's health changed.
     Health { gpu: u32, uuid: String, from: Health, to: Health },
     /// The audit record of a power-limit change that reached the hardware.
@@ -177,9 +186,9 @@ pub enum Event {
 }
 
 impl Event {
-    pub fn xid(gpu: u32, uuid: &str, code: u32) -> Event {
+    pub fn xid(gpu: u32, uuid: &str, code: u32, count: u64) -> Event {
         let (severity, action) = xid_info(code);
-        Event::Xid { gpu, uuid: uuid.to_owned(), code, severity, action }
+        Event::Xid { gpu, uuid: uuid.to_owned(), code, count, severity, action }
     }
 }
 

@@ -9,7 +9,8 @@
 //! - `control`: lines appended by a test, applied in order at the next NVML call:
 //!   `lost GPU`, `xid GPU CODE`, `clear GPU`, `deny-set` / `allow-set` (setting a limit
 //!   returns NVML_ERROR_NO_PERMISSION, as without root), `set GPU WATTS` (someone else
-//!   changes a limit, as `nvidia-smi -pl` would).
+//!   changes a limit, as `nvidia-smi -pl` would). An `xid` reaches the event API
+//!   (`nvmlEventSetWait_v2`) for GPUs registered for XID events.
 //! - `set.log`: one line `GPU WATTS` per limit this library was asked to set.
 //!
 //! The simulation follows the wall clock from `nvmlInit`.
@@ -29,12 +30,13 @@ use gpulet::config::SimConfig;
 use gpulet::gpu::sim::{Fault, SimNode};
 use gpulet::gpu::{GpuInfo, GpuSample, Health, Reading};
 use nvml_wrapper_sys::bindings::{
-    nvmlDevice_t, nvmlMemory_v2_t, nvmlPciInfo_t,
-    nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST as GPU_IS_LOST,
+    nvmlDevice_t, nvmlEventData_t, nvmlEventSet_t, nvmlEventTypeXidCriticalError as XID_EVENT,
+    nvmlMemory_v2_t, nvmlPciInfo_t, nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST as GPU_IS_LOST,
     nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE as INSUFFICIENT_SIZE,
     nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT as INVALID_ARGUMENT,
     nvmlReturn_enum_NVML_ERROR_NO_PERMISSION as NO_PERMISSION,
     nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED as NOT_SUPPORTED,
+    nvmlReturn_enum_NVML_ERROR_TIMEOUT as TIMEOUT,
     nvmlReturn_enum_NVML_ERROR_UNINITIALIZED as UNINITIALIZED,
     nvmlReturn_enum_NVML_ERROR_UNKNOWN as UNKNOWN, nvmlReturn_enum_NVML_SUCCESS as SUCCESS,
     nvmlReturn_t, nvmlUtilization_t,
@@ -50,6 +52,9 @@ struct Standin {
     deny_set: bool,
     /// Samples of the current instant (NVML is asked one field at a time).
     cache: Option<Vec<GpuSample>>,
+    /// GPUs registered for XID events, and XIDs not yet waited for.
+    xid_gpus: Vec<u32>,
+    xids: std::collections::VecDeque<(u32, u32)>,
 }
 
 static STATE: Mutex<Option<Standin>> = Mutex::new(None);
@@ -76,6 +81,8 @@ impl Standin {
             applied: 0,
             deny_set: false,
             cache: None,
+            xid_gpus: Vec::new(),
+            xids: Default::default(),
         })
     }
 
@@ -110,6 +117,11 @@ impl Standin {
                 _ => eprintln!("nvml stand-in: ignoring control line {line:?}"),
             }
             self.cache = None;
+        }
+        for x in self.node.drain_events() {
+            if self.xid_gpus.contains(&x.gpu) {
+                self.xids.push_back((x.gpu, x.code));
+            }
         }
     }
 
@@ -573,4 +585,106 @@ pub extern "C" fn nvmlDeviceGetMigMode(
     _pending: *mut c_uint,
 ) -> nvmlReturn_t {
     NOT_SUPPORTED
+}
+
+/// # Safety
+/// `set` must point to an event set handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) -> nvmlReturn_t {
+    with(|_| {
+        // One set per process is all the backend uses; its handle is opaque.
+        out!(set, 1usize as nvmlEventSet_t);
+        SUCCESS
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlEventSetFree(_set: nvmlEventSet_t) -> nvmlReturn_t {
+    SUCCESS
+}
+
+/// # Safety
+/// `types` must point to an unsigned long long.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+    device: nvmlDevice_t,
+    types: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    with(|s| {
+        if info(s, device).is_none() {
+            return INVALID_ARGUMENT;
+        }
+        out!(types, c_ulonglong::from(XID_EVENT));
+        SUCCESS
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    device: nvmlDevice_t,
+    types: c_ulonglong,
+    _set: nvmlEventSet_t,
+) -> nvmlReturn_t {
+    with(|s| {
+        let gpu = index(device);
+        if info(s, device).is_none() || types & !c_ulonglong::from(XID_EVENT) != 0 {
+            return NOT_SUPPORTED;
+        }
+        s.xid_gpus.push(gpu);
+        SUCCESS
+    })
+}
+
+/// Wait up to `timeout_ms` for an XID of a registered GPU.
+///
+/// # Safety
+/// `data` must point to an `nvmlEventData_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    _set: nvmlEventSet_t,
+    data: *mut nvmlEventData_t,
+    timeout_ms: c_uint,
+) -> nvmlReturn_t {
+    if data.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let until = Instant::now() + std::time::Duration::from_millis(u64::from(timeout_ms));
+    loop {
+        let mut next = None;
+        let r = with(|s| {
+            next = s.xids.pop_front();
+            SUCCESS
+        });
+        if r != SUCCESS {
+            return r;
+        }
+        if let Some((gpu, code)) = next {
+            // SAFETY: non-null, the caller's struct.
+            let d = unsafe { &mut *data };
+            d.device = (gpu as usize + 1) as nvmlDevice_t;
+            d.eventType = c_ulonglong::from(XID_EVENT);
+            d.eventData = c_ulonglong::from(code);
+            d.gpuInstanceId = u32::MAX;
+            d.computeInstanceId = u32::MAX;
+            return SUCCESS;
+        }
+        if Instant::now() >= until {
+            return TIMEOUT;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// # Safety
+/// `index` must point to an unsigned int.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetIndex(
+    device: nvmlDevice_t,
+    index_out: *mut c_uint,
+) -> nvmlReturn_t {
+    with(|s| {
+        let Some(g) = info(s, device) else { return INVALID_ARGUMENT };
+        out!(index_out, g.index);
+        SUCCESS
+    })
 }

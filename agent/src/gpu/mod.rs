@@ -318,6 +318,9 @@ pub trait GpuBackend: Send {
     fn sample_all(&mut self) -> Vec<GpuSample>;
     fn set_power_limit(&mut self, gpu: u32, watts: f64) -> Result<f64, GpuError>;
     fn drain_events(&mut self) -> Vec<XidEvent>;
+    /// Clear a sticky `degraded` state (after an operator dealt with its cause). A lost
+    /// GPU stays lost: it is not answering.
+    fn clear_health(&mut self, gpu: u32) -> Result<(), GpuError>;
 }
 
 /// What an XID code means for an operator: a severity and what to do. The common codes

@@ -9,12 +9,21 @@
 //! - A limit is set in milliwatts and read back as the *enforced* limit.
 //! - Energy: the GPU's counter where it has one (Volta and later); otherwise the field
 //!   is unsupported and the agent's consumers integrate power.
+//! - XID errors arrive through NVML's event API on a thread of their own (waiting on the
+//!   event set never blocks the tick); `drain_events` takes what arrived. A critical XID
+//!   leaves the GPU `degraded` until cleared.
 
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use tracing::warn;
 
 use super::{
     Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, PowerConstraints, Reading,
@@ -25,8 +34,13 @@ use super::{
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
 
 pub struct NvmlBackend {
-    nvml: Nvml,
+    nvml: Arc<Nvml>,
     inventory: Vec<GpuInfo>,
+    /// XIDs from the event thread, and the flag that stops it.
+    xids: mpsc::Receiver<XidEvent>,
+    stop: Arc<AtomicBool>,
+    /// Sticky health from XIDs (a lost GPU is seen when sampling).
+    health: Vec<Health>,
     /// The driver's versions, for the inventory and the birth message.
     pub driver_version: String,
     pub cuda_version: Option<i32>,
@@ -117,7 +131,79 @@ impl NvmlBackend {
         }
         let driver_version = nvml.sys_driver_version().unwrap_or_default();
         let cuda_version = nvml.sys_cuda_driver_version().ok();
-        Ok(NvmlBackend { nvml, inventory, driver_version, cuda_version })
+        let nvml = Arc::new(nvml);
+        let (tx, xids) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, watcher, flag) = (count, nvml.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("gpulet-xid".into())
+            .spawn(move || watch_xids(&watcher, n, &tx, &flag))
+            .map_err(|e| GpuError::Other(format!("cannot start the XID event thread: {e}")))?;
+        let health = vec![Health::Ok; inventory.len()];
+        Ok(NvmlBackend { nvml, inventory, xids, stop, health, driver_version, cuda_version })
+    }
+}
+
+impl Drop for NvmlBackend {
+    fn drop(&mut self) {
+        // The thread sees it within one wait (0.5 s) and ends; nothing waits for it.
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Wait for XID events on every GPU that has them, until `stop`.
+fn watch_xids(nvml: &Nvml, gpus: u32, tx: &mpsc::Sender<XidEvent>, stop: &AtomicBool) {
+    let started = Instant::now();
+    let mut set = match nvml.create_event_set() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "NVML events are not available: XID errors will not be reported");
+            return;
+        }
+    };
+    let mut watched = 0;
+    for i in 0..gpus {
+        let Ok(dev) = nvml.device_by_index(i) else { continue };
+        let supported =
+            dev.supported_event_types().is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR));
+        if !supported {
+            warn!(gpu = i, "this GPU does not report XID events through NVML");
+            continue;
+        }
+        match dev.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                watched += 1;
+            }
+            Err(e) => {
+                // NVML frees the set on a failed registration: no events at all.
+                warn!(gpu = i, error = %e.error, "cannot register for XID events; XID errors will not be reported");
+                return;
+            }
+        }
+    }
+    if watched == 0 {
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match set.wait(500) {
+            Ok(data) => {
+                let code = match data.event_data {
+                    Some(XidError::Value(v)) => v as u32,
+                    _ => 0,
+                };
+                let gpu = data.device.index().unwrap_or(u32::MAX);
+                let at_ms = started.elapsed().as_millis() as u64;
+                if tx.send(XidEvent { gpu, code, at_ms }).is_err() {
+                    return;
+                }
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(e) => {
+                warn!(error = %e, "waiting for NVML events failed; retrying in 1 s");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
     }
 }
 
@@ -172,7 +258,7 @@ impl GpuBackend for NvmlBackend {
                     sm_clock_mhz: convert(read(Field::SmClockMhz), |v| v as u32),
                     power_limit_w: read(Field::PowerLimitW),
                     throttle: convert(read(Field::Throttle), |v| Throttle(v as u64)),
-                    health: Health::Ok,
+                    health: self.health[i as usize],
                 };
                 // A GPU that stops answering mid-sample is lost as a whole.
                 if sample.errors().iter().any(|(_, e)| matches!(e, GpuError::Lost(_))) {
@@ -206,8 +292,20 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn drain_events(&mut self) -> Vec<XidEvent> {
-        // XID events through NVML's event API are not wired yet (issue 5, part 2).
-        Vec::new()
+        let events: Vec<XidEvent> =
+            self.xids.try_iter().filter(|x| (x.gpu as usize) < self.health.len()).collect();
+        for x in &events {
+            if super::xid_degrades(x.code) {
+                self.health[x.gpu as usize] = Health::Degraded;
+            }
+        }
+        events
+    }
+
+    fn clear_health(&mut self, gpu: u32) -> Result<(), GpuError> {
+        let h = self.health.get_mut(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
+        *h = Health::Ok;
+        Ok(())
     }
 }
 

@@ -42,9 +42,14 @@ pub enum Command {
     ReloadPlugins,
     Rebirth,
     Ping,
+    /// Clear a GPU's sticky `degraded` state.
+    ClearHealth {
+        gpu: u32,
+    },
 }
 
-pub const NAMES: &str = "set-power-budget, set-power-limit, reload-plugins, rebirth, ping";
+pub const NAMES: &str =
+    "set-power-budget, set-power-limit, reload-plugins, rebirth, ping, clear-health";
 
 impl Command {
     pub fn name(&self) -> &'static str {
@@ -54,6 +59,7 @@ impl Command {
             Command::ReloadPlugins => "reload-plugins",
             Command::Rebirth => "rebirth",
             Command::Ping => "ping",
+            Command::ClearHealth { .. } => "clear-health",
         }
     }
 }
@@ -74,6 +80,12 @@ struct LimitArgs {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GpuArgs {
+    gpu: u32,
+}
 
 /// A command that passed every check but the ones only the agent can make (GPU indices,
 /// bounds).
@@ -239,6 +251,10 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
                 gpu: a.gpu,
                 watts: watts(a.watts).map_err(|e| (env.clone(), e))?,
             }
+        }
+        "clear-health" => {
+            let a: GpuArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
+            Command::ClearHealth { gpu: a.gpu }
         }
         "reload-plugins" | "rebirth" | "ping" => {
             let _: NoArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;

@@ -570,6 +570,7 @@ impl Link {
             Command::SetPowerBudget { watts } => Request::SetPowerBudget(watts),
             Command::SetPowerLimit { gpu, watts } => Request::SetPowerLimit { gpu, watts },
             Command::ReloadPlugins => Request::ReloadPlugins,
+            Command::ClearHealth { gpu } => Request::ClearHealth { gpu },
         };
         let (done, answer) = oneshot::channel();
         let stopped = || Err(Refusal::Failed("the agent stopped".into()));

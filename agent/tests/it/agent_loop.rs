@@ -137,8 +137,61 @@ fn a_failing_gpu_or_field_leaves_the_rest_of_the_node_reporting() {
     assert_eq!(kinds, vec![(6, "xid".to_owned()), (6, "health".to_owned())]);
     let xid = &records[6]["events"][0];
     assert_eq!(
-        (xid["gpu"].as_u64(), xid["code"].as_u64(), xid["severity"].as_str()),
-        (Some(2), Some(79), Some("critical"))
+        (
+            xid["gpu"].as_u64(),
+            xid["code"].as_u64(),
+            xid["severity"].as_str(),
+            xid["count"].as_u64()
+        ),
+        (Some(2), Some(79), Some("critical"), Some(1))
+    );
+}
+
+#[test]
+fn a_critical_xid_degrades_until_cleared_and_repeats_are_debounced() {
+    use gpulet::agent::Request;
+    use gpulet::gpu::sim::Fault;
+    let mut h = harness("[health]\nxid_debounce = \"5s\"\n");
+    let tick = |h: &mut crate::Harness| {
+        h.clock.advance(Duration::from_secs(1));
+        h.agent.tick()
+    };
+    h.agent.tick();
+    h.sim.lock().inject(1, Fault::Xid(48));
+    let t = tick(&mut h);
+    assert!(
+        matches!(
+            t.events[..],
+            [
+                Event::Xid { gpu: 1, code: 48, count: 1, .. },
+                Event::Health { gpu: 1, to: gpulet::gpu::Health::Degraded, .. }
+            ]
+        ),
+        "{:?}",
+        t.events
+    );
+    // The same XID again within the window: counted, not reported; after it: reported.
+    h.sim.lock().inject(1, Fault::Xid(48));
+    assert!(tick(&mut h).events.is_empty());
+    for _ in 0..5 {
+        tick(&mut h);
+    }
+    h.sim.lock().inject(1, Fault::Xid(48));
+    let t = tick(&mut h);
+    assert!(
+        matches!(t.events[..], [Event::Xid { gpu: 1, code: 48, count: 3, .. }]),
+        "{:?}",
+        t.events
+    );
+    // Degraded is sticky until someone clears it.
+    assert_eq!(t.snapshot.samples[1].health, gpulet::gpu::Health::Degraded);
+    assert!(h.agent.execute(Request::ClearHealth { gpu: 9 }).is_err());
+    h.agent.execute(Request::ClearHealth { gpu: 1 }).unwrap();
+    let t = tick(&mut h);
+    assert!(
+        matches!(t.events[..], [Event::Health { gpu: 1, to: gpulet::gpu::Health::Ok, .. }]),
+        "{:?}",
+        t.events
     );
 }
 

@@ -38,7 +38,7 @@ fn every_telemetry_key_and_event_kind_is_in_docs_telemetry_md() {
     }
     let u = || "GPU-x".to_owned();
     let events = [
-        Event::xid(0, "GPU-x", 79),
+        Event::xid(0, "GPU-x", 79, 1),
         Event::Health { gpu: 0, uuid: u(), from: Health::Ok, to: Health::Lost },
         Event::LimitChanged {
             gpu: 0,

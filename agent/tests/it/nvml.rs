@@ -236,3 +236,32 @@ fn limits_found_at_start_are_put_back_at_stop_and_after_a_crash() {
     assert!(agent.stop().success());
     assert!(set_log().ends_with("0 350\n1 350\n"));
 }
+
+#[test]
+fn xid_events_arrive_through_the_event_api() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    let toml = "backend = \"nvml\"\ntick = \"50ms\"\n[nvml]\nstate_dir = \"state\"\n";
+    let mut agent = Running::start(dir.path(), toml);
+    agent.until("a record", |_| true);
+    control(dir.path(), "xid 1 48");
+    let recs = agent.until("the XID", |r| !events(std::slice::from_ref(r), "xid").is_empty());
+    let x = events(&recs, "xid")[0].clone();
+    assert_eq!(
+        (x["gpu"].as_u64(), x["code"].as_u64(), x["count"].as_u64()),
+        (Some(1), Some(48), Some(1))
+    );
+    assert_eq!(x["severity"], "critical");
+    let recs = agent.until("GPU 1 degraded", |r| r["gpus"][1]["health"] == "degraded");
+    assert_eq!(recs.last().unwrap()["gpus"][0]["health"], "ok");
+    // A repeat within the debounce window (10 s by default) is not reported again.
+    control(dir.path(), "xid 1 48");
+    control(dir.path(), "xid 0 31");
+    let recs = agent.until("the other XID", |r| !events(std::slice::from_ref(r), "xid").is_empty());
+    let xs = events(&recs, "xid");
+    assert_eq!(
+        (xs.len(), xs[0]["gpu"].as_u64(), xs[0]["code"].as_u64()),
+        (1, Some(0), Some(31)),
+        "{xs:?}"
+    );
+}

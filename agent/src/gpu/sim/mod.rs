@@ -192,6 +192,14 @@ impl SimNode {
         }
     }
 
+    /// Clear a sticky degraded state, as an operator does after dealing with an XID. A
+    /// lost GPU stays lost.
+    pub fn clear_degraded(&mut self, gpu: u32) -> Result<(), GpuError> {
+        let g = self.gpus.get_mut(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
+        g.degraded = false;
+        Ok(())
+    }
+
     /// Inject a fault now. Unknown GPUs are ignored (config validation names them).
     pub fn inject(&mut self, gpu: u32, fault: Fault) {
         let at_ms = self.now.as_millis() as u64;
@@ -357,6 +365,10 @@ impl GpuBackend for SimBackend {
 
     fn drain_events(&mut self) -> Vec<XidEvent> {
         self.node.lock().drain_events()
+    }
+
+    fn clear_health(&mut self, gpu: u32) -> Result<(), GpuError> {
+        self.node.lock().clear_degraded(gpu)
     }
 }
 
