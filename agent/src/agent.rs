@@ -500,6 +500,7 @@ impl Agent {
             "agent_version": env!("CARGO_PKG_VERSION"),
             "schema": crate::telemetry::SCHEMA,
             "backend": self.backend.kind(),
+            "driver": self.backend.driver(),
             "tick_ms": self.tick.as_millis() as u64,
             "gpus": gpus,
             "plugins": plugins,

@@ -297,6 +297,8 @@ mod tests {
                 power_limit: PowerConstraints { min_w: 200.0, max_w: 700.0, default_w: 700.0 },
                 fields: FieldSet::ALL,
                 can_set_power_limit: true,
+                pci_bus_id: None,
+                mig_enabled: None,
             })
             .collect()
     }

@@ -34,6 +34,18 @@ pub struct GpuInfo {
     pub fields: FieldSet,
     /// Whether the power limit can be set on this GPU at all.
     pub can_set_power_limit: bool,
+    /// `DDDDDDDD:BB:DD.F`, when the backend knows it.
+    pub pci_bus_id: Option<String>,
+    /// Whether MIG is enabled; `None` where the GPU has no MIG.
+    pub mig_enabled: Option<bool>,
+}
+
+/// The driver a backend talks to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Driver {
+    pub version: String,
+    /// The CUDA version the driver supports, e.g. `12.4`.
+    pub cuda: Option<String>,
 }
 
 /// The power-limit range the hardware accepts, in watts.
@@ -321,6 +333,10 @@ pub trait GpuBackend: Send {
     /// Clear a sticky `degraded` state (after an operator dealt with its cause). A lost
     /// GPU stays lost: it is not answering.
     fn clear_health(&mut self, gpu: u32) -> Result<(), GpuError>;
+    /// The driver, where there is one.
+    fn driver(&self) -> Option<Driver> {
+        None
+    }
 }
 
 /// What an XID code means for an operator: a severity and what to do. The common codes

@@ -26,8 +26,8 @@ use nvml_wrapper::error::NvmlError;
 use tracing::warn;
 
 use super::{
-    Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, PowerConstraints, Reading,
-    Throttle, XidEvent,
+    Driver, Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, PowerConstraints,
+    Reading, Throttle, XidEvent,
 };
 
 /// Where the library is looked for when neither the config nor the environment says.
@@ -119,6 +119,8 @@ impl NvmlBackend {
                     fields = fields.without(f);
                 }
             }
+            let pci_bus_id = dev.pci_info().ok().map(|p| p.bus_id);
+            let mig_enabled = dev.mig_mode().ok().map(|m| m.current == 1);
             inventory.push(GpuInfo {
                 index,
                 uuid,
@@ -127,6 +129,8 @@ impl NvmlBackend {
                 power_limit,
                 fields,
                 can_set_power_limit,
+                pci_bus_id,
+                mig_enabled,
             });
         }
         let driver_version = nvml.sys_driver_version().unwrap_or_default();
@@ -300,6 +304,11 @@ impl GpuBackend for NvmlBackend {
             }
         }
         events
+    }
+
+    fn driver(&self) -> Option<Driver> {
+        let cuda = self.cuda_version.map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10));
+        Some(Driver { version: self.driver_version.clone(), cuda })
     }
 
     fn clear_health(&mut self, gpu: u32) -> Result<(), GpuError> {

@@ -63,6 +63,13 @@ fn inventory_through_nvml() {
     assert!(gpus[0]["memory_total_mib"].as_u64().unwrap() > 80_000);
     assert_eq!(gpus[0]["fields"].as_array().unwrap().len(), 8, "every field probed and supported");
     assert_eq!(gpus[0]["can_set_power_limit"], true);
+    assert_eq!(
+        (gpus[1]["pci_bus_id"].as_str(), gpus[1]["mig_enabled"].as_bool()),
+        (Some("00000000:19:00.0"), None)
+    );
+    let out = gpulet(dir.path(), &["inventory", "--backend", "nvml"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("driver: 550.54.15-standin, CUDA 12.4"), "{table}");
 }
 
 struct Running {

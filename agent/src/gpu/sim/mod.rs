@@ -119,6 +119,8 @@ impl SimNode {
                     power_limit: spec.preset.power,
                     fields: FieldSet::ALL,
                     can_set_power_limit: true,
+                    pci_bus_id: Some(format!("00000000:{:02X}:00.0", 0x18 + index)),
+                    mig_enabled: None,
                 };
                 let workload =
                     Workload::new(spec.workload, spec.trace.clone(), rng.random(), spec.preset);
