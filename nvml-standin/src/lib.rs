@@ -9,7 +9,8 @@
 //! - `control`: lines appended by a test, applied in order at the next NVML call:
 //!   `lost GPU`, `xid GPU CODE`, `clear GPU`, `deny-set` / `allow-set` (setting a limit
 //!   returns NVML_ERROR_NO_PERMISSION, as without root), `set GPU WATTS` (someone else
-//!   changes a limit, as `nvidia-smi -pl` would). An `xid` reaches the event API
+//!   changes a limit, as `nvidia-smi -pl` would), `unsupported GPU FIELD` (the SKU lacks
+//!   a field, e.g. `energy_j` before Volta). An `xid` reaches the event API
 //!   (`nvmlEventSetWait_v2`) for GPUs registered for XID events.
 //! - `set.log`: one line `GPU WATTS` per limit this library was asked to set.
 //!
@@ -111,6 +112,12 @@ impl Standin {
                 (Some("clear"), Some(g)) => self.node.inject(g, Fault::Clear),
                 (Some("set"), Some(g)) => {
                     let _ = self.node.set_power_limit(g, num(2).unwrap_or(0.0));
+                }
+                (Some("unsupported"), Some(g)) => {
+                    match w.get(2).and_then(|f| gpulet::gpu::Field::from_name(f)) {
+                        Some(f) => self.node.set_unsupported(g, f),
+                        None => eprintln!("nvml stand-in: unknown field in {line:?}"),
+                    }
                 }
                 (Some("deny-set"), _) => self.deny_set = true,
                 (Some("allow-set"), _) => self.deny_set = false,

@@ -7,8 +7,8 @@
 //!   reported as unsupported once, up front, and never asked for again.
 //! - A GPU that stops answering is `Lost` in its own sample; the others go on.
 //! - A limit is set in milliwatts and read back as the *enforced* limit.
-//! - Energy: the GPU's counter where it has one (Volta and later); otherwise the field
-//!   is unsupported and the agent's consumers integrate power.
+//! - Energy: the GPU's counter where it has one (Volta and later); otherwise power is
+//!   integrated between samples (trapezoids), from 0 when the backend opened.
 //! - XID errors arrive through NVML's event API on a thread of their own (waiting on the
 //!   event set never blocks the tick); `drain_events` takes what arrived. A critical XID
 //!   leaves the GPU `degraded` until cleared.
@@ -41,6 +41,8 @@ pub struct NvmlBackend {
     stop: Arc<AtomicBool>,
     /// Sticky health from XIDs (a lost GPU is seen when sampling).
     health: Vec<Health>,
+    /// For GPUs without an energy counter: energy integrated from power.
+    integrated: Vec<Option<Integrator>>,
     /// The driver's versions, for the inventory and the birth message.
     pub driver_version: String,
     pub cuda_version: Option<i32>,
@@ -89,6 +91,7 @@ impl NvmlBackend {
             .device_count()
             .map_err(|e| GpuError::Other(format!("NVML cannot count the GPUs: {e}")))?;
         let mut inventory = Vec::with_capacity(count as usize);
+        let mut integrated = Vec::with_capacity(count as usize);
         for index in 0..count {
             let dev = nvml.device_by_index(index).map_err(|e| gpu_error(index, "open", e))?;
             let name = dev.name().unwrap_or_else(|_| "unknown NVIDIA GPU".into());
@@ -119,6 +122,8 @@ impl NvmlBackend {
                     fields = fields.without(f);
                 }
             }
+            let integrate = !fields.contains(Field::EnergyJ) && fields.contains(Field::PowerW);
+            integrated.push(integrate.then(Integrator::default));
             let pci_bus_id = dev.pci_info().ok().map(|p| p.bus_id);
             let mig_enabled = dev.mig_mode().ok().map(|m| m.current == 1);
             inventory.push(GpuInfo {
@@ -144,7 +149,22 @@ impl NvmlBackend {
             .spawn(move || watch_xids(&watcher, n, &tx, &flag))
             .map_err(|e| GpuError::Other(format!("cannot start the XID event thread: {e}")))?;
         let health = vec![Health::Ok; inventory.len()];
-        Ok(NvmlBackend { nvml, inventory, xids, stop, health, driver_version, cuda_version })
+        // What the agent reports: energy is there, counted or integrated.
+        for (g, i) in inventory.iter_mut().zip(&integrated) {
+            if i.is_some() {
+                g.fields = g.fields.with(Field::EnergyJ);
+            }
+        }
+        Ok(NvmlBackend {
+            nvml,
+            inventory,
+            xids,
+            stop,
+            health,
+            integrated,
+            driver_version,
+            cuda_version,
+        })
     }
 }
 
@@ -241,36 +261,46 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn sample_all(&mut self) -> Vec<GpuSample> {
-        self.inventory
-            .iter()
-            .map(|info| {
-                let i = info.index;
-                let dev = match self.nvml.device_by_index(i) {
-                    Ok(d) => d,
-                    Err(e) => return GpuSample::lost(i, &gpu_error(i, "open", e)),
-                };
-                let read = |f: Field| {
-                    if info.fields.contains(f) { probe(&dev, f) } else { Reading::Unsupported }
-                };
-                let sample = GpuSample {
-                    index: i,
-                    power_w: read(Field::PowerW),
-                    energy_j: read(Field::EnergyJ),
-                    temp_c: read(Field::TempC),
-                    util_pct: read(Field::UtilPct),
-                    mem_used_mib: convert(read(Field::MemUsedMib), |v| v as u64),
-                    sm_clock_mhz: convert(read(Field::SmClockMhz), |v| v as u32),
-                    power_limit_w: read(Field::PowerLimitW),
-                    throttle: convert(read(Field::Throttle), |v| Throttle(v as u64)),
-                    health: self.health[i as usize],
-                };
-                // A GPU that stops answering mid-sample is lost as a whole.
-                if sample.errors().iter().any(|(_, e)| matches!(e, GpuError::Lost(_))) {
-                    return GpuSample::lost(i, &GpuError::Lost(i));
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(self.inventory.len());
+        for (info, acc) in self.inventory.iter().zip(&mut self.integrated) {
+            let i = info.index;
+            let dev = match self.nvml.device_by_index(i) {
+                Ok(d) => d,
+                Err(e) => {
+                    out.push(GpuSample::lost(i, &gpu_error(i, "open", e)));
+                    continue;
                 }
-                sample
-            })
-            .collect()
+            };
+            let read = |f: Field| {
+                if info.fields.contains(f) { probe(&dev, f) } else { Reading::Unsupported }
+            };
+            let power_w = read(Field::PowerW);
+            let energy_j = match (acc, &power_w) {
+                (Some(acc), Reading::Value(p)) => Reading::Value(acc.add(now, *p)),
+                (Some(_), other) => other.clone(),
+                (None, _) => read(Field::EnergyJ),
+            };
+            let sample = GpuSample {
+                index: i,
+                power_w,
+                energy_j,
+                temp_c: read(Field::TempC),
+                util_pct: read(Field::UtilPct),
+                mem_used_mib: convert(read(Field::MemUsedMib), |v| v as u64),
+                sm_clock_mhz: convert(read(Field::SmClockMhz), |v| v as u32),
+                power_limit_w: read(Field::PowerLimitW),
+                throttle: convert(read(Field::Throttle), |v| Throttle(v as u64)),
+                health: self.health[i as usize],
+            };
+            // A GPU that stops answering mid-sample is lost as a whole.
+            if sample.errors().iter().any(|(_, e)| matches!(e, GpuError::Lost(_))) {
+                out.push(GpuSample::lost(i, &GpuError::Lost(i)));
+            } else {
+                out.push(sample);
+            }
+        }
+        out
     }
 
     fn set_power_limit(&mut self, gpu: u32, watts: f64) -> Result<f64, GpuError> {
@@ -315,6 +345,24 @@ impl GpuBackend for NvmlBackend {
         let h = self.health.get_mut(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
         *h = Health::Ok;
         Ok(())
+    }
+}
+
+/// Energy from power samples, for GPUs without an energy counter.
+#[derive(Debug, Default)]
+struct Integrator {
+    last: Option<(Instant, f64)>,
+    joules: f64,
+}
+
+impl Integrator {
+    /// Add the power seen at `at` (trapezoid from the previous sample); the total, J.
+    fn add(&mut self, at: Instant, power_w: f64) -> f64 {
+        if let Some((t, p)) = self.last {
+            self.joules += (p + power_w) / 2.0 * at.saturating_duration_since(t).as_secs_f64();
+        }
+        self.last = Some((at, power_w));
+        self.joules
     }
 }
 

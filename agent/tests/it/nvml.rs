@@ -272,3 +272,27 @@ fn xid_events_arrive_through_the_event_api() {
         "{xs:?}"
     );
 }
+
+#[test]
+fn energy_is_integrated_where_the_gpu_has_no_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    control(dir.path(), "unsupported 1 energy_j");
+    let toml = "backend = \"nvml\"\ntick = \"50ms\"\n[nvml]\nstate_dir = \"state\"\n";
+    let mut agent = Running::start(dir.path(), toml);
+    let recs = agent.until("20 records", {
+        let n = std::cell::Cell::new(0);
+        move |_| {
+            n.set(n.get() + 1);
+            n.get() >= 20
+        }
+    });
+    let e1: Vec<f64> = recs.iter().map(|r| r["gpus"][1]["energy_j"].as_f64().unwrap()).collect();
+    assert!(e1[0] < 1.0, "integrated from 0 when the backend opened: {}", e1[0]);
+    assert!(e1.windows(2).all(|w| w[1] >= w[0]) && *e1.last().unwrap() > 0.0, "{e1:?}");
+    // About power × time: 19 intervals of ~50 ms at the GPU's power.
+    let p = recs[10]["gpus"][1]["power_w"].as_f64().unwrap();
+    let t = (recs[19]["ts_ms"].as_f64().unwrap() - recs[0]["ts_ms"].as_f64().unwrap()) / 1000.0;
+    let expected = p * t;
+    assert!((e1[19] - expected).abs() < 0.3 * expected, "{} J vs ~{expected} J", e1[19]);
+}
