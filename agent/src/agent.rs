@@ -577,8 +577,14 @@ impl Agent {
         Ok(())
     }
 
-    /// Stop: put back the limits found at start (when kept), logging each change.
+    /// Stop: take no more control requests (a link waiting on one gets its answer: the
+    /// agent stopped), and put back the limits found at start (when kept), logging each
+    /// change.
     pub fn stop(&mut self) {
+        self.control = None;
+        for sink in &mut self.sinks {
+            sink.close();
+        }
         let Some(path) = self.start_limits.take() else { return };
         let saved: BTreeMap<String, f64> = std::fs::read(&path)
             .ok()

@@ -83,6 +83,7 @@ pub async fn run(opts: Options) -> Result<u64, Error> {
         }
     };
     let ticks = agent.run(opts.ticks, pacing, stop).await;
+    agent.stop();
     if let Some(m) = mqtt {
         m.stop().await;
     }

@@ -133,6 +133,7 @@ async fn fleet(o: Options) -> Result<Report, Error> {
                         let _ = stop.wait_for(|s| *s).await;
                     })
                     .await;
+                agent.stop();
                 let appended = mqtt.appended();
                 let stats = mqtt.stop().await;
                 Ok::<_, Error>((stats, appended))

@@ -204,6 +204,8 @@ pub enum SinkError {
 /// and carries on (telemetry must never stop the control loop).
 pub trait Sink: Send {
     fn emit(&mut self, record: &Record<'_>) -> Result<(), SinkError>;
+    /// The agent stops: write out anything held back.
+    fn close(&mut self) {}
 }
 
 /// One JSON object per line, flushed per record so that a reader (or a crash) sees whole

@@ -170,11 +170,17 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
         }
     }
     match map.get("id") {
-        Some(Value::String(id)) if !id.is_empty() && id.len() <= 128 => env.id = Some(id.clone()),
+        Some(Value::String(id))
+            if !id.is_empty() && id.len() <= 128 && !id.contains(char::is_control) =>
+        {
+            env.id = Some(id.clone())
+        }
         Some(v) => {
             return fail(
                 &env,
-                format!("id: {v} is not accepted; accepted: a string of 1 to 128 characters"),
+                format!(
+                    "id: {v} is not accepted; accepted: a string of 1 to 128 characters, none a control character"
+                ),
             );
         }
         None => return fail(&env, "id is missing; every command needs a string \"id\"".into()),
@@ -387,6 +393,8 @@ pub struct SeenIds {
     order: VecDeque<(u64, String)>,
     set: std::collections::HashSet<String>,
     fsync: bool,
+    /// Lines in the file (it is compacted when it holds far more than the window).
+    lines: usize,
 }
 
 impl SeenIds {
@@ -407,6 +415,7 @@ impl SeenIds {
             order: VecDeque::new(),
             set: Default::default(),
             fsync,
+            lines: 0,
         };
         // Lines are "<ms> <id>"; a torn last line is ignored.
         for line in text.lines() {
@@ -419,6 +428,7 @@ impl SeenIds {
         }
         seen.expire(now_ms);
         seen.rewrite()?;
+        seen.lines = seen.order.len();
         Ok(seen)
     }
 
@@ -432,16 +442,18 @@ impl SeenIds {
         if !self.set.insert(id.to_owned()) {
             return Ok(());
         }
-        // Ids are at most 128 characters; a newline in one would split its line. The
-        // file is opened per command (rare) rather than held open.
+        // Ids are 1 to 128 characters without control characters (checked when parsed):
+        // one per line. The file is opened per command (rare) rather than held open.
         let mut file = OpenOptions::new().create(true).append(true).open(&self.path)?;
-        writeln!(file, "{now_ms} {}", id.replace('\n', " "))?;
+        writeln!(file, "{now_ms} {id}")?;
         if self.fsync {
             file.sync_data()?;
         }
         self.order.push_back((now_ms, id.to_owned()));
-        if self.order.len() > 2 * self.max {
+        self.lines += 1;
+        if self.lines > 2 * self.order.len() + 1024 {
             self.rewrite()?;
+            self.lines = self.order.len();
         }
         Ok(())
     }
@@ -519,6 +531,7 @@ mod tests {
             ("ping", "[1]", "not a JSON object"),
             ("ping", r#"{"watts":1}"#, "id is missing"),
             ("ping", r#"{"id":7}"#, "id: 7 is not accepted"),
+            ("ping", r#"{"id":"a\nb"}"#, "none a control character"),
             ("set-power-budget", r#"{"id":"a","watts":"lots"}"#, "watts: invalid type"),
             ("set-power-budget", r#"{"id":"a"}"#, "watts is missing"),
             ("set-power-budget", r#"{"id":"a","watts":-5}"#, "out of range"),

@@ -333,7 +333,9 @@ impl Link {
                             outbox = self.shared.outbox.lock().expect("outbox");
                         }
                         outbox.commit(seq);
-                        self.shared.stats.lock().expect("stats").published += 1;
+                        if !refused {
+                            self.shared.stats.lock().expect("stats").published += 1;
+                        }
                     }
                     Tag::Plain(topic) if refused => self.refused(&topic, reason),
                     Tag::Plain(_) => {}
@@ -380,39 +382,59 @@ impl Link {
         }
         while s.inflight < self.settings.inflight {
             let outbox = self.shared.outbox.lock().expect("outbox");
-            let (seq, historical) =
-                if let Some(&seq) = outbox.pending(s.next_live, u64::MAX, 1).first() {
-                    s.next_live = seq + 1;
-                    (seq, false)
-                } else if s.tokens >= 1.0
-                    && let Some(&seq) = outbox.pending(s.next_backlog, s.live_start, 1).first()
-                {
-                    s.next_backlog = seq + 1;
-                    s.tokens -= 1.0;
-                    (seq, true)
-                } else {
-                    return;
-                };
-            let msg = match outbox.read(seq) {
-                Ok(Some(m)) => m,
+            let live = outbox.pending(s.next_live, u64::MAX, 1).first().copied();
+            let (seq, historical) = match live {
+                Some(seq) => (seq, false),
+                None if s.tokens >= 1.0 => {
+                    match outbox.pending(s.next_backlog, s.live_start, 1).first() {
+                        Some(&seq) => (seq, true),
+                        None => return,
+                    }
+                }
+                None => return,
+            };
+            let read = outbox.read(seq);
+            drop(outbox);
+            let msg = match read {
+                Ok(Some(m)) if valid_topic(&m.topic) => m,
+                // Never sendable (unreadable, or a topic the client refuses): committed
+                // and reported, or it would stay pending forever.
+                Ok(Some(m)) => {
+                    self.unsendable(seq, &format!("{:?} is not a valid topic", m.topic));
+                    continue;
+                }
                 Ok(None) => continue,
                 Err(e) => {
-                    error!(error = %e, seq, "cannot read an outbox record; it is skipped");
+                    self.unsendable(seq, &e.to_string());
                     continue;
                 }
             };
-            drop(outbox);
             let payload = if historical { mark_historical(&msg.payload) } else { msg.payload };
             let props = msg.correlation.map(|c| PublishProperties {
                 correlation_data: Some(Bytes::from(c)),
                 ..Default::default()
             });
-            if self.send(Tag::Record(seq), &msg.topic, false, payload, props) {
-                s.inflight += 1;
-            } else {
+            // The cursors move only once the client took the publish (its channel may
+            // be full for a moment; the record is tried again next time).
+            if !self.send(Tag::Record(seq), &msg.topic, false, payload, props) {
                 return;
             }
+            s.inflight += 1;
+            if historical {
+                s.next_backlog = seq + 1;
+                s.tokens -= 1.0;
+            } else {
+                s.next_live = seq + 1;
+            }
         }
+    }
+
+    /// A record that can never be published: committed, logged, reported.
+    fn unsendable(&mut self, seq: u64, why: &str) {
+        error!(seq, why, "an outbox record cannot be published; it is dropped");
+        self.shared.outbox.lock().expect("outbox").commit(seq);
+        self.shared
+            .event(json!({"kind": "mqtt-refused", "topic": null, "seq": seq, "reason": why}));
     }
 
     fn send(
@@ -478,9 +500,11 @@ impl Link {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let name = topic.rsplit('/').next().unwrap_or_default().to_owned();
         let props = p.properties.clone().unwrap_or_default();
+        // A response topic the client could not publish to is ignored (the result then
+        // goes to `reply_to` or `cmd-result/<name>`).
         let response = Response {
             name: name.clone(),
-            topic: props.response_topic.clone(),
+            topic: props.response_topic.clone().filter(|t| valid_topic(t)),
             correlation: props.correlation_data.clone(),
         };
         let Some(policy) = &self.settings.commands else { return };
@@ -652,20 +676,26 @@ impl Link {
     /// A clean stop: give the outbox up to 2 s to drain, then publish `offline` (a clean
     /// DISCONNECT suppresses the Will), save the outbox state, disconnect.
     async fn stop(&mut self, s: &mut Sending, done: Option<oneshot::Sender<()>>) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        // Everything pending goes now, the backlog at full speed.
+        // Up to 2 s for what is pending (the backlog at full speed), then `offline`
+        // whatever is left (it goes at the next start), then up to 1 s for its PUBACK.
+        let drain_until = tokio::time::Instant::now() + Duration::from_secs(2);
         s.tokens = f64::INFINITY;
         let status = self.shared.topics.status();
         let mut offline_sent = false;
         while s.connected {
             self.pump(s);
             let drained = self.shared.outbox.lock().expect("outbox").stats().depth == 0;
-            if drained && !offline_sent {
+            if !offline_sent && (drained || tokio::time::Instant::now() >= drain_until) {
                 let offline = status_payload("offline", self.shared.inc(), wall_ms());
                 self.publish_plain(&status, true, offline.into_bytes(), None);
                 offline_sent = true;
             }
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            let wait_until = if offline_sent {
+                drain_until.max(tokio::time::Instant::now()) + Duration::from_secs(1)
+            } else {
+                drain_until
+            };
+            match tokio::time::timeout_at(wait_until, self.rx.recv()).await {
                 Ok(Some(Ev::Acked { tag: Tag::Plain(t), .. })) if t == status && offline_sent => {
                     break;
                 }
@@ -675,7 +705,9 @@ impl Link {
                 // The agent loop has ended: a command left unacknowledged is delivered
                 // again by the broker at the next connection.
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) if offline_sent => break,
+                Err(_) => {}
             }
         }
         let _ = self.client.try_disconnect();
@@ -693,6 +725,11 @@ struct Response {
     name: String,
     topic: Option<String>,
     correlation: Option<Bytes>,
+}
+
+/// Whether the MQTT client will take this as a topic to publish to.
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 65_535 && !t.contains(['+', '#', '\0'])
 }
 
 /// `{"historical":true,…}` from `{…}`: replayed records are marked so that dashboards

@@ -36,7 +36,7 @@ use crate::agent::{Control, Desired};
 use crate::config::{ConfigError, ConfigErrors, MqttConfig};
 use crate::telemetry::{Record, Sink, SinkError};
 use link::{Ev, Link, LinkSettings, Poller};
-use outbox::{Class, Outbox, OutboxConfig, OutboxStats};
+use outbox::{Class, DataLoss, Outbox, OutboxConfig, OutboxStats};
 
 /// The topics of one node (see `docs/mqtt.md`).
 #[derive(Debug, Clone)]
@@ -127,8 +127,15 @@ impl Shared {
     fn next_inc(&self) -> u64 {
         let inc = self.inc.fetch_add(1, Ordering::SeqCst) + 1;
         let tmp = self.inc_path.with_extension("tmp");
-        let write = std::fs::write(&tmp, inc.to_string())
-            .and_then(|()| std::fs::rename(&tmp, &self.inc_path));
+        let write = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, inc.to_string().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.inc_path)?;
+            // The rename itself is durable once the folder is synced.
+            let dir = self.inc_path.parent().unwrap_or(Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
+        })();
         if let Err(e) = write {
             error!(path = %self.inc_path.display(), error = %e, "cannot persist the incarnation counter; a restart may reuse it");
         }
@@ -383,9 +390,11 @@ impl Mqtt {
         std::fs::create_dir_all(&s.state_dir).map_err(state_err(&s.state_dir))?;
         let inc_path = s.state_dir.join("inc");
         let inc = match std::fs::read_to_string(&inc_path) {
+            // Unreadable: go on from the wall clock in ms, above any count this node can
+            // have reached, so that `inc` never goes back.
             Ok(t) => t.trim().parse().unwrap_or_else(|_| {
-                warn!(path = %inc_path.display(), "the incarnation file is unreadable; starting again from 0");
-                0
+                warn!(path = %inc_path.display(), "the incarnation file is unreadable; going on from the clock");
+                wall_ms()
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(state_err(&inc_path)(e)),
@@ -486,7 +495,7 @@ impl Mqtt {
             }
             .run(),
         );
-        let sink = MqttSink { shared: shared.clone() };
+        let sink = MqttSink { shared: shared.clone(), loss: None, loss_reported_ms: None };
         Ok(Started { mqtt: Mqtt { stop, shared }, sink, control, changed, desired })
     }
 
@@ -523,11 +532,61 @@ fn current_stats(shared: &Shared) -> MqttStats {
 /// message per event, each tick, synced to disk together.
 pub struct MqttSink {
     shared: Arc<Shared>,
+    /// Drops not reported yet, and when the last report was (record clock, ms).
+    loss: Option<DataLoss>,
+    loss_reported_ms: Option<u64>,
+}
+
+/// At most one `data-loss` event per this long.
+const LOSS_EVENT_MS: u64 = 60_000;
+
+impl MqttSink {
+    fn report_loss(
+        &mut self,
+        outbox: &mut Outbox,
+        node: &str,
+        ts_ms: u64,
+        inc: u64,
+    ) -> Result<(), outbox::OutboxError> {
+        let Some(loss) = self.loss.take() else { return Ok(()) };
+        let v = json!({
+            "kind": "data-loss", "node": node, "ts_ms": ts_ms, "inc": inc, "seq": outbox.next_seq(),
+            "first_seq": loss.first_seq, "last_seq": loss.last_seq, "records": loss.records, "bytes": loss.bytes,
+            "reason": loss.reason,
+        });
+        outbox.append(
+            Class::Critical,
+            ts_ms,
+            &self.shared.topics.event("data-loss"),
+            None,
+            v.to_string().as_bytes(),
+        )?;
+        self.loss_reported_ms = Some(ts_ms);
+        Ok(())
+    }
 }
 
 impl Sink for MqttSink {
+    /// Report drops not reported yet, before the link's last drain.
+    fn close(&mut self) {
+        if self.loss.is_none() {
+            return;
+        }
+        let sh = self.shared.clone();
+        let mut outbox = sh.outbox.lock().expect("outbox");
+        let r = self
+            .report_loss(&mut outbox, &sh.topics.node, wall_ms(), sh.inc())
+            .and_then(|()| outbox.flush());
+        if let Err(e) = r {
+            error!(error = %e, "cannot write the last data-loss event");
+        }
+        drop(outbox);
+        sh.notify.notify_one();
+    }
+
     fn emit(&mut self, record: &Record<'_>) -> Result<(), SinkError> {
-        let sh = &self.shared;
+        let sh = self.shared.clone();
+        let sh = &*sh;
         let stats = current_stats(sh);
         let inc = sh.inc();
         let mut outbox = sh.outbox.lock().expect("outbox");
@@ -571,20 +630,23 @@ impl Sink for MqttSink {
                 reason = loss.reason,
                 "outbox full: oldest telemetry dropped"
             );
-            let v = json!({
-                "kind": "data-loss", "node": record.node, "ts_ms": record.ts_ms, "inc": inc, "seq": outbox.next_seq(),
-                "first_seq": loss.first_seq, "last_seq": loss.last_seq, "records": loss.records, "bytes": loss.bytes,
-                "reason": loss.reason,
+            self.loss = Some(match self.loss.take() {
+                None => loss,
+                Some(acc) => DataLoss {
+                    first_seq: acc.first_seq.min(loss.first_seq),
+                    last_seq: acc.last_seq.max(loss.last_seq),
+                    records: acc.records + loss.records,
+                    bytes: acc.bytes + loss.bytes,
+                    reason: loss.reason,
+                },
             });
-            outbox
-                .append(
-                    Class::Critical,
-                    record.ts_ms,
-                    &sh.topics.event("data-loss"),
-                    None,
-                    v.to_string().as_bytes(),
-                )
-                .map_err(io)?;
+        }
+        // One data-loss event per minute at most, covering every drop since the last:
+        // at the bound, a drop happens every tick, and each event is kept (critical).
+        let due =
+            self.loss_reported_ms.is_none_or(|t| record.ts_ms.saturating_sub(t) >= LOSS_EVENT_MS);
+        if due && self.loss.is_some() {
+            self.report_loss(&mut outbox, record.node, record.ts_ms, inc).map_err(io)?;
         }
         outbox.flush().map_err(io)?;
         drop(outbox);

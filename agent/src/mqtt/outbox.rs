@@ -296,7 +296,11 @@ impl Outbox {
         frame: &[u8],
     ) -> Result<(), OutboxError> {
         let path = segment_path(&self.cfg.dir, self.active_id);
-        self.active.write_all(frame).map_err(io_err(&path))?;
+        if let Err(e) = self.active.write_all(frame) {
+            // A partial frame (disk full) would shift every later record: cut it off.
+            let _ = self.active.set_len(self.segments[&self.active_id].bytes);
+            return Err(io_err(&path)(e));
+        }
         let seg = self.segments.get_mut(&self.active_id).expect("active segment");
         let loc = Loc {
             segment: self.active_id,
@@ -448,7 +452,11 @@ impl Outbox {
         }
         touched.dedup();
         for id in touched {
-            self.compact(id)?;
+            // The loss is reported whatever happens here; a segment left uncompacted
+            // only costs disk until its events are sent.
+            if let Err(e) = self.compact(id) {
+                warn!(error = %e, "cannot compact an outbox segment");
+            }
         }
         if loss.is_some() {
             self.dirty = true;
@@ -457,7 +465,9 @@ impl Outbox {
     }
 
     /// Move the pending critical records of a segment without pending telemetry into
-    /// the active segment, and delete it.
+    /// the active segment, and delete it. The copies are written and synced before the
+    /// originals are let go, so that a crash or a failed write loses nothing (at worst a
+    /// record exists twice on disk, which `open` handles).
     fn compact(&mut self, id: u64) -> Result<(), OutboxError> {
         let Some(seg) = self.segments.get(&id) else { return Ok(()) };
         if id == self.active_id || seg.telemetry > 0 || seg.critical == 0 {
@@ -465,9 +475,9 @@ impl Outbox {
         }
         let seqs: Vec<u64> =
             self.index.iter().filter(|(_, l)| l.segment == id).map(|(s, _)| *s).collect();
+        let mut copies = Vec::with_capacity(seqs.len());
         for seq in seqs {
             let msg = self.read(seq)?.expect("pending");
-            self.remove(seq);
             let frame = encode(
                 seq,
                 msg.class,
@@ -476,9 +486,34 @@ impl Outbox {
                 msg.correlation.as_deref(),
                 &msg.payload,
             );
-            self.write_frame(seq, msg.class, msg.ts_ms, &frame)?;
+            copies.push((seq, msg.class, msg.ts_ms, frame));
         }
-        self.flush()
+        let active = segment_path(&self.cfg.dir, self.active_id);
+        let start = self.segments[&self.active_id].bytes;
+        let mut bytes = Vec::new();
+        for (_, _, _, frame) in &copies {
+            bytes.extend_from_slice(frame);
+        }
+        if let Err(e) = self.active.write_all(&bytes) {
+            let _ = self.active.set_len(start);
+            return Err(io_err(&active)(e));
+        }
+        self.flush()?;
+        let mut offset = start;
+        for (seq, class, ts_ms, frame) in copies {
+            self.remove(seq);
+            let seg = self.segments.get_mut(&self.active_id).expect("active segment");
+            match class {
+                Class::Critical => seg.critical += 1,
+                Class::Telemetry => seg.telemetry += 1,
+            }
+            let len = frame.len() as u32;
+            self.index.insert(seq, Loc { segment: self.active_id, offset, len, class, ts_ms });
+            self.pending_bytes += u64::from(len);
+            offset += u64::from(len);
+        }
+        self.segments.get_mut(&self.active_id).expect("active segment").bytes = offset;
+        Ok(())
     }
 
     pub fn stats(&self) -> OutboxStats {

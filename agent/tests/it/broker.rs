@@ -292,6 +292,7 @@ impl AgentThread {
                         let _ = stop_rx.await;
                     })
                     .await;
+                agent.stop();
                 if let Some(m) = mqtt {
                     m.stop().await;
                 }

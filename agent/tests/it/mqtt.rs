@@ -229,7 +229,9 @@ fn the_outbox_bound_drops_oldest_telemetry_and_says_so() {
             m.topic.ends_with("/telemetry") && m.json()["mqtt"]["dropped"].as_u64() > Some(0)
         })
     });
+    let from = c.got.len();
     agent.stop();
+    c.next_on(from, "gpulet/v1/n1/status", |v| v["state"] == "offline");
     let loss = c.on("/events/data-loss").remove(0);
     assert_eq!(loss["reason"], "max_bytes");
     assert!(
@@ -373,9 +375,17 @@ fn malformed_commands_are_rejected_with_a_reason_and_nothing_else() {
         .find(|m| m.topic == "ops/replies" && m.text().contains("succeeded"))
         .unwrap();
     assert_eq!(reply.correlation.as_deref(), Some(&b"corr-1"[..]));
+    // A response topic the client cannot publish to (a wildcard) is ignored: the result
+    // goes to cmd-result instead of being stuck in the outbox.
+    let from = c.got.len();
+    let props = PublishProperties { response_topic: Some("ops/#".into()), ..Default::default() };
+    c.publish("gpulet/v1/n1/cmd/ping", br#"{"id":"ok2"}"#, false, Some(props));
+    c.next_on(from, "gpulet/v1/n1/cmd-result/ping", |v| {
+        v["id"] == "ok2" && v["status"] == "succeeded"
+    });
     let t = c.next_on(c.got.len(), "gpulet/v1/n1/telemetry", |_| true);
     assert_eq!(t["mqtt"]["commands_rejected"].as_u64(), Some(cases.len() as u64));
-    assert_eq!(t["mqtt"]["commands_accepted"].as_u64(), Some(1));
+    assert_eq!(t["mqtt"]["commands_accepted"].as_u64(), Some(2));
     agent.stop();
     let statuses = c.on("/status");
     assert_eq!(statuses.iter().filter(|s| s["state"] == "online").count(), 1, "never disconnected");
