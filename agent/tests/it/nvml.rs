@@ -111,6 +111,15 @@ impl Running {
 }
 
 impl Running {
+    /// The next `n` records.
+    fn records(&mut self, n: usize) -> Vec<Value> {
+        let count = std::cell::Cell::new(0);
+        self.until(&format!("{n} records"), |_| {
+            count.set(count.get() + 1);
+            count.get() >= n
+        })
+    }
+
     /// SIGTERM, and the exit status.
     fn stop(mut self) -> std::process::ExitStatus {
         let ok =
@@ -196,13 +205,7 @@ fn no_permission_to_set_is_reported_once_and_monitoring_goes_on() {
     node(dir.path());
     control(dir.path(), "deny-set");
     let mut agent = Running::start(dir.path(), BUDGET);
-    let records = agent.until("20 records", {
-        let n = std::cell::Cell::new(0);
-        move |_| {
-            n.set(n.get() + 1);
-            n.get() >= 20
-        }
-    });
+    let records = agent.records(20);
     let failed = events(&records, "limit-failed");
     assert_eq!(failed.len(), 2, "once per GPU, not every tick: {failed:?}");
     assert!(
@@ -280,13 +283,7 @@ fn energy_is_integrated_where_the_gpu_has_no_counter() {
     control(dir.path(), "unsupported 1 energy_j");
     let toml = "backend = \"nvml\"\ntick = \"50ms\"\n[nvml]\nstate_dir = \"state\"\n";
     let mut agent = Running::start(dir.path(), toml);
-    let recs = agent.until("20 records", {
-        let n = std::cell::Cell::new(0);
-        move |_| {
-            n.set(n.get() + 1);
-            n.get() >= 20
-        }
-    });
+    let recs = agent.records(20);
     let e1: Vec<f64> = recs.iter().map(|r| r["gpus"][1]["energy_j"].as_f64().unwrap()).collect();
     assert!(e1[0] < 1.0, "integrated from 0 when the backend opened: {}", e1[0]);
     assert!(e1.windows(2).all(|w| w[1] >= w[0]) && *e1.last().unwrap() > 0.0, "{e1:?}");
