@@ -245,11 +245,17 @@ fn the_outbox_bound_drops_oldest_telemetry_and_says_so() {
         .filter(|m| m.topic.contains("/telemetry") || m.topic.contains("/events/"))
         .map(|m| m.json()["seq"].as_u64().unwrap())
         .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    let received = seen.clone();
     for l in c.on("/events/data-loss") {
-        // Critical records inside a loss range were kept; count what is in it.
+        // Every seq in a loss range was received (critical records are kept) or is
+        // counted as dropped. (A record dropped while in flight can arrive all the same:
+        // the count may over-report, never under-report.)
         let (a, b) = (l["first_seq"].as_u64().unwrap(), l["last_seq"].as_u64().unwrap());
-        let kept = seen.iter().filter(|s| (a..=b).contains(*s)).count() as u64;
-        assert_eq!(kept + l["records"].as_u64().unwrap(), b - a + 1, "{l}");
+        let kept = received.iter().filter(|s| (a..=b).contains(*s)).count() as u64;
+        let size = b - a + 1;
+        assert!(kept + l["records"].as_u64().unwrap() >= size, "{l}");
         seen.extend(a..=b);
     }
     seen.sort_unstable();
