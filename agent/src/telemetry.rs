@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::gpu::{Health, Throttle, xid_info};
+use crate::gpu::{Ecc, GpuProcess, Health, RemappedRows, Throttle, xid_info};
 use crate::plugin::host::PluginMetric;
 use crate::snapshot::NodeSnapshot;
 
@@ -55,7 +55,12 @@ pub struct GpuRecord<'a> {
     pub mem_used_mib: Option<u64>,
     pub mem_total_mib: u64,
     pub sm_clock_mhz: Option<u32>,
+    pub mem_clock_mhz: Option<u32>,
     pub throttle: Option<Throttle>,
+    pub ecc: Option<Ecc>,
+    pub retired_pages: Option<u32>,
+    pub remapped_rows: Option<RemappedRows>,
+    pub processes: Option<&'a [GpuProcess]>,
     pub health: Health,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<&'static str, String>,
@@ -96,7 +101,12 @@ impl<'a> Record<'a> {
                 mem_used_mib: s.mem_used_mib.value(),
                 mem_total_mib: info.memory_total_mib,
                 sm_clock_mhz: s.sm_clock_mhz.value(),
+                mem_clock_mhz: s.mem_clock_mhz.value(),
                 throttle: s.throttle.value(),
+                ecc: s.ecc.value(),
+                retired_pages: s.retired_pages.value(),
+                remapped_rows: s.remapped_rows.value(),
+                processes: s.processes.as_ref().map(Vec::as_slice),
                 health: s.health,
                 errors: s.errors().into_iter().map(|(f, e)| (f.name(), e.to_string())).collect(),
             })

@@ -32,7 +32,8 @@ use gpulet::gpu::sim::{Fault, SimNode};
 use gpulet::gpu::{GpuInfo, GpuSample, Health, Reading};
 use nvml_wrapper_sys::bindings::{
     nvmlDevice_t, nvmlEventData_t, nvmlEventSet_t, nvmlEventTypeXidCriticalError as XID_EVENT,
-    nvmlMemory_v2_t, nvmlPciInfo_t, nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST as GPU_IS_LOST,
+    nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_t,
+    nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST as GPU_IS_LOST,
     nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE as INSUFFICIENT_SIZE,
     nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT as INVALID_ARGUMENT,
     nvmlReturn_enum_NVML_ERROR_NO_PERMISSION as NO_PERMISSION,
@@ -562,12 +563,143 @@ pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
     if clock.is_null() {
         return INVALID_ARGUMENT;
     }
-    // NVML_CLOCK_SM = 1 is the one the simulator has.
-    if kind != 1 {
-        return NOT_SUPPORTED;
+    // NVML_CLOCK_SM = 1 and NVML_CLOCK_MEM = 2 are the ones the simulator has.
+    fn sm(x: &GpuSample) -> &Reading<u32> {
+        &x.sm_clock_mhz
+    }
+    fn mem(x: &GpuSample) -> &Reading<u32> {
+        &x.mem_clock_mhz
+    }
+    let get = match kind {
+        1 => sm,
+        2 => mem,
+        _ => return NOT_SUPPORTED,
+    };
+    // SAFETY: non-null, the caller's value.
+    with(|s| field(s, device, get, |mhz| unsafe { *clock = mhz }))
+}
+
+/// # Safety
+/// `count` must point to an unsigned long long.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
+    device: nvmlDevice_t,
+    error_type: c_uint,
+    _counter_type: c_uint,
+    count: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    if count.is_null() || error_type > 1 {
+        return INVALID_ARGUMENT;
+    }
+    // NVML_MEMORY_ERROR_TYPE_CORRECTED = 0, _UNCORRECTED = 1. Only volatile counts are
+    // simulated; the aggregate ones read the same.
+    with(|s| {
+        field(
+            s,
+            device,
+            |x| &x.ecc,
+            // SAFETY: non-null, the caller's value.
+            |e| unsafe { *count = if error_type == 0 { e.corrected } else { e.uncorrected } },
+        )
+    })
+}
+
+/// # Safety
+/// `count` must point to an unsigned int. No page is ever retired in the simulator.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
+    device: nvmlDevice_t,
+    _cause: c_uint,
+    count: *mut c_uint,
+    _addresses: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    if count.is_null() {
+        return INVALID_ARGUMENT;
     }
     // SAFETY: non-null, the caller's value.
-    with(|s| field(s, device, |x| &x.sm_clock_mhz, |mhz| unsafe { *clock = mhz }))
+    with(|s| field(s, device, |x| &x.retired_pages, |_| unsafe { *count = 0 }))
+}
+
+/// # Safety
+/// Each pointer must point to an unsigned int.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
+    device: nvmlDevice_t,
+    corr: *mut c_uint,
+    unc: *mut c_uint,
+    pending: *mut c_uint,
+    failed: *mut c_uint,
+) -> nvmlReturn_t {
+    if corr.is_null() || unc.is_null() || pending.is_null() || failed.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with(|s| {
+        field(
+            s,
+            device,
+            |x| &x.remapped_rows,
+            |r| {
+                // SAFETY: non-null, the caller's values.
+                unsafe {
+                    *corr = r.correctable;
+                    *unc = r.uncorrectable;
+                    *pending = c_uint::from(r.pending);
+                    *failed = c_uint::from(r.failed);
+                }
+            },
+        )
+    })
+}
+
+/// # Safety
+/// `count` must point to an unsigned int, and `infos` (unless null) to `*count`
+/// process records.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with(|s| {
+        let Some(sample) = s.sample(index(device)) else { return INVALID_ARGUMENT };
+        let procs = match &sample.processes {
+            _ if sample.health == Health::Lost => return GPU_IS_LOST,
+            Reading::Value(p) => p,
+            Reading::Unsupported => return NOT_SUPPORTED,
+            Reading::Failed(_) => return UNKNOWN,
+        };
+        // SAFETY: non-null, the caller's value.
+        let room = unsafe { std::mem::replace(&mut *count, procs.len() as c_uint) };
+        if (room as usize) < procs.len() || (infos.is_null() && !procs.is_empty()) {
+            return INSUFFICIENT_SIZE;
+        }
+        for (i, p) in procs.iter().enumerate() {
+            let info = nvmlProcessInfo_t {
+                pid: p.pid,
+                usedGpuMemory: p.used_mib.map_or(c_ulonglong::MAX, |m| m << 20),
+                gpuInstanceId: c_uint::MAX,
+                computeInstanceId: c_uint::MAX,
+            };
+            // SAFETY: the caller said `infos` holds `room` records; i < procs.len() <= room.
+            unsafe { *infos.add(i) = info };
+        }
+        SUCCESS
+    })
+}
+
+/// # Safety
+/// `count` must point to an unsigned int. The simulated GPUs run no graphics.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    _device: nvmlDevice_t,
+    count: *mut c_uint,
+    _infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
+    out!(count, 0);
+    SUCCESS
 }
 
 /// # Safety

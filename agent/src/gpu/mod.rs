@@ -75,10 +75,15 @@ pub enum Field {
     SmClockMhz,
     PowerLimitW,
     Throttle,
+    MemClockMhz,
+    Ecc,
+    RetiredPages,
+    RemappedRows,
+    Processes,
 }
 
 impl Field {
-    pub const ALL: [Field; 8] = [
+    pub const ALL: [Field; 13] = [
         Field::PowerW,
         Field::EnergyJ,
         Field::TempC,
@@ -87,6 +92,11 @@ impl Field {
         Field::SmClockMhz,
         Field::PowerLimitW,
         Field::Throttle,
+        Field::MemClockMhz,
+        Field::Ecc,
+        Field::RetiredPages,
+        Field::RemappedRows,
+        Field::Processes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +109,11 @@ impl Field {
             Field::SmClockMhz => "sm_clock_mhz",
             Field::PowerLimitW => "power_limit_w",
             Field::Throttle => "throttle",
+            Field::MemClockMhz => "mem_clock_mhz",
+            Field::Ecc => "ecc",
+            Field::RetiredPages => "retired_pages",
+            Field::RemappedRows => "remapped_rows",
+            Field::Processes => "processes",
         }
     }
 
@@ -157,9 +172,24 @@ pub enum Reading<T> {
 
 impl<T: Copy> Reading<T> {
     pub fn value(&self) -> Option<T> {
+        self.as_ref().copied()
+    }
+}
+
+impl<T> Reading<T> {
+    pub fn as_ref(&self) -> Option<&T> {
         match self {
-            Reading::Value(v) => Some(*v),
+            Reading::Value(v) => Some(v),
             _ => None,
+        }
+    }
+
+    /// The same reading in another unit or type.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Reading<U> {
+        match self {
+            Reading::Value(v) => Reading::Value(f(v)),
+            Reading::Unsupported => Reading::Unsupported,
+            Reading::Failed(e) => Reading::Failed(e),
         }
     }
 }
@@ -212,6 +242,37 @@ impl Serialize for Throttle {
     }
 }
 
+/// ECC error counts since the driver loaded (NVML's volatile counters), summed over
+/// every memory location.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Ecc {
+    /// Single-bit errors, corrected in hardware. A steady rise foretells failure.
+    pub corrected: u64,
+    /// Double-bit errors: the data was lost; the job that owned it is suspect.
+    pub uncorrected: u64,
+}
+
+/// Row remapping (Ampere and later): memory rows replaced by spares after errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct RemappedRows {
+    /// Rows remapped after correctable errors.
+    pub correctable: u32,
+    /// Rows remapped after uncorrectable errors.
+    pub uncorrectable: u32,
+    /// A remapping waits for the GPU to be reset.
+    pub pending: bool,
+    /// A remapping failed (no spare row left): the GPU should be replaced.
+    pub failed: bool,
+}
+
+/// A process using a GPU (compute or graphics context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// GPU memory it holds; absent where the driver does not say (MIG, WDDM).
+    pub used_mib: Option<u64>,
+}
+
 /// A GPU's health as the backend sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -237,6 +298,12 @@ pub struct GpuSample {
     /// The limit the GPU actually enforces (not merely the one last requested).
     pub power_limit_w: Reading<f64>,
     pub throttle: Reading<Throttle>,
+    pub mem_clock_mhz: Reading<u32>,
+    pub ecc: Reading<Ecc>,
+    /// Pages retired after ECC errors (before Ampere; later GPUs remap rows instead).
+    pub retired_pages: Reading<u32>,
+    pub remapped_rows: Reading<RemappedRows>,
+    pub processes: Reading<Vec<GpuProcess>>,
     pub health: Health,
 }
 
@@ -253,6 +320,11 @@ impl GpuSample {
             sm_clock_mhz: Reading::Failed(err.clone()),
             power_limit_w: Reading::Failed(err.clone()),
             throttle: Reading::Failed(err.clone()),
+            mem_clock_mhz: Reading::Failed(err.clone()),
+            ecc: Reading::Failed(err.clone()),
+            retired_pages: Reading::Failed(err.clone()),
+            remapped_rows: Reading::Failed(err.clone()),
+            processes: Reading::Failed(err.clone()),
             health: Health::Lost,
         }
     }
@@ -274,6 +346,11 @@ impl GpuSample {
             e(Field::SmClockMhz, &self.sm_clock_mhz),
             e(Field::PowerLimitW, &self.power_limit_w),
             e(Field::Throttle, &self.throttle),
+            e(Field::MemClockMhz, &self.mem_clock_mhz),
+            e(Field::Ecc, &self.ecc),
+            e(Field::RetiredPages, &self.retired_pages),
+            e(Field::RemappedRows, &self.remapped_rows),
+            e(Field::Processes, &self.processes),
         ]
         .into_iter()
         .flatten()

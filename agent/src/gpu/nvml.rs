@@ -18,16 +18,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{
+    Clock, EccCounter, MemoryError, RetirementCause, TemperatureSensor,
+};
+use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{Device, Nvml};
 use tracing::warn;
 
 use super::{
-    Driver, Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, PowerConstraints,
-    Reading, Throttle, XidEvent,
+    Driver, Ecc, Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuProcess, GpuSample, Health,
+    PowerConstraints, Reading, RemappedRows, Throttle, XidEvent,
 };
 
 /// Where the library is looked for when neither the config nor the environment says.
@@ -231,9 +234,8 @@ fn watch_xids(nvml: &Nvml, gpus: u32, tx: &mpsc::Sender<XidEvent>, stop: &Atomic
     }
 }
 
-/// Read one field: a value, unsupported, or failed.
-fn probe(dev: &nvml_wrapper::Device<'_>, f: Field) -> Reading<f64> {
-    let gpu = dev.index().unwrap_or(u32::MAX);
+/// Read one numeric field: a value, unsupported, or failed.
+fn probe(dev: &Device<'_>, f: Field) -> Reading<f64> {
     let r: Result<f64, NvmlError> = match f {
         Field::PowerW => dev.power_usage().map(|mw| f64::from(mw) / 1000.0),
         Field::EnergyJ => dev.total_energy_consumption().map(|mj| mj as f64 / 1000.0),
@@ -241,14 +243,97 @@ fn probe(dev: &nvml_wrapper::Device<'_>, f: Field) -> Reading<f64> {
         Field::UtilPct => dev.utilization_rates().map(|u| f64::from(u.gpu)),
         Field::MemUsedMib => dev.memory_info().map(|m| (m.used >> 20) as f64),
         Field::SmClockMhz => dev.clock_info(Clock::SM).map(f64::from),
+        Field::MemClockMhz => dev.clock_info(Clock::Memory).map(f64::from),
         Field::PowerLimitW => dev.enforced_power_limit().map(|mw| f64::from(mw) / 1000.0),
         Field::Throttle => dev.current_throttle_reasons().map(|t| t.bits() as f64),
+        Field::Ecc => return read_ecc(dev).map(|e| e.uncorrected as f64),
+        Field::RetiredPages => return read_retired_pages(dev).map(f64::from),
+        Field::RemappedRows => return read_remapped_rows(dev).map(|r| f64::from(r.uncorrectable)),
+        Field::Processes => return read_processes(dev).map(|p| p.len() as f64),
     };
+    reading(dev, f, r)
+}
+
+fn reading<T>(dev: &Device<'_>, f: Field, r: Result<T, NvmlError>) -> Reading<T> {
     match r {
         Ok(v) => Reading::Value(v),
-        Err(NvmlError::NotSupported) => Reading::Unsupported,
-        Err(e) => Reading::Failed(gpu_error(gpu, f.name(), e)),
+        // An older driver without the function: the same as a GPU without the field.
+        Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => Reading::Unsupported,
+        Err(e) => Reading::Failed(gpu_error(dev.index().unwrap_or(u32::MAX), f.name(), e)),
     }
+}
+
+fn read_ecc(dev: &Device<'_>) -> Reading<Ecc> {
+    let count = |kind| dev.total_ecc_errors(kind, EccCounter::Volatile);
+    let r = count(MemoryError::Corrected)
+        .and_then(|corrected| Ok(Ecc { corrected, uncorrected: count(MemoryError::Uncorrected)? }));
+    reading(dev, Field::Ecc, r)
+}
+
+fn read_retired_pages(dev: &Device<'_>) -> Reading<u32> {
+    let count = |cause| dev.retired_pages(cause).map(|p| p.len() as u32);
+    let r = count(RetirementCause::MultipleSingleBitEccErrors)
+        .and_then(|single| Ok(single + count(RetirementCause::DoubleBitEccError)?));
+    reading(dev, Field::RetiredPages, r)
+}
+
+/// nvml-wrapper 0.13 has no safe call for `nvmlDeviceGetRemappedRows`: the one raw NVML
+/// call in the agent.
+#[allow(unsafe_code)]
+fn read_remapped_rows(dev: &Device<'_>) -> Reading<RemappedRows> {
+    let r =
+        (|| {
+            let sym =
+                dev.nvml().lib().nvmlDeviceGetRemappedRows.as_ref().map_err(|_| {
+                    NvmlError::FailedToLoadSymbol("nvmlDeviceGetRemappedRows".into())
+                })?;
+            let (mut corr, mut unc, mut pending, mut failed) = (0, 0, 0, 0);
+            // SAFETY: the handle belongs to the live `Nvml` that `dev` borrows, and the four
+            // pointers are to locals of the unsigned-int type NVML writes.
+            let ret = unsafe { sym(dev.handle(), &mut corr, &mut unc, &mut pending, &mut failed) };
+            nvml_wrapper::error::nvml_try(ret)?;
+            Ok(RemappedRows {
+                correctable: corr,
+                uncorrectable: unc,
+                pending: pending != 0,
+                failed: failed != 0,
+            })
+        })();
+    reading(dev, Field::RemappedRows, r)
+}
+
+/// A field read by its own function, where the GPU has it.
+fn typed<T>(
+    info: &GpuInfo,
+    dev: &Device<'_>,
+    f: Field,
+    get: fn(&Device<'_>) -> Reading<T>,
+) -> Reading<T> {
+    if info.fields.contains(f) { get(dev) } else { Reading::Unsupported }
+}
+
+/// Compute and graphics processes, one entry per process (a process with both kinds of
+/// context is listed by both calls).
+fn read_processes(dev: &Device<'_>) -> Reading<Vec<GpuProcess>> {
+    let r = dev.running_compute_processes().and_then(|mut all| {
+        match dev.running_graphics_processes() {
+            Ok(g) => all.extend(g),
+            // Data-centre GPUs without a display engine do not list graphics processes.
+            Err(NvmlError::NotSupported) => {}
+            Err(e) => return Err(e),
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        for p in all {
+            let used = match p.used_gpu_memory {
+                UsedGpuMemory::Used(b) => Some(b >> 20),
+                UsedGpuMemory::Unavailable => None,
+            };
+            let e = seen.entry(p.pid).or_insert(None);
+            *e = (*e).max(used);
+        }
+        Ok(seen.into_iter().map(|(pid, used_mib)| GpuProcess { pid, used_mib }).collect())
+    });
+    reading(dev, Field::Processes, r)
 }
 
 impl GpuBackend for NvmlBackend {
@@ -287,10 +372,15 @@ impl GpuBackend for NvmlBackend {
                 energy_j,
                 temp_c: read(Field::TempC),
                 util_pct: read(Field::UtilPct),
-                mem_used_mib: convert(read(Field::MemUsedMib), |v| v as u64),
-                sm_clock_mhz: convert(read(Field::SmClockMhz), |v| v as u32),
+                mem_used_mib: read(Field::MemUsedMib).map(|v| v as u64),
+                sm_clock_mhz: read(Field::SmClockMhz).map(|v| v as u32),
                 power_limit_w: read(Field::PowerLimitW),
-                throttle: convert(read(Field::Throttle), |v| Throttle(v as u64)),
+                throttle: read(Field::Throttle).map(|v| Throttle(v as u64)),
+                mem_clock_mhz: read(Field::MemClockMhz).map(|v| v as u32),
+                ecc: typed(info, &dev, Field::Ecc, read_ecc),
+                retired_pages: typed(info, &dev, Field::RetiredPages, read_retired_pages),
+                remapped_rows: typed(info, &dev, Field::RemappedRows, read_remapped_rows),
+                processes: typed(info, &dev, Field::Processes, read_processes),
                 health: self.health[i as usize],
             };
             // A GPU that stops answering mid-sample is lost as a whole.
@@ -363,15 +453,5 @@ impl Integrator {
         }
         self.last = Some((at, power_w));
         self.joules
-    }
-}
-
-/// A reading in another unit or type (probe reads every field as f64: NVML's values
-/// are integers far below 2^53, so nothing is lost).
-fn convert<T>(r: Reading<f64>, f: impl Fn(f64) -> T) -> Reading<T> {
-    match r {
-        Reading::Value(v) => Reading::Value(f(v)),
-        Reading::Unsupported => Reading::Unsupported,
-        Reading::Failed(e) => Reading::Failed(e),
     }
 }

@@ -61,7 +61,10 @@ fn inventory_through_nvml() {
     );
     assert!(gpus[0]["uuid"].as_str().unwrap().starts_with("GPU-"));
     assert!(gpus[0]["memory_total_mib"].as_u64().unwrap() > 80_000);
-    assert_eq!(gpus[0]["fields"].as_array().unwrap().len(), 8, "every field probed and supported");
+    // Every field probed: all supported but retired pages (Hopper remaps rows instead).
+    let fields = gpus[0]["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), 12, "{fields:?}");
+    assert!(!fields.iter().any(|f| f == "retired_pages") && fields.iter().any(|f| f == "ecc"));
     assert_eq!(gpus[0]["can_set_power_limit"], true);
     assert_eq!(
         (gpus[1]["pci_bus_id"].as_str(), gpus[1]["mig_enabled"].as_bool()),
@@ -168,6 +171,12 @@ fn the_agent_runs_on_nvml_sets_limits_and_survives_a_lost_gpu() {
     assert_eq!(set.lines().count(), 2, "{set}");
     let later = agent.until("the enforced limits", |r| r["gpus"][0]["power_limit_w"] == 250.0);
     assert!(later.last().unwrap()["gpus"][1]["power_limit_w"] == 250.0);
+    // The busy GPU's process, through nvmlDeviceGetComputeRunningProcesses_v3.
+    let busy = agent.until("a process on GPU 0", |r| {
+        r["gpus"][0]["processes"].as_array().is_some_and(|p| !p.is_empty())
+    });
+    let g0 = &busy.last().unwrap()["gpus"][0];
+    assert_eq!(g0["processes"], serde_json::json!([{"pid": 4000, "used_mib": g0["mem_used_mib"]}]));
 
     // Someone runs `nvidia-smi -pl 300` on GPU 0: the drift is reported once, and the
     // desired limit put back.
@@ -263,7 +272,22 @@ fn xid_events_arrive_through_the_event_api() {
     );
     assert_eq!(x["severity"], "critical");
     let recs = agent.until("GPU 1 degraded", |r| r["gpus"][1]["health"] == "degraded");
-    assert_eq!(recs.last().unwrap()["gpus"][0]["health"], "ok");
+    let last = recs.last().unwrap();
+    assert_eq!(last["gpus"][0]["health"], "ok");
+    // The double-bit error behind XID 48 is in GPU 1's ECC count and a pending row
+    // remapping, read through nvmlDeviceGetTotalEccErrors and nvmlDeviceGetRemappedRows.
+    let (g0, g1) = (&last["gpus"][0], &last["gpus"][1]);
+    assert_eq!(g1["ecc"], serde_json::json!({"corrected": 0, "uncorrected": 1}));
+    assert_eq!(
+        g1["remapped_rows"],
+        serde_json::json!({"correctable": 0, "uncorrectable": 1, "pending": true, "failed": false})
+    );
+    assert_eq!(
+        (g0["ecc"]["uncorrected"].as_u64(), g0["remapped_rows"]["pending"].as_bool()),
+        (Some(0), Some(false))
+    );
+    assert!(g0["retired_pages"].is_null(), "unsupported on this SKU: {g0}");
+    assert_eq!(g0["mem_clock_mhz"].as_u64(), Some(9001), "{g0}");
     // A repeat within the debounce window (10 s by default) is not reported again.
     control(dir.path(), "xid 1 48");
     control(dir.path(), "xid 0 31");

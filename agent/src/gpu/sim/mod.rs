@@ -21,7 +21,10 @@ use rand_chacha::ChaCha8Rng;
 
 use self::model::{GpuPhysics, Preset};
 use self::workload::{Demand, TraceReplay, Workload, WorkloadKind};
-use super::{Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuSample, Health, Reading, XidEvent};
+use super::{
+    Ecc, Field, FieldSet, GpuBackend, GpuError, GpuInfo, GpuProcess, GpuSample, Health, Reading,
+    RemappedRows, XidEvent,
+};
 use crate::clock::Clock;
 
 /// The real 8× H100 GPT training trace (see `examples/traces/README.md`), built in so that
@@ -81,6 +84,8 @@ struct SimGpu {
     lost: bool,
     failing: FieldSet,
     degraded: bool,
+    ecc: Ecc,
+    remapped: RemappedRows,
 }
 
 /// A simulated node: GPUs, simulated time, pending events and scheduled faults.
@@ -117,7 +122,8 @@ impl SimNode {
                     name: spec.preset.name.to_owned(),
                     memory_total_mib: spec.preset.memory_total_mib,
                     power_limit: spec.preset.power,
-                    fields: FieldSet::ALL,
+                    // Hopper, Ampere and Ada remap rows; page retirement is older.
+                    fields: FieldSet::ALL.without(Field::RetiredPages),
                     can_set_power_limit: true,
                     pci_bus_id: Some(format!("00000000:{:02X}:00.0", 0x18 + index)),
                     mig_enabled: None,
@@ -131,6 +137,8 @@ impl SimNode {
                     lost: false,
                     failing: FieldSet::NONE,
                     degraded: false,
+                    ecc: Ecc::default(),
+                    remapped: RemappedRows::default(),
                 }
             })
             .collect();
@@ -221,12 +229,24 @@ impl SimNode {
                 if super::xid_degrades(code) {
                     g.degraded = true;
                 }
+                // The memory errors behind the ECC codes show in the counters too.
+                match code {
+                    48 | 94 | 95 => {
+                        g.ecc.uncorrected += 1;
+                        g.remapped.uncorrectable += 1;
+                        g.remapped.pending = true;
+                    }
+                    92 => g.ecc.corrected += 1,
+                    _ => {}
+                }
                 self.events.push(XidEvent { gpu, code, at_ms });
             }
             Fault::Clear => {
                 g.lost = false;
                 g.failing = FieldSet::NONE;
                 g.degraded = false;
+                // As a reset does: a pending row remapping is done.
+                g.remapped.pending = false;
             }
         }
     }
@@ -295,6 +315,21 @@ impl SimGpu {
             sm_clock_mhz: self.read(Field::SmClockMhz, p.sm_clock_mhz()),
             power_limit_w: read(Field::PowerLimitW, p.limit_w),
             throttle: self.read(Field::Throttle, p.throttle),
+            mem_clock_mhz: self.read(Field::MemClockMhz, p.preset.mem_clock_mhz),
+            ecc: self.read(Field::Ecc, self.ecc),
+            retired_pages: self.read(Field::RetiredPages, 0),
+            remapped_rows: self.read(Field::RemappedRows, self.remapped),
+            // A busy GPU has its job's process on it.
+            processes: self.read(
+                Field::Processes,
+                (p.demand.util_pct > 0.0)
+                    .then(|| GpuProcess {
+                        pid: 4000 + index,
+                        used_mib: Some(p.demand.mem_used_mib),
+                    })
+                    .into_iter()
+                    .collect(),
+            ),
             health: if self.degraded { Health::Degraded } else { Health::Ok },
         }
     }

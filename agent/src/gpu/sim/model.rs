@@ -52,6 +52,8 @@ pub struct Preset {
     pub dyn_w: f64,
     pub max_clock_mhz: u32,
     pub min_clock_mhz: u32,
+    /// The memory clock (fixed: HBM and GDDR run at one clock under load).
+    pub mem_clock_mhz: u32,
     pub ambient_c: f64,
     /// Thermal resistance, °C per watt.
     pub r_th: f64,
@@ -70,6 +72,7 @@ pub const PRESETS: [Preset; 3] = [
         idle_w: 70.0,
         dyn_w: 640.0,
         max_clock_mhz: 1980,
+        mem_clock_mhz: 2619,
         min_clock_mhz: 345,
         ambient_c: 28.0,
         r_th: 0.075,
@@ -84,6 +87,7 @@ pub const PRESETS: [Preset; 3] = [
         idle_w: 55.0,
         dyn_w: 360.0,
         max_clock_mhz: 1410,
+        mem_clock_mhz: 1215,
         min_clock_mhz: 210,
         ambient_c: 28.0,
         r_th: 0.12,
@@ -98,6 +102,7 @@ pub const PRESETS: [Preset; 3] = [
         idle_w: 35.0,
         dyn_w: 330.0,
         max_clock_mhz: 2520,
+        mem_clock_mhz: 9001,
         min_clock_mhz: 210,
         ambient_c: 28.0,
         r_th: 0.15,
