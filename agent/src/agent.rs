@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::calibrate::{Calibration, Curve};
 use crate::clock::{Clock, VirtualClock};
 use crate::gpu::{GpuBackend, GpuInfo, Health};
 use crate::guard::{Bounds, PowerGuard};
@@ -48,6 +49,8 @@ pub struct Parts {
     pub reload: Option<Reload>,
     /// Repeats of an XID (same GPU and code) within this are counted, not reported.
     pub xid_debounce: Duration,
+    /// The GPUs' work-per-watt curves, from `gpulet calibrate`.
+    pub calibration: Option<Calibration>,
 }
 
 /// Produces the current plugin list, or says why it cannot.
@@ -145,6 +148,9 @@ pub struct Agent {
     xid_counts: BTreeMap<(u32, u32), u64>,
     xid_last: std::collections::HashMap<(u32, u32), u64>,
     xid_debounce_ms: u64,
+    calibration: Option<Calibration>,
+    /// Each GPU's curve from `calibration`, matched by UUID.
+    curves: Arc<[Option<Arc<Curve>>]>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -182,6 +188,10 @@ impl Agent {
         let inventory: Arc<[GpuInfo]> = parts.backend.inventory().into();
         let n = inventory.len();
         let configured_budget_w = parts.guard.budget_w();
+        let curves = match &parts.calibration {
+            Some(c) => c.for_inventory(&inventory).into(),
+            None => vec![None; n].into(),
+        };
         Agent {
             node: parts.node,
             tick: parts.tick,
@@ -209,6 +219,8 @@ impl Agent {
             xid_last: Default::default(),
             xid_debounce_ms: parts.xid_debounce.as_millis() as u64,
             desired: Desired::default(),
+            calibration: parts.calibration,
+            curves,
         }
     }
 
@@ -276,6 +288,7 @@ impl Agent {
             samples,
             bounds: self.bounds.clone(),
             budget_w: self.guard.budget_w(),
+            curves: self.curves.clone(),
         };
 
         // 3. Decide, 4. check.
@@ -483,12 +496,17 @@ impl Agent {
             .inventory
             .iter()
             .zip(self.bounds.iter())
-            .map(|(g, b)| {
+            .zip(self.curves.iter())
+            .map(|((g, b), curve)| {
                 let mut v = serde_json::to_value(g).expect("inventory serialises");
                 v["bounds_w"] = json!({"min": b.lo, "max": b.hi});
+                v["curve"] = json!(curve.as_ref().map(|c| &c.points));
                 v
             })
             .collect();
+        let calibration = self.calibration.as_ref().map(|c| {
+            json!({"created_ms": c.created_ms, "backend": c.backend, "load": c.load, "unit": c.unit})
+        });
         let plugins: Vec<Value> = self
             .policy
             .status()
@@ -503,6 +521,7 @@ impl Agent {
             "driver": self.backend.driver(),
             "tick_ms": self.tick.as_millis() as u64,
             "gpus": gpus,
+            "calibration": calibration,
             "plugins": plugins,
         });
         let state = vec![

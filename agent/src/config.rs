@@ -64,6 +64,27 @@ pub struct Config {
     pub nvml: NvmlConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub calibration: CalibrationConfig,
+}
+
+/// `[calibration]`: where `gpulet calibrate` writes the work-per-watt curves and the
+/// agent reads them at start.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationConfig {
+    #[serde(default = "default_calibration_file")]
+    pub file: PathBuf,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        CalibrationConfig { file: default_calibration_file() }
+    }
+}
+
+fn default_calibration_file() -> PathBuf {
+    "/var/lib/gpulet/calibration.json".into()
 }
 
 /// `[health]`: how GPU health events are reported.

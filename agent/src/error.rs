@@ -17,6 +17,10 @@ pub enum Error {
     Plugin(#[from] PluginError),
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
+    Calibrate(#[from] crate::calibrate::CalibrateError),
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
     #[error("the plugin {0}")]
     PluginCall(String),
     #[error("{0}")]

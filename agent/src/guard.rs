@@ -324,6 +324,7 @@ mod tests {
             samples,
             bounds: vec![Bounds { lo: 200.0, hi: 700.0 }; limits.len()].into(),
             budget_w: None,
+            curves: vec![None; limits.len()].into(),
         }
     }
 

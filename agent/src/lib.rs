@@ -2,8 +2,10 @@
 //! through sandboxed policies and reports to the fleet. See `ARCHITECTURE.md` for the map.
 
 pub mod agent;
+pub mod calibrate;
 pub mod clock;
 pub mod config;
+pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod fleet_sim;

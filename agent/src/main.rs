@@ -4,14 +4,16 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use gpulet::agent::{Pacing, shutdown_signal};
-use gpulet::clock::SystemClock;
+use gpulet::calibrate::{self, SimLoad};
+use gpulet::clock::{Clock, SystemClock, VirtualClock};
 use gpulet::config::{BackendKind, Config, ConfigError, ConfigErrors, Loaded};
 use gpulet::error::Error;
 use gpulet::plugin::dry_run::{self, SnapshotFile};
-use gpulet::{demo, mqtt, setup};
+use gpulet::{cuda, demo, mqtt, setup};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -123,6 +125,42 @@ enum Command {
     /// Tools for plugin authors.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Measure each GPU's useful work per second at a range of power limits (a compute
+    /// kernel through CUDA on real GPUs) and write the curves to `[calibration] file`,
+    /// where the agent reads them. Sets power limits: run as root, with the GPUs idle;
+    /// the limits found are put back at the end. On the simulator it takes no real time.
+    Calibrate {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Override the config's backend.
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        /// Limits measured, from the maximum to the minimum (2 to 50).
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=50))]
+        steps: u32,
+        /// Time at each limit before measuring.
+        #[arg(long, default_value = "3s", value_name = "DURATION")]
+        warmup: humantime::Duration,
+        /// Time measured at each limit.
+        #[arg(long, default_value = "5s", value_name = "DURATION")]
+        measure: humantime::Duration,
+        /// Write here instead of `[calibration] file`.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print the calibration as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A quick health check of each GPU through CUDA: allocate, write and read back
+    /// 256 MiB, run a kernel and check its result against the CPU. Exit 0 if every GPU
+    /// passed, 1 otherwise.
+    Diag {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the GPUs the backend sees (the demo node without --config).
     Inventory {
         #[arg(long, value_name = "FILE")]
@@ -267,7 +305,7 @@ fn run(command: Command) -> Result<(), Error> {
                 None => None,
             };
             let tls = match &ca_file {
-                Some(p) => Some(std::sync::Arc::new(
+                Some(p) => Some(Arc::new(
                     mqtt::tls_config(Some(&read("--ca-file", p)?), None)
                         .map_err(|(_, e)| usage("--ca-file", e))?,
                 )),
@@ -410,14 +448,99 @@ fn run(command: Command) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Inventory { config, backend, json } => {
-            let mut loaded = match config {
-                Some(path) => Config::load(&path)?,
-                None => Loaded { config: demo::config(), base_dir: PathBuf::from(".") },
+        Command::Calibrate { config, backend, steps, warmup, measure, out, json } => {
+            let loaded = load_or_demo(config, backend)?;
+            let settings =
+                calibrate::Settings { steps, warmup: warmup.into(), measure: measure.into() };
+            let path = out.unwrap_or_else(|| loaded.base_dir.join(&loaded.config.calibration.file));
+            let wall = SystemClock::new();
+            let c = match loaded.config.backend {
+                BackendKind::Sim => {
+                    let clock = VirtualClock::new(wall.wall_ms());
+                    let opened = setup::open_backend(
+                        &loaded.config,
+                        &loaded.base_dir,
+                        Arc::new(clock.clone()),
+                    )?;
+                    let mut load = SimLoad::start(opened.sim.expect("a simulated backend"), clock);
+                    let mut backend = opened.backend;
+                    calibrate::run(&mut *backend, &mut load, settings, wall.wall_ms())?
+                }
+                BackendKind::Nvml => {
+                    // CUDA first: without it nothing is touched.
+                    cuda::available()?;
+                    let opened =
+                        setup::open_backend(&loaded.config, &loaded.base_dir, wall.clone())?;
+                    let mut backend = opened.backend;
+                    let mut load = cuda::CudaLoad::start(backend.inventory())?;
+                    calibrate::run(&mut *backend, &mut load, settings, wall.wall_ms())?
+                }
             };
-            if let Some(b) = backend {
-                loaded.config.backend = b.into();
+            c.save(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c).expect("calibration serialises"));
+            } else {
+                println!(
+                    "{} load on {}, work in {}; written to {}",
+                    c.load,
+                    c.backend,
+                    c.unit,
+                    path.display()
+                );
+                for g in &c.gpus {
+                    println!("GPU {} {} ({})", g.index, g.name, g.uuid);
+                    println!(
+                        "  {:>8} {:>8} {:>12} {:>9} {:>10}",
+                        "limit W", "power W", c.unit, "relative", "per kW"
+                    );
+                    for p in &g.points {
+                        println!(
+                            "  {:>8.0} {:>8.1} {:>12.4} {:>9.3} {:>10.4}",
+                            p.limit_w,
+                            p.power_w,
+                            p.work_per_s,
+                            p.relative,
+                            p.work_per_s / p.power_w.max(1e-9) * 1000.0
+                        );
+                    }
+                }
             }
+            Ok(())
+        }
+        Command::Diag { config, json } => {
+            let loaded = load_or_demo(config, Some(Backend::Nvml))?;
+            cuda::available()?;
+            let opened = setup::open_backend(&loaded.config, &loaded.base_dir, SystemClock::new())?;
+            let reports = cuda::diag(opened.backend.inventory())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports).expect("reports serialise"));
+            } else {
+                for r in &reports {
+                    let num = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+                    println!(
+                        "GPU {} {}: {}  write {} GB/s, read {} GB/s, kernel {} ms ({} GFLOP/s){}",
+                        r.gpu,
+                        r.uuid,
+                        if r.ok { "ok" } else { "FAILED" },
+                        num(r.write_gb_s),
+                        num(r.read_gb_s),
+                        num(r.kernel_ms),
+                        num(r.gflop_s),
+                        r.error.as_deref().map_or(String::new(), |e| format!("\n  {e}"))
+                    );
+                }
+            }
+            let failed = reports.iter().filter(|r| !r.ok).count();
+            if failed > 0 {
+                return Err(Error::Command(format!(
+                    "{failed} of {} GPUs failed the check",
+                    reports.len()
+                )));
+            }
+            Ok(())
+        }
+        Command::Inventory { config, backend, json } => {
+            let loaded = load_or_demo(config, backend)?;
             let opened = setup::open_backend(&loaded.config, &loaded.base_dir, SystemClock::new())?;
             let inventory = opened.backend.inventory();
             if json {
@@ -459,6 +582,18 @@ fn run(command: Command) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// The config at `path`, or the demo node's without one; `backend` overrides its backend.
+fn load_or_demo(path: Option<PathBuf>, backend: Option<Backend>) -> Result<Loaded, Error> {
+    let mut loaded = match path {
+        Some(path) => Config::load(&path)?,
+        None => Loaded { config: demo::config(), base_dir: PathBuf::from(".") },
+    };
+    if let Some(b) = backend {
+        loaded.config.backend = b.into();
+    }
+    Ok(loaded)
 }
 
 /// What can be checked beyond the file itself: for a simulated node, build it (traces

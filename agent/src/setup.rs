@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::agent::{Agent, Control, Desired, Parts, Reload};
+use crate::calibrate::Calibration;
 use crate::clock::Clock;
 use crate::config::{
     BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SimConfig, SinkKind,
@@ -169,9 +170,27 @@ pub fn agent(
         clock,
         reload: None,
         xid_debounce: config.health.xid_debounce,
+        calibration: calibration(config, base_dir),
     });
     agent.report(events);
     Ok(agent)
+}
+
+/// The calibration file, if there is a usable one. A missing file is normal (never
+/// calibrated); a bad one is reported and the agent runs without curves.
+fn calibration(config: &Config, base_dir: &Path) -> Option<Calibration> {
+    let path = base_dir.join(&config.calibration.file);
+    if !path.exists() {
+        tracing::info!(path = %path.display(), "no calibration (run `gpulet calibrate`): power plugins get no work-per-watt curves");
+        return None;
+    }
+    match Calibration::load(&path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "calibration ignored: power plugins get no work-per-watt curves");
+            None
+        }
+    }
 }
 
 /// The decision stage for `config`, with no plugins started yet. The plugin engine is

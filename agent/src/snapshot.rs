@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::calibrate::Curve;
 use crate::gpu::{GpuInfo, GpuSample};
 use crate::guard::Bounds;
 
@@ -24,6 +25,8 @@ pub struct NodeSnapshot {
     pub bounds: Arc<[Bounds]>,
     /// The node power budget in force, if any.
     pub budget_w: Option<f64>,
+    /// Each GPU's work-per-watt curve, where `gpulet calibrate` measured one.
+    pub curves: Arc<[Option<Arc<Curve>>]>,
 }
 
 impl NodeSnapshot {

@@ -4,6 +4,7 @@
 
 mod agent_loop;
 mod broker;
+mod calibrate;
 mod cli;
 mod config;
 mod docs;

@@ -320,3 +320,22 @@ fn energy_is_integrated_where_the_gpu_has_no_counter() {
     let got = e1[19] - e1[0];
     assert!((got - expected).abs() < 0.25 * expected, "{got} J vs ~{expected} J");
 }
+
+#[test]
+fn calibrate_and_diag_without_cuda_say_so_and_touch_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    for args in [&["calibrate", "--backend", "nvml"][..], &["diag"]] {
+        let out = gpulet(dir.path(), args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        // Here (no driver): libcuda is missing. With a driver, the stand-in's GPUs are
+        // not CUDA's.
+        assert!(
+            err.contains("libcuda.so.1") || err.contains("not visible to CUDA"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!dir.path().join("set.log").exists(), "no limit was touched");
+    assert!(!dir.path().join("calibration.json").exists());
+}

@@ -251,6 +251,14 @@ impl SimNode {
         }
     }
 
+    /// Replace every GPU's workload with a compute-bound full load (what `gpulet
+    /// calibrate` runs).
+    pub fn run_compute_load(&mut self) {
+        for g in &mut self.gpus {
+            g.workload = Workload::compute(g.phys.preset);
+        }
+    }
+
     /// Useful work GPU `gpu` has done, in full-speed GPU-seconds.
     pub fn work_done(&self, gpu: u32) -> f64 {
         self.gpus[gpu as usize].phys.work

@@ -82,11 +82,17 @@ enum Profile {
     MemoryBound,
     Inference { in_burst: bool, next_switch_s: f64 },
     Trace { trace: Arc<Trace>, gpu: usize, start_s: f64, cursor: usize },
+    Compute,
 }
 
 impl Workload {
     pub fn idle(preset: &'static Preset) -> Workload {
         Workload::new(WorkloadKind::Idle, None, 0, preset)
+    }
+
+    /// `gpulet calibrate`'s load: every SM busy with arithmetic, nearly nothing from memory.
+    pub fn compute(preset: &'static Preset) -> Workload {
+        Workload { kind: Profile::Compute, rng: ChaCha8Rng::seed_from_u64(0), preset }
     }
 
     /// A workload of `kind`; `trace` is required for [`WorkloadKind::Trace`] (config
@@ -133,6 +139,9 @@ impl Workload {
                 } else {
                     Demand { activity: 0.82, mem_bound: 0.15, util_pct: 100.0, mem_used_mib }
                 }
+            }
+            Profile::Compute => {
+                Demand { activity: 1.0, mem_bound: 0.02, util_pct: 100.0, mem_used_mib: 1024 }
             }
             Profile::MemoryBound => Demand {
                 activity: 0.7,

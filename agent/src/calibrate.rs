@@ -1,0 +1,443 @@
+//! Calibration: how much useful work each GPU does per second at each power limit, the
+//! curve the power-budget policy needs to split a budget where it buys the most work.
+//!
+//! `gpulet calibrate` keeps every GPU busy with a compute load ([`Load`]: the CUDA
+//! kernel on real GPUs, a compute-bound job on the simulator), steps the power limit
+//! down from the maximum to the minimum through the backend, and at each step measures,
+//! after a warm-up, the work done and the energy used. The limits found at start are put
+//! back afterwards, whatever happened. The result is kept in a file
+//! ([`CalibrationConfig::file`](crate::config::CalibrationConfig)); the agent reads it at
+//! start, publishes it in the MQTT birth and hands each GPU's curve to power plugins.
+//!
+//! Points carry `relative`, the work per second against the GPU's best, because plugins
+//! compare GPUs of the same node: a relative curve is what they need and is independent
+//! of the load's unit.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::VirtualClock;
+use crate::cuda::{CudaError, CudaLoad};
+use crate::gpu::sim::SimHandle;
+use crate::gpu::{GpuBackend, GpuError, GpuInfo};
+
+/// The `schema` of a calibration file of this layout.
+pub const SCHEMA: &str = "gpulet.calibration.v1";
+/// How often power is sampled while measuring (energy is integrated from it on GPUs
+/// without a counter).
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// A calibration file: one curve per GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    pub schema: String,
+    /// When it was measured, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// `nvml` or `sim`.
+    pub backend: String,
+    /// The load that ran: `cuda-fp32-fma` or `sim-compute`.
+    pub load: String,
+    /// The unit of `work_per_s`.
+    pub unit: String,
+    pub gpus: Vec<Curve>,
+}
+
+/// One GPU's curve, highest limit first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Curve {
+    pub index: u32,
+    /// The GPU it was measured on: a curve is used only for the GPU with this UUID.
+    pub uuid: String,
+    pub name: String,
+    pub points: Vec<Point>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Point {
+    /// The limit the GPU enforced, watts.
+    pub limit_w: f64,
+    /// Mean power drawn, watts.
+    pub power_w: f64,
+    /// Work done per second, in the file's unit.
+    pub work_per_s: f64,
+    /// `work_per_s` over the GPU's best: 1 at the top of the curve.
+    pub relative: f64,
+}
+
+/// What can go wrong calibrating. Messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrateError {
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error(
+        "calibration sets power limits, and GPU {gpu} refused: {error}. Run `gpulet calibrate` as root (or with CAP_SYS_ADMIN), with the GPUs idle"
+    )]
+    SetLimit { gpu: u32, error: GpuError },
+    #[error("no GPU of this node allows setting its power limit: there is nothing to calibrate")]
+    NothingToCalibrate,
+    #[error("GPU {0} stopped answering during calibration")]
+    Lost(u32),
+    #[error("calibration file {path}: {error}")]
+    File { path: String, error: String },
+}
+
+/// How to calibrate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// Limits from the maximum to the minimum, both included (at least 2).
+    pub steps: u32,
+    /// Time at each limit before measuring: the clocks settle within a second, the
+    /// temperature (which also moves power) more slowly.
+    pub warmup: Duration,
+    /// Time measured at each limit.
+    pub measure: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { steps: 6, warmup: Duration::from_secs(3), measure: Duration::from_secs(5) }
+    }
+}
+
+/// A compute load running on every GPU being calibrated.
+pub trait Load {
+    /// `load` in the file.
+    fn name(&self) -> &'static str;
+    /// The unit of [`Load::work`] per second.
+    fn unit(&self) -> &'static str;
+    /// Work done on each GPU of the inventory since the load started.
+    fn work(&mut self) -> Result<Vec<f64>, CalibrateError>;
+    /// Let `d` pass with the load running.
+    fn wait(&mut self, d: Duration);
+    /// Time since the load started.
+    fn elapsed(&self) -> Duration;
+}
+
+/// The CUDA kernel on real GPUs, in GFLOP.
+impl Load for CudaLoad {
+    fn name(&self) -> &'static str {
+        "cuda-fp32-fma"
+    }
+    fn unit(&self) -> &'static str {
+        "GFLOP/s"
+    }
+    fn work(&mut self) -> Result<Vec<f64>, CalibrateError> {
+        Ok(self.gflop()?)
+    }
+    fn wait(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+    fn elapsed(&self) -> Duration {
+        CudaLoad::elapsed(self)
+    }
+}
+
+/// The simulator's node running a compute-bound job on every GPU, on a virtual clock (a
+/// calibration takes no real time). Work in full-speed GPU-seconds.
+pub struct SimLoad {
+    node: SimHandle,
+    clock: VirtualClock,
+}
+
+impl SimLoad {
+    /// Put the calibration job on every GPU of the node `node` (whose backend runs on
+    /// `clock`).
+    pub fn start(node: SimHandle, clock: VirtualClock) -> SimLoad {
+        node.lock().run_compute_load();
+        SimLoad { node, clock }
+    }
+}
+
+impl Load for SimLoad {
+    fn name(&self) -> &'static str {
+        "sim-compute"
+    }
+    fn unit(&self) -> &'static str {
+        "GPU-s/s"
+    }
+    fn work(&mut self) -> Result<Vec<f64>, CalibrateError> {
+        let node = self.node.lock();
+        Ok((0..node.len() as u32).map(|g| node.work_done(g)).collect())
+    }
+    fn wait(&mut self, d: Duration) {
+        self.clock.advance(d);
+    }
+    fn elapsed(&self) -> Duration {
+        crate::clock::Clock::elapsed(&self.clock)
+    }
+}
+
+/// Measure the curve of every GPU whose limit can be set, with `load` running. The
+/// limits found at start are put back before returning, also on error.
+pub fn run(
+    backend: &mut dyn GpuBackend,
+    load: &mut dyn Load,
+    settings: Settings,
+    created_ms: u64,
+) -> Result<Calibration, CalibrateError> {
+    let inventory: Vec<GpuInfo> = backend.inventory().to_vec();
+    let gpus: Vec<&GpuInfo> = inventory.iter().filter(|g| g.can_set_power_limit).collect();
+    if gpus.is_empty() {
+        return Err(CalibrateError::NothingToCalibrate);
+    }
+    let found: Vec<Option<f64>> =
+        backend.sample_all().iter().map(|s| s.power_limit_w.value()).collect();
+    let result = measure(backend, load, settings, &gpus);
+    for g in &gpus {
+        let to = found[g.index as usize].unwrap_or(g.power_limit.default_w);
+        if let Err(e) = backend.set_power_limit(g.index, g.power_limit.clamp(to)) {
+            tracing::error!(gpu = g.index, error = %e, "could not put the power limit back after calibration");
+        }
+    }
+    let points = result?;
+    Ok(Calibration {
+        schema: SCHEMA.into(),
+        created_ms,
+        backend: backend.kind().into(),
+        load: load.name().into(),
+        unit: load.unit().into(),
+        gpus: gpus
+            .iter()
+            .zip(points)
+            .map(|(g, points)| Curve {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                points,
+            })
+            .collect(),
+    })
+}
+
+fn measure(
+    backend: &mut dyn GpuBackend,
+    load: &mut dyn Load,
+    settings: Settings,
+    gpus: &[&GpuInfo],
+) -> Result<Vec<Vec<Point>>, CalibrateError> {
+    let steps = settings.steps.max(2);
+    let mut curves = vec![Vec::with_capacity(steps as usize); gpus.len()];
+    for k in 0..steps {
+        let frac = f64::from(k) / f64::from(steps - 1);
+        for g in gpus {
+            let c = g.power_limit;
+            let w = (c.max_w - (c.max_w - c.min_w) * frac).round();
+            backend
+                .set_power_limit(g.index, c.clamp(w))
+                .map_err(|error| CalibrateError::SetLimit { gpu: g.index, error })?;
+        }
+        pass(backend, load, settings.warmup)?;
+        let (w0, t0) = (load.work()?, load.elapsed());
+        let during = pass(backend, load, settings.measure)?;
+        let (w1, t1) = (load.work()?, load.elapsed());
+        let secs = (t1 - t0).as_secs_f64().max(1e-9);
+        for (curve, g) in curves.iter_mut().zip(gpus) {
+            let i = g.index as usize;
+            let Some(stats) = during.get(i).copied().flatten() else {
+                return Err(CalibrateError::Lost(g.index));
+            };
+            curve.push(Point {
+                limit_w: stats.limit_w,
+                power_w: round2(stats.power_w),
+                work_per_s: (w1[i] - w0[i]) / secs,
+                relative: 0.0,
+            });
+        }
+    }
+    for curve in &mut curves {
+        let best = curve.iter().map(|p| p.work_per_s).fold(0.0, f64::max);
+        for p in curve.iter_mut() {
+            p.relative = if best > 0.0 { round4(p.work_per_s / best) } else { 0.0 };
+            p.work_per_s = round4(p.work_per_s);
+        }
+    }
+    Ok(curves)
+}
+
+/// Per GPU over a pass: mean power and the enforced limit at the end.
+#[derive(Debug, Clone, Copy)]
+struct PassStats {
+    power_w: f64,
+    limit_w: f64,
+}
+
+/// Let `d` pass, sampling every [`SAMPLE_EVERY`]; per GPU its stats, `None` for a GPU
+/// that did not answer. Mean power from the energy counter where it moved, else from
+/// the power samples.
+fn pass(
+    backend: &mut dyn GpuBackend,
+    load: &mut dyn Load,
+    d: Duration,
+) -> Result<Vec<Option<PassStats>>, CalibrateError> {
+    let first = backend.sample_all();
+    let t0 = load.elapsed();
+    let n = first.len();
+    let (mut sum, mut count) = (vec![0.0; n], vec![0u32; n]);
+    let mut last = first.clone();
+    let mut left = d;
+    while !left.is_zero() {
+        let step = left.min(SAMPLE_EVERY);
+        load.wait(step);
+        left -= step;
+        last = backend.sample_all();
+        for (i, s) in last.iter().enumerate() {
+            if let Some(p) = s.power_w.value() {
+                sum[i] += p;
+                count[i] += 1;
+            }
+        }
+    }
+    let secs = (load.elapsed() - t0).as_secs_f64();
+    Ok((0..n)
+        .map(|i| {
+            let limit_w = last[i].power_limit_w.value()?;
+            let by_energy = match (first[i].energy_j.value(), last[i].energy_j.value()) {
+                (Some(a), Some(b)) if b > a && secs > 0.0 => Some((b - a) / secs),
+                _ => None,
+            };
+            let by_samples = (count[i] > 0).then(|| sum[i] / f64::from(count[i]));
+            Some(PassStats { power_w: by_energy.or(by_samples)?, limit_w })
+        })
+        .collect())
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn round4(v: f64) -> f64 {
+    (v * 10_000.0).round() / 10_000.0
+}
+
+impl Calibration {
+    /// Read a calibration file.
+    pub fn load(path: &Path) -> Result<Calibration, CalibrateError> {
+        let err = |error: String| CalibrateError::File { path: path.display().to_string(), error };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let c: Calibration = serde_json::from_str(&text)
+            .map_err(|e| err(format!("{e}; expected a file written by `gpulet calibrate`")))?;
+        if c.schema != SCHEMA {
+            return Err(err(format!("schema {:?}; this gpulet reads {SCHEMA:?}", c.schema)));
+        }
+        for g in &c.gpus {
+            let bad = g.points.is_empty()
+                || g.points.iter().any(|p| {
+                    ![p.limit_w, p.power_w, p.work_per_s, p.relative]
+                        .iter()
+                        .all(|v| v.is_finite() && *v >= 0.0)
+                        || p.relative > 1.0
+                });
+            if bad {
+                return Err(err(format!(
+                    "GPU {}: points must be finite and non-negative, with relative at most 1",
+                    g.index
+                )));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Write it atomically (a temporary file renamed over the old one).
+    pub fn save(&self, path: &Path) -> Result<(), CalibrateError> {
+        let err = |e: std::io::Error| CalibrateError::File {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let json = serde_json::to_string_pretty(self).expect("calibration serialises");
+        std::fs::write(&tmp, json + "\n").map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    /// Each GPU's curve, matched by UUID (a curve of a GPU no longer in the node, or one
+    /// swapped in its slot, is not used).
+    pub fn for_inventory(&self, inventory: &[GpuInfo]) -> Vec<Option<Arc<Curve>>> {
+        inventory
+            .iter()
+            .map(|g| self.gpus.iter().find(|c| c.uuid == g.uuid).map(|c| Arc::new(c.clone())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::sim::model::Preset;
+    use crate::gpu::sim::workload::WorkloadKind;
+    use crate::gpu::sim::{GpuSpec, SimBackend, SimNode};
+
+    fn sim(specs: &[GpuSpec]) -> (SimBackend, SimLoad) {
+        let clock = VirtualClock::new(0);
+        let backend = SimBackend::new(SimNode::new(specs, 7), Arc::new(clock.clone()));
+        let load = SimLoad::start(backend.handle(), clock);
+        (backend, load)
+    }
+
+    #[test]
+    fn the_curve_rises_with_the_limit_and_flattens_at_the_top() {
+        let h100 = Preset::by_key("h100-sxm").unwrap();
+        let l40s = Preset::by_key("l40s").unwrap();
+        let (mut backend, mut load) = sim(&[
+            GpuSpec::new(h100, WorkloadKind::Idle),
+            GpuSpec::new(l40s, WorkloadKind::Training),
+        ]);
+        backend.set_power_limit(0, 550.0).unwrap();
+        let c = run(&mut backend, &mut load, Settings::default(), 42).unwrap();
+        assert_eq!((c.gpus.len(), c.load.as_str(), c.created_ms), (2, "sim-compute", 42));
+        for curve in &c.gpus {
+            let p = &curve.points;
+            assert_eq!(p.len(), 6);
+            assert!(p.windows(2).all(|w| w[0].limit_w > w[1].limit_w), "{p:?}");
+            assert!(p.windows(2).all(|w| w[0].work_per_s >= w[1].work_per_s), "{p:?}");
+            assert!(p.iter().all(|x| x.power_w <= x.limit_w + 1.0), "under the cap: {p:?}");
+            assert_eq!(p[0].relative, 1.0);
+            // Power falls faster than work: the lowest limit does the most work per watt.
+            let eff = |x: &Point| x.work_per_s / x.power_w;
+            assert!(eff(&p[5]) > eff(&p[0]) * 1.2, "{p:?}");
+        }
+        // The limits found at start are back.
+        let s = backend.sample_all();
+        assert_eq!(
+            (s[0].power_limit_w.value(), s[1].power_limit_w.value()),
+            (Some(550.0), Some(350.0))
+        );
+    }
+
+    #[test]
+    fn a_file_round_trips_and_bad_files_are_refused_with_the_reason() {
+        let (mut backend, mut load) =
+            sim(&[GpuSpec::new(Preset::by_key("a100-sxm4").unwrap(), WorkloadKind::Idle)]);
+        let settings = Settings { steps: 3, ..Settings::default() };
+        let c = run(&mut backend, &mut load, settings, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/calibration.json");
+        c.save(&path).unwrap();
+        assert_eq!(Calibration::load(&path).unwrap(), c);
+        let curves = c.for_inventory(backend.inventory());
+        assert_eq!(curves[0].as_ref().unwrap().points.len(), 3);
+        let mut other = backend.inventory().to_vec();
+        other[0].uuid = "GPU-other".into();
+        assert_eq!(c.for_inventory(&other), vec![None]);
+
+        let json = serde_json::to_string(&c).unwrap();
+        for (bad, says) in [
+            ("{", "expected a file written by `gpulet calibrate`"),
+            (&json.replace(SCHEMA, "gpulet.calibration.v9"), "this gpulet reads"),
+            (&json.replace("\"relative\":1.0", "\"relative\":1.5"), "relative at most 1"),
+            (&json.replace("\"unit\"", "\"units\""), "unknown field"),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = Calibration::load(&path).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("calibration.json"), "{e}");
+        }
+    }
+}
