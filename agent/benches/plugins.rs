@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use gpulet::plugin::engine::PluginEngine;
+use gpulet::plugin::host::Curves;
 use gpulet::plugin::instance::{Limits, PowerPlugin};
 use gpulet::plugin::kv::KvStore;
 use gpulet::plugin::wit;
@@ -67,6 +68,7 @@ fn to_algo(s: &wit::Snapshot) -> Vec<gpulet_policy_algos::Gpu> {
             max_w: g.max_limit_w,
             default_w: g.default_limit_w,
             proposed_w: g.proposed_limit_w,
+            curve: None,
         })
         .collect()
 }
@@ -91,11 +93,12 @@ fn decision(c: &mut Criterion) {
     let mut g = c.benchmark_group("power_decision");
     for n in [8u32, 64] {
         let snap = snapshot(n);
+        let no_curves: Curves = vec![None; n as usize].into();
         let mut plugin = start(&engine, wasm::POWER_BUDGET, n);
-        let want = plugin.decide(&snap).unwrap().actions.len();
+        let want = plugin.decide(&snap, &no_curves).unwrap().actions.len();
         assert_eq!(want, n as usize);
         g.bench_with_input(BenchmarkId::new("wasm", n), &snap, |b, s| {
-            b.iter(|| black_box(plugin.decide(s).unwrap()))
+            b.iter(|| black_box(plugin.decide(s, &no_curves).unwrap()))
         });
         let params = power_budget::Params::default();
         g.bench_with_input(BenchmarkId::new("native", n), &snap, |b, s| {

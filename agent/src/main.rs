@@ -422,7 +422,9 @@ fn run(command: Command) -> Result<(), Error> {
                 .to_wit()
                 .map_err(|e| ConfigErrors(vec![ConfigError::invalid("--snapshot", e)]))?;
             let (mut plugin, _) = dry_run::start(&file, &config, &snap.gpu_infos())?;
-            let out = plugin.decide(&wsnap).map_err(|f| Error::PluginCall(f.to_string()))?;
+            let out = plugin
+                .decide(&wsnap, &snap.curves())
+                .map_err(|f| Error::PluginCall(f.to_string()))?;
             if json {
                 let actions: Vec<_> = out
                     .actions

@@ -16,6 +16,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("idle-saver", "IDLE_SAVER"),
     ("fixture", "FIXTURE"),
     ("fixture-forbidden-import", "FIXTURE_FORBIDDEN_IMPORT"),
+    ("fixture-v010", "FIXTURE_V010"),
 ];
 
 fn main() {
@@ -40,6 +41,7 @@ fn main() {
         "idle-saver",
         "fixture",
         "fixture-forbidden-import",
+        "fixture-v010",
     ] {
         println!("cargo:rerun-if-changed={}", plugins_dir.join(dir).display());
     }

@@ -219,7 +219,7 @@ impl PolicyChain {
             }
             let name = slot.spec.name.as_str();
             let outcome = match (&mut slot.plugin, slot.quarantined) {
-                (Some(plugin), false) => Some(plugin.decide(&wsnap)),
+                (Some(plugin), false) => Some(plugin.decide(&wsnap, &snap.curves)),
                 _ => None,
             };
             match outcome {

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::engine::PluginEngine;
+use super::host::Curves;
 use super::instance::{Limits, PowerPlugin};
 use super::kv::KvStore;
 use super::{PluginError, wit};
+use crate::calibrate::{Curve, Point};
 
 /// What `plugin check` found.
 #[derive(Debug, Serialize)]
@@ -91,6 +93,18 @@ pub struct GpuFile {
     pub max_limit_w: f64,
     pub default_limit_w: f64,
     pub proposed_limit_w: Option<f64>,
+    /// The GPU's work-per-watt curve (what `gpu-curve` answers), highest limit first.
+    #[serde(default)]
+    pub curve: Option<Vec<CurvePointFile>>,
+}
+
+/// A point of a curve in a snapshot file: the fields of WIT's `curve-point`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurvePointFile {
+    pub limit_w: f64,
+    pub power_w: f64,
+    pub relative: f64,
 }
 
 fn ok() -> String {
@@ -150,6 +164,30 @@ impl SnapshotFile {
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(wit::Snapshot { seq: self.seq, now_ms: self.now_ms, budget_w: self.budget_w, gpus })
+    }
+
+    /// The GPUs' curves, for `gpu-curve`.
+    pub fn curves(&self) -> Curves {
+        self.gpus
+            .iter()
+            .map(|g| {
+                let points = g.curve.as_ref()?;
+                Some(Arc::new(Curve {
+                    index: g.index,
+                    uuid: g.uuid.clone().unwrap_or_default(),
+                    name: "from snapshot".into(),
+                    points: points
+                        .iter()
+                        .map(|p| Point {
+                            limit_w: p.limit_w,
+                            power_w: p.power_w,
+                            work_per_s: p.relative,
+                            relative: p.relative,
+                        })
+                        .collect(),
+                }))
+            })
+            .collect()
     }
 
     /// What `init` is told about the GPUs.

@@ -38,7 +38,13 @@ pub struct HostState {
     pub(crate) metrics: Vec<PluginMetric>,
     logs: u32,
     pub(crate) dropped: u32,
+    /// The GPUs' work-per-watt curves of the snapshot being decided (none outside a
+    /// `decide-power` call).
+    pub(crate) curves: Curves,
 }
+
+/// Each GPU's curve, as the snapshot carries it.
+pub type Curves = Arc<[Option<Arc<crate::calibrate::Curve>>]>;
 
 impl HostState {
     pub fn new(plugin: &str, memory_bytes: usize, kv: Arc<Mutex<KvStore>>) -> HostState {
@@ -58,11 +64,14 @@ impl HostState {
             metrics: Vec::new(),
             logs: 0,
             dropped: 0,
+            curves: Arc::new([]),
         }
     }
 
-    /// Reset the per-call counters before a call.
-    pub(crate) fn begin_call(&mut self) {
+    /// Reset the per-call counters before a call on the snapshot whose curves are
+    /// `curves`.
+    pub(crate) fn begin_call(&mut self, curves: Curves) {
+        self.curves = curves;
         self.logs = 0;
         self.dropped = 0;
         self.limits.denied = false;
@@ -163,5 +172,20 @@ impl host::Host for HostState {
             return;
         }
         self.metrics.push(PluginMetric { plugin: self.plugin.clone(), name, value, gpu });
+    }
+
+    fn gpu_curve(&mut self, gpu: u32) -> Option<Vec<types::CurvePoint>> {
+        let curve = self.curves.get(gpu as usize)?.as_ref()?;
+        Some(
+            curve
+                .points
+                .iter()
+                .map(|p| types::CurvePoint {
+                    limit_w: p.limit_w,
+                    power_w: p.power_w,
+                    relative: p.relative,
+                })
+                .collect(),
+        )
     }
 }

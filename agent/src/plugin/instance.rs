@@ -14,7 +14,7 @@ use wasmtime::{Store, Trap};
 
 use super::bindings::{Power, PowerPre};
 use super::engine::{EPOCH_PERIOD, PluginEngine, Ticker};
-use super::host::{HostState, PluginMetric};
+use super::host::{Curves, HostState, PluginMetric};
 use super::kv::KvStore;
 use super::{API_VERSION, PluginError, wit};
 
@@ -202,9 +202,14 @@ impl PowerPlugin {
         bindings.call_init(&mut *store, &self.config, &self.gpus).map_err(|e| format!("{e:#}"))?
     }
 
-    /// Call `decide-power`. On a fault the instance is dropped; the next call starts a
+    /// Call `decide-power` on `snapshot`, whose GPUs' curves are `curves` (what
+    /// `gpu-curve` answers). On a fault the instance is dropped; the next call starts a
     /// fresh one.
-    pub fn decide(&mut self, snapshot: &wit::Snapshot) -> Result<CallOutput, Fault> {
+    pub fn decide(
+        &mut self,
+        snapshot: &wit::Snapshot,
+        curves: &Curves,
+    ) -> Result<CallOutput, Fault> {
         let ticker = self.ticker.clone();
         let _calling = ticker.call();
         if self.live.is_none() {
@@ -214,7 +219,7 @@ impl PowerPlugin {
         }
         let ticks = self.deadline_ticks();
         let (store, bindings) = self.live.as_mut().expect("just made");
-        store.data_mut().begin_call();
+        store.data_mut().begin_call(curves.clone());
         store.set_epoch_deadline(ticks);
         let result = bindings.call_decide_power(&mut *store, snapshot);
         let state = store.data_mut();

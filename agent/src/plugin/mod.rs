@@ -21,10 +21,12 @@ pub mod host;
 pub mod instance;
 pub mod kv;
 
-/// Host bindings of the `power` world of `wit/v0.1.0`.
+/// Host bindings of the `power` world of `wit/v0.1.1`. Plugins built against 0.1.0 link
+/// to them too: 0.1.1 only adds, and the linker resolves a 0.1.0 import to its 0.1.1
+/// definition (semver-compatible).
 pub mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit/v0.1.0",
+        path: "../wit/v0.1.1",
         world: "power",
     });
 }
@@ -33,7 +35,7 @@ pub use bindings::gpulet::policy::types as wit;
 
 /// The contract version this host implements; a plugin must report the same
 /// major.minor (`0.1`) in `info`.
-pub const API_VERSION: &str = "0.1.0";
+pub const API_VERSION: &str = "0.1.1";
 
 /// What can go wrong loading a plugin. Each message names the plugin file and what to do.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -51,7 +53,7 @@ pub enum PluginError {
     )]
     WrongWorld { path: String, error: String },
     #[error(
-        "plugin {plugin} was built for gpulet:policy@{found}; this gpulet implements {API_VERSION}: rebuild it against wit/v0.1.0"
+        "plugin {plugin} was built for gpulet:policy@{found}; this gpulet implements {API_VERSION}: rebuild it against wit/v{API_VERSION}"
     )]
     ApiVersion { plugin: String, found: String },
     #[error("plugin {plugin}: invalid config: {errors}")]

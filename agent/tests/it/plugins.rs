@@ -333,3 +333,59 @@ fn plugin_state_and_metrics_survive_an_agent_restart() {
     let mut h = with_plugin(dir.path(), &fixture("count", "[]"), "");
     assert_eq!(count(&mut h), ("calls".into(), 4.0), "the key-value store outlived the agent");
 }
+
+#[test]
+fn power_plugins_get_the_calibrated_curves_and_0_1_0_plugins_still_run() {
+    use gpulet::calibrate::{self, SimLoad};
+    use gpulet::clock::VirtualClock;
+    use gpulet::gpu::sim::SimBackend;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    // Calibrate the same node as `with_plugin`'s (same GPUs, same seed: same UUIDs), and
+    // keep GPU 0's curve only.
+    let node = "[[sim.gpu]]\npreset = \"a100-sxm4\"\nworkload = \"training\"\ncount = 2\n";
+    let config = gpulet::config::Config::parse(node).unwrap();
+    let clock = VirtualClock::new(0);
+    let mut backend = SimBackend::new(
+        gpulet::setup::sim_node(&config.sim, dir.path()).unwrap(),
+        Arc::new(clock.clone()),
+    );
+    let mut load = SimLoad::start(backend.handle(), clock);
+    let settings = calibrate::Settings { steps: 4, ..Default::default() };
+    let mut c = calibrate::run(&mut backend, &mut load, settings, 0).unwrap();
+    c.gpus.truncate(1);
+    c.save(&dir.path().join("cal.json")).unwrap();
+
+    let mut h =
+        with_plugin(dir.path(), &fixture("curve", "[]"), "[calibration]\nfile = \"cal.json\"");
+    let t = tick(&mut h);
+    let got: Vec<(String, f64, Option<u32>)> =
+        t.metrics.iter().map(|m| (m.name.clone(), m.value, m.gpu)).collect();
+    let lowest = c.gpus[0].points[3].relative;
+    assert!(lowest > 0.3 && lowest < 0.9, "{lowest}");
+    assert_eq!(
+        got,
+        [("curve.points".into(), 4.0, Some(0)), ("curve.relative_min".into(), lowest, Some(0))]
+    );
+
+    // A plugin built against wit/v0.1.0 links to this 0.1.1 host and runs unchanged.
+    let old = format!(
+        "[[plugin]]\nname = \"old\"\npath = {:?}\ngrants = [\"lower\"]\n",
+        wasm::FIXTURE_V010
+    );
+    let mut h = with_plugin(dir.path(), &old, "");
+    let t = tick(&mut h);
+    assert!(
+        t.events.iter().all(|e| !matches!(e, Event::PluginLoadFailed { .. })),
+        "{:?}",
+        t.events
+    );
+    assert_eq!(t.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["v010.calls"]);
+    let lowered = t
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::LimitChanged { to_w, .. } if *to_w == 100.0))
+        .count();
+    assert_eq!(lowered, 2, "{:?}", t.events);
+}

@@ -175,3 +175,58 @@ fn idle_saver_parks_an_idle_gpu_and_a_guard_after_a_splitter_only_lowers() {
         .count();
     assert_eq!(rejected, 0);
 }
+
+#[test]
+fn power_budget_can_split_by_calibrated_curves_on_a_mixed_node() {
+    use gpulet::calibrate::{self, SimLoad};
+    use gpulet::clock::VirtualClock;
+    use gpulet::gpu::sim::SimBackend;
+    use std::sync::Arc;
+
+    let gpus = "[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"training\"\ncount = 2\n[[sim.gpu]]\npreset = \"l40s\"\nworkload = \"training\"\ncount = 2";
+    let power = "budget_w = 900";
+    let budget = plugin("budget", wasm::POWER_BUDGET, "[\"lower\", \"raise\"]", "{}");
+    let (with, without) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // `gpulet calibrate` on the same node (same seed: same UUIDs).
+    let config = gpulet::config::Config::parse(&format!("[sim]\nseed = 3\n{gpus}")).unwrap();
+    let clock = VirtualClock::new(0);
+    let mut backend = SimBackend::new(
+        gpulet::setup::sim_node(&config.sim, with.path()).unwrap(),
+        Arc::new(clock.clone()),
+    );
+    let mut load = SimLoad::start(backend.handle(), clock);
+    calibrate::run(&mut backend, &mut load, calibrate::Settings::default(), 0)
+        .unwrap()
+        .save(&with.path().join("cal.json"))
+        .unwrap();
+    let curved =
+        plugin("budget", wasm::POWER_BUDGET, "[\"lower\", \"raise\"]", "{ use_curves = true }");
+    let with_curves = format!("{curved}[calibration]\nfile = \"cal.json\"\n");
+    let mut a = node(with.path(), gpus, power, &with_curves);
+    let mut b = node(without.path(), gpus, power, &budget);
+    let ta = run(&mut a, 300);
+    run(&mut b, 300);
+    for t in &ta[3..] {
+        let limits: f64 = t.snapshot.samples.iter().filter_map(|s| s.power_limit_w.value()).sum();
+        assert!(limits <= 900.0 + 1e-6, "seq {}: limits {limits} W", t.snapshot.seq);
+    }
+    let last = &ta.last().unwrap().snapshot.samples;
+    let l = |i: usize| last[i].power_limit_w.value().unwrap().round();
+    let (wa, wb) = (a.sim.lock().total_work(), b.sim.lock().total_work());
+    // The L40S gain twice the H100s' share of their best per watt at the floor: they
+    // get the watts above the floors, the H100s stay at theirs.
+    let limits: Vec<f64> = (0..4).map(l).collect();
+    assert!(limits[0] == 200.0 && limits[1] == 200.0 && limits[2] > 240.0, "{limits:?}");
+    let curve_reasons = ta
+        .iter()
+        .flat_map(|t| &t.events)
+        .filter(|e| matches!(e, Event::LimitChanged { reason, .. } if reason.contains("work-per-watt curves")))
+        .count();
+    assert!(curve_reasons > 0);
+    // What it buys on the simulator: nothing measurable (the calibration load is not
+    // the job); it must not cost work either. BENCHMARKS.md has the figures.
+    assert!(
+        (wa / wb - 1.0).abs() < 0.01,
+        "with curves {wa:.1} vs without {wb:.1} GPU-s; {limits:?}"
+    );
+}

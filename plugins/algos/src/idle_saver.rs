@@ -81,6 +81,7 @@ mod tests {
             max_w: 700.0,
             default_w: 700.0,
             proposed_w: None,
+            curve: None,
         }
     }
 

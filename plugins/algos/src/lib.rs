@@ -26,6 +26,52 @@ pub struct Gpu {
     pub default_w: f64,
     /// What earlier plugins of the chain proposed this tick.
     pub proposed_w: Option<f64>,
+    /// Work per second against the power limit, from `gpulet calibrate`.
+    pub curve: Option<Curve>,
+}
+
+/// A GPU's work-per-watt curve: `(limit_w, relative work)` points, in rising limit
+/// order, joined by straight lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curve(Vec<(f64, f64)>);
+
+impl Curve {
+    /// The curve through `points` (any order); `None` with fewer than two points, or
+    /// with values that are not finite.
+    pub fn new(mut points: Vec<(f64, f64)>) -> Option<Curve> {
+        if points.len() < 2 || points.iter().any(|(x, y)| !x.is_finite() || !y.is_finite()) {
+            return None;
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points.dedup_by(|a, b| a.0 == b.0);
+        (points.len() >= 2).then_some(Curve(points))
+    }
+
+    /// The gain per watt just above `x`, and how far above `x` that gain holds (to the
+    /// next point). Beyond the last point nothing was measured: no gain.
+    pub fn slope_at(&self, x: f64) -> (f64, f64) {
+        let p = &self.0;
+        let k = p.partition_point(|&(lx, _)| lx <= x).clamp(1, p.len());
+        if k == p.len() && x >= p[k - 1].0 {
+            return (0.0, f64::INFINITY);
+        }
+        let ((x0, y0), (x1, y1)) = (p[k - 1], p[k]);
+        ((y1 - y0) / (x1 - x0), x1 - x)
+    }
+
+    /// Relative work at limit `x` (flat beyond the ends).
+    pub fn at(&self, x: f64) -> f64 {
+        let p = &self.0;
+        let k = p.partition_point(|&(lx, _)| lx <= x);
+        if k == 0 {
+            return p[0].1;
+        }
+        if k == p.len() {
+            return p[k - 1].1;
+        }
+        let ((x0, y0), (x1, y1)) = (p[k - 1], p[k]);
+        y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    }
 }
 
 /// A proposed power limit.

@@ -10,4 +10,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("idle-saver", IDLE_SAVER),
     ("fixture", FIXTURE),
     ("fixture-forbidden-import", FIXTURE_FORBIDDEN_IMPORT),
+    ("fixture-v010", FIXTURE_V010),
 ];

@@ -1,5 +1,5 @@
 //! What a Rust policy plugin needs: the bindings of the `power` world of
-//! `wit/v0.1.0` (generated here once, exported by each plugin with
+//! `wit/v0.1.1` (generated here once, exported by each plugin with
 //! `gpulet_guest::export_power!(MyPlugin)`), the host imports, and helpers for the
 //! boring parts: strict JSON config with paths in the errors, and the snapshot's GPUs as
 //! the plain structs of `gpulet-policy-algos`.
@@ -9,7 +9,7 @@
 /// The `power` world's bindings.
 pub mod power {
     wit_bindgen::generate!({
-        path: "../../wit/v0.1.0",
+        path: "../../wit/v0.1.1",
         world: "power",
         pub_export_macro: true,
         export_macro_name: "export_power",
@@ -21,13 +21,13 @@ pub use power::Guest as PowerGuest;
 pub use power::export_power;
 pub use power::gpulet::policy::host;
 pub use power::gpulet::policy::types::{
-    ConfigError, Gpu, GpuInfo, Health, PluginInfo, PowerAction, Snapshot, Throttle,
+    ConfigError, CurvePoint, Gpu, GpuInfo, Health, PluginInfo, PowerAction, Snapshot, Throttle,
 };
 
 use serde::de::DeserializeOwned;
 
 /// The contract version this crate implements.
-pub const API_VERSION: &str = "0.1.0";
+pub const API_VERSION: &str = "0.1.1";
 
 /// Parse a plugin's JSON config strictly into `T` (use `#[serde(deny_unknown_fields)]`);
 /// an error names the JSON path (`$.margin_w`) and what is wrong.
@@ -80,6 +80,21 @@ pub fn gpus(s: &Snapshot) -> Vec<gpulet_policy_algos::Gpu> {
             max_w: g.max_limit_w,
             default_w: g.default_limit_w,
             proposed_w: g.proposed_limit_w,
+            curve: None,
+        })
+        .collect()
+}
+
+/// The work-per-watt curve of each GPU of `s` (`host.gpu-curve`), for the algorithms.
+/// Curves do not change while a plugin instance lives: fetch them once and keep them.
+pub fn curves(s: &Snapshot) -> Vec<Option<gpulet_policy_algos::Curve>> {
+    s.gpus
+        .iter()
+        .map(|g| {
+            let points = host::gpu_curve(g.index)?;
+            gpulet_policy_algos::Curve::new(
+                points.iter().map(|p| (p.limit_w, p.relative)).collect(),
+            )
         })
         .collect()
 }

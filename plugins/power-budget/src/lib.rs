@@ -1,10 +1,14 @@
-//! power-budget: splits the node power budget across the GPUs by demand (see
-//! `gpulet_policy_algos::power_budget` for the algorithm). Stateless: every tick is
-//! decided from the snapshot alone.
+//! power-budget: splits the node power budget across the GPUs by demand, and by their
+//! work-per-watt curves where `gpulet calibrate` measured them (see
+//! `gpulet_policy_algos::power_budget` for the algorithm). Every tick is decided from the
+//! snapshot alone; the curves, which do not change while the instance lives, are fetched
+//! once.
 //!
-//! Config (JSON, all optional): `{"margin_w": 25, "capped_within": 0.03, "reserve": 0.01}`.
+//! Config (JSON, all optional):
+//! `{"margin_w": 25, "capped_within": 0.03, "reserve": 0.01, "use_curves": false}`.
 
 use gpulet_guest::{ConfigError, GpuInfo, PluginInfo, PowerAction, PowerGuest, Snapshot};
+use gpulet_policy_algos::Curve;
 use gpulet_policy_algos::power_budget::{self, Params};
 use serde::Deserialize;
 use std::cell::RefCell;
@@ -15,6 +19,7 @@ struct Config {
     margin_w: Option<f64>,
     capped_within: Option<f64>,
     reserve: Option<f64>,
+    use_curves: Option<bool>,
 }
 
 fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
@@ -24,6 +29,7 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
         margin_w: c.margin_w.unwrap_or(d.margin_w),
         capped_within: c.capped_within.unwrap_or(d.capped_within),
         reserve: c.reserve.unwrap_or(d.reserve),
+        use_curves: c.use_curves.unwrap_or(d.use_curves),
     };
     let mut errs = Vec::new();
     gpulet_guest::check_range(&mut errs, "$.margin_w", p.margin_w, 0.0, 500.0, "watts");
@@ -48,6 +54,7 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
 
 thread_local! {
     static PARAMS: RefCell<Params> = RefCell::new(Params::default());
+    static CURVES: RefCell<Option<Vec<Option<Curve>>>> = const { RefCell::new(None) };
 }
 
 struct Plugin;
@@ -68,7 +75,18 @@ impl PowerGuest for Plugin {
     }
 
     fn decide_power(snapshot: Snapshot) -> Vec<PowerAction> {
-        let gpus = gpulet_guest::gpus(&snapshot);
+        let mut gpus = gpulet_guest::gpus(&snapshot);
+        let use_curves = PARAMS.with(|p| p.borrow().use_curves);
+        CURVES.with(|c| {
+            if !use_curves {
+                return;
+            }
+            let curves =
+                c.borrow_mut().get_or_insert_with(|| gpulet_guest::curves(&snapshot)).clone();
+            for (g, curve) in gpus.iter_mut().zip(curves) {
+                g.curve = curve;
+            }
+        });
         PARAMS.with(|p| {
             gpulet_guest::actions(power_budget::decide(&p.borrow(), snapshot.budget_w, &gpus))
         })
