@@ -24,6 +24,10 @@ tick = "100ms"
 [telemetry]
 sink = "file"
 path = "telemetry.jsonl"
+[nvml]
+state_dir = "nvml-state"
+[calibration]
+file = "calibration.json"
 TOML
 nvidia-smi --query-gpu=timestamp,index,power.draw,power.limit,temperature.gpu,utilization.gpu,clocks.sm,memory.used \
     --format=csv -lms 100 > "$out/nvidia-smi.csv" &
@@ -59,12 +63,17 @@ orig=$(nvidia-smi -i 0 --query-gpu=power.limit --format=csv,noheader,nounits | c
 min=$(nvidia-smi -i 0 --query-gpu=power.min_limit --format=csv,noheader,nounits | cut -d. -f1)
 target=$(( (orig + min) / 2 ))
 for w in "$target" "$orig"; do
-    printf 'backend = "nvml"\ntick = "100ms"\n[telemetry]\nsink = "stdout"\n[[power.gpu]]\nindex = 0\nlimit_w = %s\n' "$w" > "$out/limit.toml"
+    printf 'backend = "nvml"\ntick = "100ms"\n[telemetry]\nsink = "stdout"\n[nvml]\nstate_dir = "nvml-state"\n[[power.gpu]]\nindex = 0\nlimit_w = %s\n' "$w" > "$out/limit.toml"
     "$bin" run --config "$out/limit.toml" --ticks 5 2>> "$out/limit.log" \
         | grep -o '"kind":"limit-[a-z]*"[^}]*' | tee -a "$out/limit-events.txt" || true
     nvidia-smi -i 0 --query-gpu=power.limit --format=csv,noheader | tee -a "$out/limit-events.txt"
 done
 
-echo "== calibrate"
-"$bin" calibrate 2>&1 | tee "$out/calibrate.txt" || echo "(calibrate is not in this build)"
+echo "== diag (CUDA: memory written and read back, the kernel checked against the CPU)"
+"$bin" diag 2>&1 | tee "$out/diag.txt" || true
+
+echo "== calibrate (5 limits, 2 s warm-up and 4 s measured each; the limits are put back)"
+"$bin" calibrate --config "$out/run.toml" --steps 5 --warmup 2s --measure 4s 2>&1 \
+    | tee "$out/calibrate.txt" || true
+nvidia-smi --query-gpu=index,power.limit --format=csv | tee "$out/limits-after.txt"
 echo "done: $out"
