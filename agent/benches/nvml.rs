@@ -1,5 +1,5 @@
 //! One sample of 8 GPUs through the NVML backend, against the stand-in libnvidia-ml
-//! (the real NVML code path: nvml-wrapper, the C ABI, 72 calls), next to the same node
+//! (the real NVML code path: nvml-wrapper, the C ABI, 136 calls), next to the same node
 //! sampled directly from the simulator, and a whole agent tick on NVML.
 //! Run: `cargo build --release -p gpulet-nvml-standin && cargo bench -p gpulet --bench nvml`.
 

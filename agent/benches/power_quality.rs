@@ -7,16 +7,21 @@
 //! work-versus-watts curve. Every 100 ms it re-splits the budget by greedy marginal
 //! allocation (optimal for concave curves, to 2 W), and its limits take effect at once.
 //!
+//! power-budget also runs with `use_curves` on each node, after `gpulet calibrate`'s
+//! simulated calibration of that node, and a fourth node mixes two SKUs (where curves
+//! differ between GPUs).
+//!
 //! Run: `cargo bench -p gpulet --bench power_quality`.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpulet::calibrate;
 use gpulet::clock::VirtualClock;
 use gpulet::config::Config;
-use gpulet::gpu::sim::SimNode;
 use gpulet::gpu::sim::model::Preset;
+use gpulet::gpu::sim::SimNode;
 use gpulet::setup;
 
 const SECONDS: u64 = 600;
@@ -54,6 +59,31 @@ preset = "h100-sxm"
 workload = "idle"
 count = 2
 "#;
+
+const SKUS: &str = r#"
+[[sim.gpu]]
+preset = "h100-sxm"
+workload = "training"
+count = 4
+[[sim.gpu]]
+preset = "l40s"
+workload = "training"
+count = 2
+[[sim.gpu]]
+preset = "l40s"
+workload = "inference"
+count = 2
+"#;
+
+/// What decides the limits in an agent run.
+#[derive(Clone, Copy, PartialEq)]
+enum Policy {
+    /// No plugin: the guard's equal split.
+    Equal,
+    Budget,
+    /// power-budget with `use_curves`, on the node's calibration.
+    BudgetCurves,
+}
 
 const TRACE: &str = r#"
 [[sim.gpu]]
@@ -118,29 +148,36 @@ fn energy(samples: &[gpulet::gpu::GpuSample]) -> f64 {
     samples.iter().filter_map(|s| s.energy_j.value()).sum()
 }
 
-fn config(gpus: &str, budget: f64, plugin: bool, dir: &Path) -> Config {
-    let plugin = if plugin {
-        format!(
-            "[[plugin]]\nname = \"budget\"\npath = {:?}\ngrants = [\"lower\", \"raise\"]\n",
-            gpulet_plugin_artifacts::POWER_BUDGET
-        )
-    } else {
-        String::new()
+fn config(gpus: &str, budget: f64, policy: Policy, dir: &Path) -> Config {
+    let plugin = match policy {
+        Policy::Equal => String::new(),
+        Policy::Budget | Policy::BudgetCurves => format!(
+            "[[plugin]]\nname = \"budget\"\npath = {:?}\ngrants = [\"lower\", \"raise\"]\nconfig = {{ use_curves = {} }}\n",
+            gpulet_plugin_artifacts::POWER_BUDGET,
+            policy == Policy::BudgetCurves
+        ),
     };
     let cache = dir.join("cache");
     let state = dir.join("state");
+    let calibration = dir.join("calibration.json");
     let toml = format!(
-        "[power]\nbudget_w = {budget}\n[plugins]\ncache_dir = {cache:?}\nstate_dir = {state:?}\n[sim]\nseed = 11\n{gpus}\n{plugin}"
+        "[power]\nbudget_w = {budget}\n[plugins]\ncache_dir = {cache:?}\nstate_dir = {state:?}\n[calibration]\nfile = {calibration:?}\n[sim]\nseed = 11\n{gpus}\n{plugin}"
     );
     let c = Config::parse(&toml).unwrap();
     c.validate().unwrap();
     c
 }
 
-/// The agent on a virtual clock, 1 s ticks: the equal split (no plugin) or power-budget.
-fn agent_run(gpus: &str, budget: f64, plugin: bool) -> Outcome {
+/// The agent on a virtual clock, 1 s ticks: the equal split (no plugin) or power-budget
+/// (with the curves of `gpulet calibrate` on the simulated node).
+fn agent_run(gpus: &str, budget: f64, policy: Policy) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
-    let c = config(gpus, budget, plugin, dir.path());
+    let c = config(gpus, budget, policy, dir.path());
+    if policy == Policy::BudgetCurves {
+        let settings = calibrate::Settings::default();
+        let cal = calibrate::simulated(&c.sim, Path::new("."), settings, 0).unwrap();
+        cal.save(&c.calibration.file).unwrap();
+    }
     let clock = VirtualClock::new(0);
     let backend = setup::open_backend(&c, Path::new("."), Arc::new(clock.clone())).unwrap();
     let sim = backend.sim.clone().unwrap();
@@ -159,7 +196,7 @@ fn agent_run(gpus: &str, budget: f64, plugin: bool) -> Outcome {
 /// The oracle: limits set on the node directly from its true demand every 100 ms.
 fn oracle_run(gpus: &str, budget: f64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
-    let c = config(gpus, budget, false, dir.path());
+    let c = config(gpus, budget, Policy::Equal, dir.path());
     let mut node = setup::sim_node(&c.sim, Path::new(".")).unwrap();
     let step = Duration::from_millis(100);
     let mut meter = Meter::new(budget);
@@ -212,24 +249,34 @@ fn oracle_split(node: &SimNode, budget: f64) -> Vec<f64> {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; this harness takes no options.
-    let budget = 0.6 * 8.0 * 700.0;
+    // `cargo bench` passes `--bench`; this harness takes no options. Budgets: 60% of the
+    // node's TDP.
+    let h100s = 0.6 * 8.0 * 700.0;
     println!(
-        "| node ({SECONDS} s, budget {budget:.0} W = 60% of TDP) | policy | useful work (GPU-s) | of oracle | ticks above budget: 1 s mean power (max excess) | ticks above budget: instantaneous sample (max excess) |"
+        "| node ({SECONDS} s, budget 60% of TDP) | policy | useful work (GPU-s) | of oracle | ticks above budget: 1 s mean power (max excess) | ticks above budget: instantaneous sample (max excess) |"
     );
     println!("|---|---|---|---|---|---|");
     let nodes = [
-        ("mixed synthetic", MIXED),
-        ("4 × real H100 trace, 2 inference, 2 idle", TRACE_MIXED),
-        ("8 × real H100 trace", TRACE),
+        ("mixed synthetic", MIXED, h100s),
+        ("4 × real H100 trace, 2 inference, 2 idle", TRACE_MIXED, h100s),
+        ("8 × real H100 trace", TRACE, h100s),
+        (
+            "4 × H100 training, 2 × L40S training, 2 × L40S inference",
+            SKUS,
+            0.6 * (4.0 * 700.0 + 4.0 * 350.0),
+        ),
     ];
-    for (name, gpus) in nodes {
+    for (name, gpus, budget) in nodes {
         let oracle = oracle_run(gpus, budget);
-        let equal = agent_run(gpus, budget, false);
-        let split = agent_run(gpus, budget, true);
-        for (policy, o) in
-            [("oracle", &oracle), ("static equal split", &equal), ("power-budget plugin", &split)]
-        {
+        let equal = agent_run(gpus, budget, Policy::Equal);
+        let split = agent_run(gpus, budget, Policy::Budget);
+        let curves = agent_run(gpus, budget, Policy::BudgetCurves);
+        for (policy, o) in [
+            ("oracle", &oracle),
+            ("static equal split", &equal),
+            ("power-budget plugin", &split),
+            ("power-budget, use_curves", &curves),
+        ] {
             println!(
                 "| {name} | {policy} | {:.0} | {:.1}% | {} of {} ({:.1} W) | {} of {} ({:.0} W) |",
                 o.work,

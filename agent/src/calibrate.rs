@@ -173,6 +173,21 @@ impl Load for SimLoad {
     }
 }
 
+/// `gpulet calibrate` on the simulated node `sim` describes (the same GPUs, UUIDs and
+/// physics as the agent's), on a virtual clock.
+pub fn simulated(
+    sim: &crate::config::SimConfig,
+    base_dir: &Path,
+    settings: Settings,
+    created_ms: u64,
+) -> Result<Calibration, crate::error::Error> {
+    let clock = VirtualClock::new(created_ms);
+    let node = crate::setup::sim_node(sim, base_dir)?;
+    let mut backend = crate::gpu::sim::SimBackend::new(node, Arc::new(clock.clone()));
+    let mut load = SimLoad::start(backend.handle(), clock);
+    Ok(run(&mut backend, &mut load, settings, created_ms)?)
+}
+
 /// Measure the curve of every GPU whose limit can be set, with `load` running. The
 /// limits found at start are put back before returning, also on error.
 pub fn run(

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use gpulet::agent::{Pacing, shutdown_signal};
-use gpulet::calibrate::{self, SimLoad};
-use gpulet::clock::{Clock, SystemClock, VirtualClock};
+use gpulet::calibrate;
+use gpulet::clock::{Clock, SystemClock};
 use gpulet::config::{BackendKind, Config, ConfigError, ConfigErrors, Loaded};
 use gpulet::error::Error;
 use gpulet::plugin::dry_run::{self, SnapshotFile};
@@ -457,17 +457,12 @@ fn run(command: Command) -> Result<(), Error> {
             let path = out.unwrap_or_else(|| loaded.base_dir.join(&loaded.config.calibration.file));
             let wall = SystemClock::new();
             let c = match loaded.config.backend {
-                BackendKind::Sim => {
-                    let clock = VirtualClock::new(wall.wall_ms());
-                    let opened = setup::open_backend(
-                        &loaded.config,
-                        &loaded.base_dir,
-                        Arc::new(clock.clone()),
-                    )?;
-                    let mut load = SimLoad::start(opened.sim.expect("a simulated backend"), clock);
-                    let mut backend = opened.backend;
-                    calibrate::run(&mut *backend, &mut load, settings, wall.wall_ms())?
-                }
+                BackendKind::Sim => calibrate::simulated(
+                    &loaded.config.sim,
+                    &loaded.base_dir,
+                    settings,
+                    wall.wall_ms(),
+                )?,
                 BackendKind::Nvml => {
                     // CUDA first: without it nothing is touched.
                     cuda::available()?;

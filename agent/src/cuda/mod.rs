@@ -76,19 +76,22 @@ fn uuid_string(bytes: &[std::ffi::c_char; 16]) -> String {
     format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
 }
 
-/// A CUDA context on the GPU NVML calls `gpu`, found by UUID.
+/// A CUDA context on the GPU NVML calls `gpu`, found by UUID (without making a context
+/// on any other GPU: each costs hundreds of MiB of GPU memory).
 fn context(gpu: &GpuInfo) -> Result<Arc<CudaContext>, CudaError> {
+    use cudarc::driver::result::{device, init};
     available()?;
     let i = gpu.index;
-    let count = CudaContext::device_count().map_err(failed(i, "counting the GPUs (cuInit)"))?;
-    for ordinal in 0..count.max(0) as usize {
-        let ctx = CudaContext::new(ordinal).map_err(failed(i, "creating a context"))?;
-        let uuid = ctx.uuid().map_err(failed(i, "reading the UUID"))?;
+    init().map_err(failed(i, "initialising CUDA (cuInit)"))?;
+    let count = device::get_count().map_err(failed(i, "counting the GPUs"))?;
+    for ordinal in 0..count.max(0) {
+        let dev = device::get(ordinal).map_err(failed(i, "opening a GPU"))?;
+        let uuid = device::get_uuid(dev).map_err(failed(i, "reading a GPU's UUID"))?;
         if uuid_string(&uuid.bytes).eq_ignore_ascii_case(&gpu.uuid) {
-            return Ok(ctx);
+            return CudaContext::new(ordinal as usize).map_err(failed(i, "creating a context"));
         }
     }
-    Err(CudaError::NotVisible { gpu: gpu.index, uuid: gpu.uuid.clone() })
+    Err(CudaError::NotVisible { gpu: i, uuid: gpu.uuid.clone() })
 }
 
 /// The kernel loaded on a context, with a grid that fills the GPU and its output buffer.
@@ -271,8 +274,9 @@ pub struct DiagReport {
     /// What failed, and how, when not ok.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Steps done, with their numbers.
+    /// Memory written and read back.
     pub memory_mib: u64,
+    /// What each step measured (absent for a step not reached).
     pub write_gb_s: Option<f64>,
     pub read_gb_s: Option<f64>,
     pub kernel_ms: Option<f64>,

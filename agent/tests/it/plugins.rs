@@ -336,24 +336,13 @@ fn plugin_state_and_metrics_survive_an_agent_restart() {
 
 #[test]
 fn power_plugins_get_the_calibrated_curves_and_0_1_0_plugins_still_run() {
-    use gpulet::calibrate::{self, SimLoad};
-    use gpulet::clock::VirtualClock;
-    use gpulet::gpu::sim::SimBackend;
-    use std::sync::Arc;
-
     let dir = tempfile::tempdir().unwrap();
     // Calibrate the same node as `with_plugin`'s (same GPUs, same seed: same UUIDs), and
     // keep GPU 0's curve only.
     let node = "[[sim.gpu]]\npreset = \"a100-sxm4\"\nworkload = \"training\"\ncount = 2\n";
     let config = gpulet::config::Config::parse(node).unwrap();
-    let clock = VirtualClock::new(0);
-    let mut backend = SimBackend::new(
-        gpulet::setup::sim_node(&config.sim, dir.path()).unwrap(),
-        Arc::new(clock.clone()),
-    );
-    let mut load = SimLoad::start(backend.handle(), clock);
-    let settings = calibrate::Settings { steps: 4, ..Default::default() };
-    let mut c = calibrate::run(&mut backend, &mut load, settings, 0).unwrap();
+    let settings = gpulet::calibrate::Settings { steps: 4, ..Default::default() };
+    let mut c = gpulet::calibrate::simulated(&config.sim, dir.path(), settings, 0).unwrap();
     c.gpus.truncate(1);
     c.save(&dir.path().join("cal.json")).unwrap();
 

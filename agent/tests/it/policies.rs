@@ -178,24 +178,14 @@ fn idle_saver_parks_an_idle_gpu_and_a_guard_after_a_splitter_only_lowers() {
 
 #[test]
 fn power_budget_can_split_by_calibrated_curves_on_a_mixed_node() {
-    use gpulet::calibrate::{self, SimLoad};
-    use gpulet::clock::VirtualClock;
-    use gpulet::gpu::sim::SimBackend;
-    use std::sync::Arc;
-
     let gpus = "[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"training\"\ncount = 2\n[[sim.gpu]]\npreset = \"l40s\"\nworkload = \"training\"\ncount = 2";
     let power = "budget_w = 900";
     let budget = plugin("budget", wasm::POWER_BUDGET, "[\"lower\", \"raise\"]", "{}");
     let (with, without) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // `gpulet calibrate` on the same node (same seed: same UUIDs).
     let config = gpulet::config::Config::parse(&format!("[sim]\nseed = 3\n{gpus}")).unwrap();
-    let clock = VirtualClock::new(0);
-    let mut backend = SimBackend::new(
-        gpulet::setup::sim_node(&config.sim, with.path()).unwrap(),
-        Arc::new(clock.clone()),
-    );
-    let mut load = SimLoad::start(backend.handle(), clock);
-    calibrate::run(&mut backend, &mut load, calibrate::Settings::default(), 0)
+    let settings = gpulet::calibrate::Settings::default();
+    gpulet::calibrate::simulated(&config.sim, with.path(), settings, 0)
         .unwrap()
         .save(&with.path().join("cal.json"))
         .unwrap();
