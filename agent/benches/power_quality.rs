@@ -20,8 +20,8 @@ use std::time::Duration;
 use gpulet::calibrate;
 use gpulet::clock::VirtualClock;
 use gpulet::config::Config;
-use gpulet::gpu::sim::model::Preset;
 use gpulet::gpu::sim::SimNode;
+use gpulet::gpu::sim::model::Preset;
 use gpulet::setup;
 
 const SECONDS: u64 = 600;

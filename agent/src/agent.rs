@@ -12,7 +12,8 @@
 //! [`Agent::run`] drives ticks from a timer until the tick count is reached or a
 //! shutdown signal arrives; the reasons the loop wakes are the arms of its one `select!`:
 //! shutdown (SIGINT, SIGTERM), reload (SIGHUP: the plugins are reloaded from the config
-//! file), a control request (a fleet command, or the MQTT link asking for the birth
+//! file), clear health (SIGUSR1: the local way to clear every GPU's sticky `degraded`
+//! state, as the `clear-health` command does over MQTT), a control request (a fleet command, or the MQTT link asking for the birth
 //! message), and the tick timer. Commands run between ticks, never inside one.
 
 use std::collections::BTreeMap;
@@ -657,6 +658,17 @@ impl Agent {
         self.pending.extend(events);
     }
 
+    /// Clear every GPU's sticky `degraded` state (SIGUSR1): what an operator on the node
+    /// does after dealing with the XIDs. Lost GPUs stay lost.
+    pub fn clear_all_health(&mut self) {
+        for gpu in 0..self.inventory.len() as u32 {
+            if let Err(e) = self.backend.clear_health(gpu) {
+                warn!(gpu, error = %e, "cannot clear the GPU's health");
+            }
+        }
+        info!("GPU health cleared (SIGUSR1)");
+    }
+
     /// Reload plugins with `reload` on SIGHUP (and on [`Agent::reload`]).
     pub fn set_reload(&mut self, reload: Reload) {
         self.reload = Some(reload);
@@ -690,6 +702,10 @@ impl Agent {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP; plugins will not be reloaded on it"))
             .ok();
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .inspect_err(|e| warn!(error = %e, "cannot listen for SIGUSR1; GPU health can be cleared only by command"))
+                .ok();
         let mut done = 0u64;
         info!(node = %self.node, backend = self.backend.kind(), gpus = self.inventory.len(), tick = ?self.tick, "agent started");
         while ticks.is_none_or(|n| done < n) {
@@ -704,6 +720,10 @@ impl Agent {
                     if let Some(c) = &self.changed {
                         c.notify_one();
                     }
+                    continue;
+                }
+                Some(()) = recv(&mut usr1) => {
+                    self.clear_all_health();
                     continue;
                 }
                 Some(c) = recv_control(&mut self.control) => {
@@ -729,7 +749,7 @@ impl Agent {
     }
 }
 
-/// The next SIGHUP; never, if there is no listener.
+/// The next signal; never, if there is no listener.
 async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     match s {
         Some(s) => s.recv().await,

@@ -123,11 +123,15 @@ impl Running {
         })
     }
 
+    /// Send the agent a signal (`-TERM`, `-USR1`).
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
     /// SIGTERM, and the exit status.
     fn stop(mut self) -> std::process::ExitStatus {
-        let ok =
-            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(ok.success());
+        self.signal("-TERM");
         self.child.wait().unwrap()
     }
 }
@@ -298,6 +302,12 @@ fn xid_events_arrive_through_the_event_api() {
         (1, Some(0), Some(31)),
         "{xs:?}"
     );
+    // On the node, after dealing with it: SIGUSR1 clears the sticky state.
+    assert_eq!(recs.last().unwrap()["gpus"][1]["health"], "degraded");
+    agent.signal("-USR1");
+    let recs = agent.until("GPU 1 healthy again", |r| r["gpus"][1]["health"] == "ok");
+    let h = events(&recs, "health");
+    assert_eq!((h[0]["gpu"].as_u64(), h[0]["to"].as_str()), (Some(1), Some("ok")), "{h:?}");
 }
 
 #[test]
