@@ -561,10 +561,8 @@ impl Agent {
     /// `path` already holds limits, the last run did not stop cleanly: they are put back
     /// now (and reported with the first tick) and kept for this run's stop.
     pub fn keep_start_limits(&mut self, path: std::path::PathBuf) -> std::io::Result<()> {
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let saved: BTreeMap<String, f64> = serde_json::from_slice(&bytes)
-                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        match read_start_limits(&path)? {
+            Some(saved) => {
                 warn!(path = %path.display(), "the last run did not stop cleanly; putting back the limits from before it");
                 let events = self.put_limits(
                     &saved,
@@ -572,26 +570,7 @@ impl Agent {
                 );
                 self.pending.extend(events);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let found: BTreeMap<String, f64> = self
-                    .backend
-                    .sample_all()
-                    .iter()
-                    .filter_map(|s| {
-                        Some((
-                            self.inventory[s.index as usize].uuid.clone(),
-                            s.power_limit_w.value()?,
-                        ))
-                    })
-                    .collect();
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, serde_json::to_vec(&found).expect("limits serialise"))?;
-                std::fs::rename(&tmp, &path)?;
-            }
-            Err(e) => return Err(e),
+            None => write_start_limits(&path, &current_limits(&mut *self.backend))?,
         }
         self.start_limits = Some(path);
         Ok(())
@@ -606,10 +585,7 @@ impl Agent {
             sink.close();
         }
         let Some(path) = self.start_limits.take() else { return };
-        let saved: BTreeMap<String, f64> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let saved = read_start_limits(&path).ok().flatten().unwrap_or_default();
         let events = self.put_limits(&saved, "the limit from before the agent started");
         let failed = events.iter().any(|e| matches!(e, Event::LimitFailed { .. }));
         if failed {
@@ -747,6 +723,42 @@ impl Agent {
         }
         done
     }
+}
+
+/// The limits found at start, by GPU UUID, as kept on disk (`start-limits.json` in
+/// `[nvml] state_dir`) while an agent or a calibration runs: a file left behind means
+/// that run did not stop cleanly, and the next one puts these back.
+pub type StartLimits = BTreeMap<String, f64>;
+
+/// Each GPU's enforced limit now, by UUID.
+pub fn current_limits(backend: &mut dyn GpuBackend) -> StartLimits {
+    let inventory = backend.inventory().to_vec();
+    backend
+        .sample_all()
+        .iter()
+        .filter_map(|s| Some((inventory[s.index as usize].uuid.clone(), s.power_limit_w.value()?)))
+        .collect()
+}
+
+/// The kept limits, or `None` when there is no file.
+pub fn read_start_limits(path: &std::path::Path) -> std::io::Result<Option<StartLimits>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Keep `limits` at `path` (written aside and renamed: never half a file).
+pub fn write_start_limits(path: &std::path::Path, limits: &StartLimits) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(limits).expect("limits serialise"))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The next signal; never, if there is no listener.

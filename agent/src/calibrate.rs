@@ -5,7 +5,8 @@
 //! kernel on real GPUs, a compute-bound job on the simulator), steps the power limit
 //! down from the maximum to the minimum through the backend, and at each step measures,
 //! after a warm-up, the work done and the energy used. The limits found at start are put
-//! back afterwards, whatever happened. The result is kept in a file
+//! back afterwards, also after an error, a panic or SIGINT/SIGTERM, and kept on disk
+//! meanwhile so that an agent starting after a crash puts them back ([`Safety`]). The result is kept in a file
 //! ([`CalibrationConfig::file`](crate::config::CalibrationConfig)); the agent reads it at
 //! start, publishes it in the MQTT birth and hands each GPU's curve to power plugins.
 //!
@@ -15,10 +16,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent::{current_limits, read_start_limits, write_start_limits};
 use crate::clock::VirtualClock;
 use crate::cuda::{CudaError, CudaLoad};
 use crate::gpu::sim::SimHandle;
@@ -27,8 +30,8 @@ use crate::gpu::{GpuBackend, GpuError, GpuInfo};
 /// The `schema` of a calibration file of this layout.
 pub const SCHEMA: &str = "gpulet.calibration.v1";
 /// How often power is sampled while measuring (energy is integrated from it on GPUs
-/// without a counter).
-const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// without a counter); the shortest measuring time.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// A calibration file: one curve per GPU.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,10 +82,14 @@ pub enum CalibrateError {
         "calibration sets power limits, and GPU {gpu} refused: {error}. Run `gpulet calibrate` as root (or with CAP_SYS_ADMIN), with the GPUs idle"
     )]
     SetLimit { gpu: u32, error: GpuError },
-    #[error("no GPU of this node allows setting its power limit: there is nothing to calibrate")]
+    #[error(
+        "no GPU of this node can be calibrated (none allows setting its power limit outside MIG mode)"
+    )]
     NothingToCalibrate,
     #[error("GPU {0} stopped answering during calibration")]
     Lost(u32),
+    #[error("calibration interrupted; the limits found at start were put back")]
+    Interrupted,
     #[error("calibration file {path}: {error}")]
     File { path: String, error: String },
 }
@@ -174,7 +181,7 @@ impl Load for SimLoad {
 }
 
 /// `gpulet calibrate` on the simulated node `sim` describes (the same GPUs, UUIDs and
-/// physics as the agent's), on a virtual clock.
+/// physics as the agent's; its scheduled faults left out), on a virtual clock.
 pub fn simulated(
     sim: &crate::config::SimConfig,
     base_dir: &Path,
@@ -182,35 +189,85 @@ pub fn simulated(
     created_ms: u64,
 ) -> Result<Calibration, crate::error::Error> {
     let clock = VirtualClock::new(created_ms);
-    let node = crate::setup::sim_node(sim, base_dir)?;
+    let sim = crate::config::SimConfig { faults: Vec::new(), ..sim.clone() };
+    let node = crate::setup::sim_node(&sim, base_dir)?;
     let mut backend = crate::gpu::sim::SimBackend::new(node, Arc::new(clock.clone()));
     let mut load = SimLoad::start(backend.handle(), clock);
-    Ok(run(&mut backend, &mut load, settings, created_ms)?)
+    Ok(run(&mut backend, &mut load, settings, created_ms, &Safety::default())?)
 }
 
-/// Measure the curve of every GPU whose limit can be set, with `load` running. The
-/// limits found at start are put back before returning, also on error.
+/// Whether a GPU can be calibrated: its limit can be set, and it is a whole GPU (MIG
+/// instances share its power; CUDA sees the instances, not the GPU).
+pub fn calibratable(g: &GpuInfo) -> bool {
+    g.can_set_power_limit && g.mig_enabled != Some(true)
+}
+
+/// What keeps a sweep from leaving a GPU at a low limit.
+#[derive(Debug, Default)]
+pub struct Safety {
+    /// Where the limits found are kept while the sweep runs, in the agent's
+    /// `start-limits.json` format: if calibration dies (SIGKILL, power loss), the agent's
+    /// next start puts them back. If the file is already there (an agent or calibration
+    /// that did not stop cleanly), its limits are the ones put back.
+    pub keep: Option<std::path::PathBuf>,
+    /// Set (by SIGINT or SIGTERM) to stop the sweep early; the limits are put back.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Measure the curve of every [`calibratable`] GPU, with `load` running. The limits found
+/// at start are put back before returning, also on an error or a panic; the limits are
+/// kept on disk meanwhile (see [`Safety`]).
 pub fn run(
     backend: &mut dyn GpuBackend,
     load: &mut dyn Load,
     settings: Settings,
     created_ms: u64,
+    safety: &Safety,
 ) -> Result<Calibration, CalibrateError> {
     let inventory: Vec<GpuInfo> = backend.inventory().to_vec();
-    let gpus: Vec<&GpuInfo> = inventory.iter().filter(|g| g.can_set_power_limit).collect();
+    let gpus: Vec<&GpuInfo> = inventory.iter().filter(|g| calibratable(g)).collect();
     if gpus.is_empty() {
         return Err(CalibrateError::NothingToCalibrate);
     }
-    let found: Vec<Option<f64>> =
-        backend.sample_all().iter().map(|s| s.power_limit_w.value()).collect();
-    let result = measure(backend, load, settings, &gpus);
+    let keep_err = |e: std::io::Error| CalibrateError::File {
+        path: safety.keep.as_ref().map_or(String::new(), |p| p.display().to_string()),
+        error: format!("cannot keep the limits found while calibrating: {e}"),
+    };
+    let kept = match &safety.keep {
+        Some(path) => read_start_limits(path).map_err(keep_err)?,
+        None => None,
+    };
+    let owned = kept.is_none();
+    let originals = match kept {
+        Some(limits) => limits,
+        None => {
+            let found = current_limits(backend);
+            if let Some(path) = &safety.keep {
+                write_start_limits(path, &found).map_err(keep_err)?;
+            }
+            found
+        }
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        measure(backend, load, settings, &gpus, &safety.stop)
+    }));
+    let mut restored = true;
     for g in &gpus {
-        let to = found[g.index as usize].unwrap_or(g.power_limit.default_w);
+        let to = originals.get(&g.uuid).copied().unwrap_or(g.power_limit.default_w);
         if let Err(e) = backend.set_power_limit(g.index, g.power_limit.clamp(to)) {
-            tracing::error!(gpu = g.index, error = %e, "could not put the power limit back after calibration");
+            restored = false;
+            tracing::error!(gpu = g.index, error = %e, "could not put the power limit back after calibration; the agent's next start tries again");
         }
     }
-    let points = result?;
+    if let (true, true, Some(path)) = (restored, owned, &safety.keep)
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the kept limits");
+    }
+    let points = match result {
+        Ok(r) => r?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
     Ok(Calibration {
         schema: SCHEMA.into(),
         created_ms,
@@ -235,6 +292,7 @@ fn measure(
     load: &mut dyn Load,
     settings: Settings,
     gpus: &[&GpuInfo],
+    stop: &AtomicBool,
 ) -> Result<Vec<Vec<Point>>, CalibrateError> {
     let steps = settings.steps.max(2);
     let mut curves = vec![Vec::with_capacity(steps as usize); gpus.len()];
@@ -247,9 +305,9 @@ fn measure(
                 .set_power_limit(g.index, c.clamp(w))
                 .map_err(|error| CalibrateError::SetLimit { gpu: g.index, error })?;
         }
-        pass(backend, load, settings.warmup)?;
+        pass(backend, load, settings.warmup, stop)?;
         let (w0, t0) = (load.work()?, load.elapsed());
-        let during = pass(backend, load, settings.measure)?;
+        let during = pass(backend, load, settings.measure, stop)?;
         let (w1, t1) = (load.work()?, load.elapsed());
         let secs = (t1 - t0).as_secs_f64().max(1e-9);
         for (curve, g) in curves.iter_mut().zip(gpus) {
@@ -289,6 +347,7 @@ fn pass(
     backend: &mut dyn GpuBackend,
     load: &mut dyn Load,
     d: Duration,
+    stop: &AtomicBool,
 ) -> Result<Vec<Option<PassStats>>, CalibrateError> {
     let first = backend.sample_all();
     let t0 = load.elapsed();
@@ -297,6 +356,9 @@ fn pass(
     let mut last = first.clone();
     let mut left = d;
     while !left.is_zero() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(CalibrateError::Interrupted);
+        }
         let step = left.min(SAMPLE_EVERY);
         load.wait(step);
         left -= step;
@@ -406,7 +468,7 @@ mod tests {
             GpuSpec::new(l40s, WorkloadKind::Training),
         ]);
         backend.set_power_limit(0, 550.0).unwrap();
-        let c = run(&mut backend, &mut load, Settings::default(), 42).unwrap();
+        let c = run(&mut backend, &mut load, Settings::default(), 42, &Safety::default()).unwrap();
         assert_eq!((c.gpus.len(), c.load.as_str(), c.created_ms), (2, "sim-compute", 42));
         for curve in &c.gpus {
             let p = &curve.points;
@@ -428,11 +490,38 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_sweep_puts_the_limits_back_and_kept_limits_win() {
+        let h100 = Preset::by_key("h100-sxm").unwrap();
+        let idle = GpuSpec::new(h100, WorkloadKind::Idle);
+        let (mut backend, mut load) = sim(&[idle.clone(), idle]);
+        backend.set_power_limit(0, 600.0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("nvml/start-limits.json");
+        let safety = Safety { keep: Some(keep.clone()), stop: Arc::new(AtomicBool::new(true)) };
+        let e = run(&mut backend, &mut load, Settings::default(), 0, &safety).unwrap_err();
+        assert!(matches!(e, CalibrateError::Interrupted), "{e}");
+        let limits = |b: &mut SimBackend| -> Vec<Option<f64>> {
+            b.sample_all().iter().map(|s| s.power_limit_w.value()).collect()
+        };
+        assert_eq!(limits(&mut backend), [Some(600.0), Some(700.0)]);
+        assert!(!keep.exists(), "kept while it ran, removed once put back");
+
+        // Limits left by a run that did not stop cleanly are the ones put back, and stay.
+        let uuid = backend.inventory()[0].uuid.clone();
+        write_start_limits(&keep, &[(uuid, 450.0)].into_iter().collect()).unwrap();
+        let safety = Safety { keep: Some(keep.clone()), ..Safety::default() };
+        let settings = Settings { steps: 2, ..Settings::default() };
+        run(&mut backend, &mut load, settings, 0, &safety).unwrap();
+        assert_eq!(limits(&mut backend), [Some(450.0), Some(700.0)]);
+        assert!(keep.exists(), "the agent's next start still puts them back");
+    }
+
+    #[test]
     fn a_file_round_trips_and_bad_files_are_refused_with_the_reason() {
         let (mut backend, mut load) =
             sim(&[GpuSpec::new(Preset::by_key("a100-sxm4").unwrap(), WorkloadKind::Idle)]);
         let settings = Settings { steps: 3, ..Settings::default() };
-        let c = run(&mut backend, &mut load, settings, 1).unwrap();
+        let c = run(&mut backend, &mut load, settings, 1, &Safety::default()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/calibration.json");
         c.save(&path).unwrap();

@@ -454,6 +454,13 @@ fn run(command: Command) -> Result<(), Error> {
             let loaded = load_or_demo(config, backend)?;
             let settings =
                 calibrate::Settings { steps, warmup: warmup.into(), measure: measure.into() };
+            if settings.measure < calibrate::SAMPLE_EVERY {
+                return Err(ConfigErrors(vec![ConfigError::invalid(
+                    "--measure",
+                    format!("{measure} is too short; accepted: 100ms or more"),
+                )])
+                .into());
+            }
             let path = out.unwrap_or_else(|| loaded.base_dir.join(&loaded.config.calibration.file));
             let wall = SystemClock::new();
             let c = match loaded.config.backend {
@@ -469,8 +476,34 @@ fn run(command: Command) -> Result<(), Error> {
                     let opened =
                         setup::open_backend(&loaded.config, &loaded.base_dir, wall.clone())?;
                     let mut backend = opened.backend;
-                    let mut load = cuda::CudaLoad::start(backend.inventory())?;
-                    calibrate::run(&mut *backend, &mut load, settings, wall.wall_ms())?
+                    let mut load =
+                        cuda::CudaLoad::start(backend.inventory(), calibrate::calibratable)?;
+                    // The limits found are kept where the agent keeps its own, so that the
+                    // agent puts them back if calibration dies; SIGINT and SIGTERM stop
+                    // the sweep and put them back at once.
+                    let keep = loaded.config.nvml.restore_limits.then(|| {
+                        loaded
+                            .base_dir
+                            .join(&loaded.config.nvml.state_dir)
+                            .join("start-limits.json")
+                    });
+                    let safety = calibrate::Safety { keep, ..Default::default() };
+                    let stop = safety.stop.clone();
+                    let created = wall.wall_ms();
+                    block_on(async move {
+                        let sweep = tokio::task::spawn_blocking(move || {
+                            calibrate::run(&mut *backend, &mut load, settings, created, &safety)
+                        });
+                        tokio::pin!(sweep);
+                        tokio::select! {
+                            r = &mut sweep => r,
+                            () = shutdown_signal() => {
+                                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                                sweep.await
+                            }
+                        }
+                    })?
+                    .map_err(|e| Error::Command(format!("calibration stopped: {e}")))??
                 }
             };
             c.save(&path)?;
@@ -514,20 +547,27 @@ fn run(command: Command) -> Result<(), Error> {
             } else {
                 for r in &reports {
                     let num = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+                    let status = match (&r.skipped, r.ok) {
+                        (Some(_), _) => "skipped",
+                        (None, true) => "ok",
+                        (None, false) => "FAILED",
+                    };
                     println!(
-                        "GPU {} {}: {}  write {} GB/s, read {} GB/s, kernel {} ms ({} GFLOP/s){}",
+                        "GPU {} {}: {status}  write {} GB/s, read {} GB/s, kernel {} ms ({} GFLOP/s){}",
                         r.gpu,
                         r.uuid,
-                        if r.ok { "ok" } else { "FAILED" },
                         num(r.write_gb_s),
                         num(r.read_gb_s),
                         num(r.kernel_ms),
                         num(r.gflop_s),
-                        r.error.as_deref().map_or(String::new(), |e| format!("\n  {e}"))
+                        r.error
+                            .as_ref()
+                            .or(r.skipped.as_ref())
+                            .map_or(String::new(), |e| format!("\n  {e}"))
                     );
                 }
             }
-            let failed = reports.iter().filter(|r| !r.ok).count();
+            let failed = reports.iter().filter(|r| r.failed()).count();
             if failed > 0 {
                 return Err(Error::Command(format!(
                     "{failed} of {} GPUs failed the check",

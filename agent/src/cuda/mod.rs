@@ -53,6 +53,9 @@ pub enum CudaError {
     NotVisible { gpu: u32, uuid: String },
     #[error("GPU {gpu}: {step} failed: {error}")]
     Step { gpu: u32, step: &'static str, error: String },
+    /// Another process holds the GPU (exclusive compute mode) or its memory.
+    #[error("GPU {gpu} is busy ({step}: {error}): another process holds it or its memory")]
+    Busy { gpu: u32, step: &'static str, error: String },
     #[error("CUDA: {0}")]
     Other(String),
 }
@@ -146,7 +149,13 @@ impl Burner {
 
 /// The error of a CUDA call made for `step` on GPU `gpu`.
 fn failed(gpu: u32, step: &'static str) -> impl Fn(DriverError) -> CudaError {
-    move |e| CudaError::Step { gpu, step, error: e.to_string() }
+    use cudarc::driver::sys::CUresult;
+    move |e| match e.0 {
+        CUresult::CUDA_ERROR_OUT_OF_MEMORY | CUresult::CUDA_ERROR_DEVICE_UNAVAILABLE => {
+            CudaError::Busy { gpu, step, error: e.to_string() }
+        }
+        _ => CudaError::Step { gpu, step, error: e.to_string() },
+    }
 }
 
 /// What the kernel stores for thread `id` after `iterations`, computed on the CPU.
@@ -168,22 +177,27 @@ pub fn burn_reference(id: u32, iterations: u32) -> f32 {
 /// The calibration load: the kernel running back to back on each GPU, each on a thread
 /// of its own, counting the FLOPs of every launch that finished.
 pub struct CudaLoad {
-    flops: Vec<Arc<AtomicU64>>,
+    /// Per GPU of the inventory; `None` for one without the load.
+    flops: Vec<Option<Arc<AtomicU64>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<(), CudaError>>>,
     started: Instant,
 }
 
 impl CudaLoad {
-    /// Start the load on `gpus` (all of them, concurrently, as a real job would run).
-    pub fn start(gpus: &[GpuInfo]) -> Result<CudaLoad, CudaError> {
+    /// Start the load on the GPUs of `inventory` that `on` picks (concurrently, as a real
+    /// job would run).
+    pub fn start(
+        inventory: &[GpuInfo],
+        on: impl Fn(&GpuInfo) -> bool,
+    ) -> Result<CudaLoad, CudaError> {
         available()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut load =
-            CudaLoad { flops: Vec::new(), stop, threads: Vec::new(), started: Instant::now() };
-        for g in gpus {
+        let flops = vec![None; inventory.len()];
+        let mut load = CudaLoad { flops, stop, threads: Vec::new(), started: Instant::now() };
+        for g in inventory.iter().filter(|g| on(g)) {
             let (counter, stop) = (Arc::new(AtomicU64::new(0)), load.stop.clone());
-            load.flops.push(counter.clone());
+            load.flops[g.index as usize] = Some(counter.clone());
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let g = g.clone();
             let t = std::thread::Builder::new()
@@ -201,15 +215,19 @@ impl CudaLoad {
         Ok(load)
     }
 
-    /// FLOPs done on each GPU since the start, in GFLOP. An error if a GPU's load
-    /// stopped (its thread says why).
+    /// FLOPs done on each GPU of the inventory since the start, in GFLOP (0 where there
+    /// is no load). An error if a GPU's load stopped (its thread says why).
     pub fn gflop(&mut self) -> Result<Vec<f64>, CudaError> {
         if let Some(i) = self.threads.iter().position(JoinHandle::is_finished) {
             let t = self.threads.remove(i);
             self.stop();
             return Err(stopped(t));
         }
-        Ok(self.flops.iter().map(|f| f.load(Ordering::Relaxed) as f64 / 1e9).collect())
+        Ok(self
+            .flops
+            .iter()
+            .map(|f| f.as_ref().map_or(0.0, |f| f.load(Ordering::Relaxed) as f64 / 1e9))
+            .collect())
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -270,8 +288,12 @@ fn burn_loop(
 pub struct DiagReport {
     pub gpu: u32,
     pub uuid: String,
+    /// Every step passed.
     pub ok: bool,
-    /// What failed, and how, when not ok.
+    /// Why the GPU was not checked (MIG, held by another process): not a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// What failed, and how.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Memory written and read back.
@@ -283,13 +305,27 @@ pub struct DiagReport {
     pub gflop_s: Option<f64>,
 }
 
+impl DiagReport {
+    /// Checked and found wanting (a skipped GPU did not fail).
+    pub fn failed(&self) -> bool {
+        !self.ok && self.skipped.is_none()
+    }
+}
+
 /// Memory tested per GPU: enough to cross many pages and DRAM channels, small enough to
 /// run beside a job.
 const DIAG_BYTES: usize = 256 << 20;
-const DIAG_ITERATIONS: u32 = 4096;
+/// The checked run: short, since the CPU recomputes a sample of its threads.
+const CHECK_ITERATIONS: u32 = 1024;
+/// Every thread of the first and last block, and one in this many between, are
+/// recomputed on the CPU (a few hundred thousand FMAs: milliseconds, also without a
+/// hardware FMA).
+const CHECK_EVERY: usize = 101;
+/// The timed run: long enough (milliseconds) to measure the FP32 rate.
+const TIME_ITERATIONS: u32 = 65_536;
 
 /// `gpulet diag`: on each GPU, a context, an allocation written with a pattern and read
-/// back, and the kernel run and checked against the CPU.
+/// back, and the kernel run, timed and checked against the CPU.
 pub fn diag(gpus: &[GpuInfo]) -> Result<Vec<DiagReport>, CudaError> {
     available()?;
     Ok(gpus.iter().map(diag_one).collect())
@@ -300,6 +336,7 @@ fn diag_one(gpu: &GpuInfo) -> DiagReport {
         gpu: gpu.index,
         uuid: gpu.uuid.clone(),
         ok: false,
+        skipped: None,
         error: None,
         memory_mib: (DIAG_BYTES >> 20) as u64,
         write_gb_s: None,
@@ -307,8 +344,13 @@ fn diag_one(gpu: &GpuInfo) -> DiagReport {
         kernel_ms: None,
         gflop_s: None,
     };
+    if gpu.mig_enabled == Some(true) {
+        r.skipped = Some("MIG is enabled: CUDA sees its instances, not the GPU; run diag in a container given one instance".into());
+        return r;
+    }
     match diag_steps(gpu, &mut r) {
         Ok(()) => r.ok = true,
+        Err(e @ CudaError::Busy { .. }) => r.skipped = Some(e.to_string()),
         Err(e) => r.error = Some(e.to_string()),
     }
     r
@@ -343,18 +385,13 @@ fn diag_steps(gpu: &GpuInfo, r: &mut DiagReport) -> Result<(), CudaError> {
     }
     drop(dev);
     let mut burner = Burner::new(i, &ctx)?;
-    let t = Instant::now();
-    burner.run(DIAG_ITERATIONS)?;
-    let secs = t.elapsed().as_secs_f64();
+    burner.run(CHECK_ITERATIONS)?;
     let out = burner.result()?;
-    r.kernel_ms = Some(secs * 1000.0);
-    r.gflop_s = Some(
-        burner.threads() as f64 * f64::from(DIAG_ITERATIONS) * FLOP_PER_ITERATION as f64
-            / secs
-            / 1e9,
-    );
-    for (id, got) in out.iter().enumerate() {
-        let want = burn_reference(id as u32, DIAG_ITERATIONS);
+    let block = THREADS_PER_BLOCK as usize;
+    let sampled = (0..out.len())
+        .filter(|&id| id < block || id >= out.len().saturating_sub(block) || id % CHECK_EVERY == 0);
+    for id in sampled {
+        let (got, want) = (out[id], burn_reference(id as u32, CHECK_ITERATIONS));
         if got.to_bits() != want.to_bits() {
             return Err(CudaError::Step {
                 gpu: i,
@@ -365,6 +402,12 @@ fn diag_steps(gpu: &GpuInfo, r: &mut DiagReport) -> Result<(), CudaError> {
             });
         }
     }
+    let t = Instant::now();
+    burner.run(TIME_ITERATIONS)?;
+    let secs = t.elapsed().as_secs_f64();
+    r.kernel_ms = Some(secs * 1000.0);
+    let flop = f64::from(burner.threads()) * f64::from(TIME_ITERATIONS) * FLOP_PER_ITERATION as f64;
+    r.gflop_s = Some(flop / secs / 1e9);
     Ok(())
 }
 

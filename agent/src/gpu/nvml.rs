@@ -318,8 +318,9 @@ fn read_processes(dev: &Device<'_>) -> Reading<Vec<GpuProcess>> {
     let r = dev.running_compute_processes().and_then(|mut all| {
         match dev.running_graphics_processes() {
             Ok(g) => all.extend(g),
-            // Data-centre GPUs without a display engine do not list graphics processes.
-            Err(NvmlError::NotSupported) => {}
+            // Data-centre GPUs without a display engine do not list graphics processes
+            // (nor do old drivers without the call).
+            Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {}
             Err(e) => return Err(e),
         }
         let mut seen = std::collections::BTreeMap::new();

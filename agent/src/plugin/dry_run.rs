@@ -104,6 +104,7 @@ pub struct GpuFile {
 pub struct CurvePointFile {
     pub limit_w: f64,
     pub power_w: f64,
+    pub work_per_s: f64,
     pub relative: f64,
 }
 
@@ -166,28 +167,28 @@ impl SnapshotFile {
         Ok(wit::Snapshot { seq: self.seq, now_ms: self.now_ms, budget_w: self.budget_w, gpus })
     }
 
-    /// The GPUs' curves, for `gpu-curve`.
+    /// The GPUs' curves, for `gpu-curve`, at their GPUs' indices.
     pub fn curves(&self) -> Curves {
-        self.gpus
-            .iter()
-            .map(|g| {
-                let points = g.curve.as_ref()?;
-                Some(Arc::new(Curve {
-                    index: g.index,
-                    uuid: g.uuid.clone().unwrap_or_default(),
-                    name: "from snapshot".into(),
-                    points: points
-                        .iter()
-                        .map(|p| Point {
-                            limit_w: p.limit_w,
-                            power_w: p.power_w,
-                            work_per_s: p.relative,
-                            relative: p.relative,
-                        })
-                        .collect(),
-                }))
-            })
-            .collect()
+        let n = self.gpus.iter().map(|g| g.index as usize + 1).max().unwrap_or(0);
+        let mut curves = vec![None; n];
+        for g in &self.gpus {
+            let Some(points) = &g.curve else { continue };
+            curves[g.index as usize] = Some(Arc::new(Curve {
+                index: g.index,
+                uuid: g.uuid.clone().unwrap_or_default(),
+                name: "from snapshot".into(),
+                points: points
+                    .iter()
+                    .map(|p| Point {
+                        limit_w: p.limit_w,
+                        power_w: p.power_w,
+                        work_per_s: p.work_per_s,
+                        relative: p.relative,
+                    })
+                    .collect(),
+            }));
+        }
+        curves.into()
     }
 
     /// What `init` is told about the GPUs.

@@ -183,6 +183,7 @@ impl host::Host for HostState {
                 .map(|p| types::CurvePoint {
                     limit_w: p.limit_w,
                     power_w: p.power_w,
+                    work_per_s: p.work_per_s,
                     relative: p.relative,
                 })
                 .collect(),

@@ -64,10 +64,16 @@ fn calibrate_writes_curves_that_the_agent_publishes() {
 #[test]
 fn bad_calibrate_arguments_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
-    for args in [&["--steps", "1"][..], &["--steps", "51"], &["--measure", "soon"]] {
+    for (args, says) in [
+        (&["--steps", "1"][..], "invalid value"),
+        (&["--steps", "51"], "invalid value"),
+        (&["--measure", "soon"], "invalid value"),
+        (&["--measure", "0s"], "--measure: 0s is too short; accepted: 100ms or more"),
+    ] {
         let out = calibrate(dir.path(), args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
     }
     assert!(!dir.path().join("cal").exists());
 }

@@ -30,8 +30,9 @@ pub struct Gpu {
     pub curve: Option<Curve>,
 }
 
-/// A GPU's work-per-watt curve: `(limit_w, relative work)` points, in rising limit
-/// order, joined by straight lines.
+/// A GPU's work-per-watt curve: `(limit_w, work per second)` points, in rising limit
+/// order, joined by straight lines (extended beyond the first point, flat beyond the
+/// last: nothing above it was measured).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Curve(Vec<(f64, f64)>);
 
@@ -59,17 +60,14 @@ impl Curve {
         ((y1 - y0) / (x1 - x0), x1 - x)
     }
 
-    /// Relative work at limit `x` (flat beyond the ends).
+    /// Work per second at limit `x`.
     pub fn at(&self, x: f64) -> f64 {
         let p = &self.0;
         let k = p.partition_point(|&(lx, _)| lx <= x);
-        if k == 0 {
-            return p[0].1;
-        }
         if k == p.len() {
             return p[k - 1].1;
         }
-        let ((x0, y0), (x1, y1)) = (p[k - 1], p[k]);
+        let ((x0, y0), (x1, y1)) = (p[k.max(1) - 1], p[k.max(1)]);
         y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     }
 }

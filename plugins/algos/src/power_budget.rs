@@ -9,12 +9,12 @@
 //! watts (the best split when their work-versus-watts curves are alike and concave), and
 //! GPUs that need less than the level keep what they need.
 //!
-//! With `use_curves` and a work-per-watt curve for every GPU (`gpulet calibrate`), the
-//! budget is split by the curves instead of by one level: every GPU starts at its floor and the watts go,
-//! a step at a time, to the GPUs whose curves gain the most work per watt there, none
-//! past its demand. For concave curves that is the split with the most total work (each
-//! GPU ends where an extra watt buys the same work); GPUs with the same curve still get
-//! the same watts.
+//! With `use_curves` and a work-per-watt curve for every GPU (`gpulet calibrate`, work
+//! per second in one unit for the whole node), an over-subscribed budget is split by the
+//! curves instead of by one level: every GPU starts at its floor and the watts go to the
+//! GPUs whose curves gain the most work per watt there, none past its demand. For
+//! concave curves that is the split with the most total work (each GPU ends where an
+//! extra watt buys the same work); GPUs with the same curve still get the same watts.
 //!
 //! It converges in a tick or two without oscillating: a GPU granted less than its demand
 //! stays capped and keeps asking for its upper bound, which yields the same level again;
@@ -88,12 +88,14 @@ pub fn decide(p: &Params, budget_w: Option<f64>, gpus: &[Gpu]) -> Vec<Action> {
     } else if let Some(split) = curve_split(avail, &managed, gpus).filter(|_| p.use_curves) {
         for (&(i, d, why), limit) in managed.iter().zip(split) {
             let g = &gpus[i];
-            let gain = g.curve.as_ref().map_or(0.0, |c| c.slope_at(limit).0 * 100.0);
+            let gain = g.curve.as_ref().map_or(0.0, |c| {
+                let (slope, _) = c.slope_at(limit);
+                100.0 * slope * 100.0 / c.at(limit).max(1e-12)
+            });
             let reason = format!(
-                "demand {} W ({why}); budget {} W split by the work-per-watt curves: +{:.1}% work per 100 W more here",
+                "demand {} W ({why}); budget {} W split by the work-per-watt curves: 100 W more would add {gain:.1}% work here",
                 w(d),
-                w(budget),
-                gain * 100.0
+                w(budget)
             );
             out.push(action(g.index, limit, reason));
         }
