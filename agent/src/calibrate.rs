@@ -6,13 +6,13 @@
 //! down from the maximum to the minimum through the backend, and at each step measures,
 //! after a warm-up, the work done and the energy used. The limits found at start are put
 //! back afterwards, also after an error, a panic or SIGINT/SIGTERM, and kept on disk
-//! meanwhile so that an agent starting after a crash puts them back ([`Safety`]). The result is kept in a file
-//! ([`CalibrationConfig::file`](crate::config::CalibrationConfig)); the agent reads it at
-//! start, publishes it in the MQTT birth and hands each GPU's curve to power plugins.
+//! meanwhile so that an agent starting after a crash puts them back ([`Safety`]). The
+//! result is kept in a file ([`CalibrationConfig::file`](crate::config::CalibrationConfig));
+//! the agent reads it at start, publishes it in the MQTT birth and hands each GPU's curve
+//! to power plugins.
 //!
-//! Points carry `relative`, the work per second against the GPU's best, because plugins
-//! compare GPUs of the same node: a relative curve is what they need and is independent
-//! of the load's unit.
+//! Points carry `work_per_s` in the load's unit, the same for every GPU of the file (so
+//! GPUs compare by it), and `relative`, the same over the GPU's own best (the shape).
 
 use std::path::Path;
 use std::sync::Arc;
