@@ -152,11 +152,14 @@ enum Command {
         json: bool,
     },
     /// A quick health check of each GPU through CUDA: allocate, write and read back
-    /// 256 MiB, run a kernel and check its result against the CPU. Exit 0 if every GPU
-    /// passed, 1 otherwise.
+    /// memory (256 MiB), run a kernel and check its result against the CPU. Exit 0 if no
+    /// GPU failed (MIG or busy GPUs are skipped), 1 otherwise.
     Diag {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Memory written and read back per GPU, MiB (1 to 65536).
+        #[arg(long, default_value_t = cuda::DIAG_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        memory_mib: u32,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -537,11 +540,11 @@ fn run(command: Command) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Diag { config, json } => {
+        Command::Diag { config, memory_mib, json } => {
             let loaded = load_or_demo(config, Some(Backend::Nvml))?;
             cuda::available()?;
             let opened = setup::open_backend(&loaded.config, &loaded.base_dir, SystemClock::new())?;
-            let reports = cuda::diag(opened.backend.inventory())?;
+            let reports = cuda::diag(opened.backend.inventory(), memory_mib)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports).expect("reports serialise"));
             } else {

@@ -15,6 +15,12 @@
 //! - `set.log`: one line `GPU WATTS` per limit this library was asked to set.
 //!
 //! The simulation follows the wall clock from `nvmlInit`.
+//!
+//! The same library is also a stand-in `libcuda.so.1` (`cuda.rs`): linked under that name
+//! (tests make a symlink), it serves the CUDA driver functions `gpulet calibrate` and
+//! `gpulet diag` use, for the same simulated GPUs (same UUIDs), with two more control
+//! lines: `cuda-busy GPU` (another process holds it) and `cuda-corrupt GPU` (its kernel
+//! results are wrong).
 
 // This crate is an FFI boundary: every exported function is `extern "C"` and writes its
 // results through pointers its caller passes, as NVML's do. Each checks its pointers for
@@ -26,6 +32,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
+
+mod cuda;
 
 use gpulet::config::SimConfig;
 use gpulet::gpu::sim::{Fault, SimNode};
@@ -57,6 +65,9 @@ struct Standin {
     /// GPUs registered for XID events, and XIDs not yet waited for.
     xid_gpus: Vec<u32>,
     xids: std::collections::VecDeque<(u32, u32)>,
+    /// CUDA faults (see `cuda.rs`): GPUs another process holds, GPUs computing wrongly.
+    cuda_busy: Vec<u32>,
+    cuda_corrupt: Vec<u32>,
 }
 
 static STATE: Mutex<Option<Standin>> = Mutex::new(None);
@@ -85,6 +96,8 @@ impl Standin {
             cache: None,
             xid_gpus: Vec::new(),
             xids: Default::default(),
+            cuda_busy: Vec::new(),
+            cuda_corrupt: Vec::new(),
         })
     }
 
@@ -120,6 +133,8 @@ impl Standin {
                         None => eprintln!("nvml stand-in: unknown field in {line:?}"),
                     }
                 }
+                (Some("cuda-busy"), Some(g)) => self.cuda_busy.push(g),
+                (Some("cuda-corrupt"), Some(g)) => self.cuda_corrupt.push(g),
                 (Some("deny-set"), _) => self.deny_set = true,
                 (Some("allow-set"), _) => self.deny_set = false,
                 _ => eprintln!("nvml stand-in: ignoring control line {line:?}"),
@@ -139,6 +154,22 @@ impl Standin {
         }
         self.cache.as_ref().and_then(|s| s.get(gpu as usize).cloned())
     }
+}
+
+/// The stand-in's state, made on first use (CUDA has no `nvmlInit`; either library may
+/// come first).
+fn state() -> std::sync::MutexGuard<'static, Option<Standin>> {
+    let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    if guard.is_none() {
+        match Standin::open() {
+            Ok(s) => *guard = Some(s),
+            Err(e) => eprintln!("nvml stand-in: {e}"),
+        }
+    }
+    if let Some(s) = guard.as_mut() {
+        s.update();
+    }
+    guard
 }
 
 /// Run `f` on the stand-in's state, or say it is not initialised.
@@ -211,17 +242,7 @@ macro_rules! out {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
-    let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
-    if guard.is_none() {
-        match Standin::open() {
-            Ok(s) => *guard = Some(s),
-            Err(e) => {
-                eprintln!("nvml stand-in: {e}");
-                return UNKNOWN;
-            }
-        }
-    }
-    SUCCESS
+    if state().is_some() { SUCCESS } else { UNKNOWN }
 }
 
 #[unsafe(no_mangle)]

@@ -312,9 +312,9 @@ impl DiagReport {
     }
 }
 
-/// Memory tested per GPU: enough to cross many pages and DRAM channels, small enough to
-/// run beside a job.
-const DIAG_BYTES: usize = 256 << 20;
+/// Memory tested per GPU by default: enough to cross many pages and DRAM channels, small
+/// enough to run beside a job.
+pub const DIAG_MEMORY_MIB: u32 = 256;
 /// The checked run: short, since the CPU recomputes a sample of its threads.
 const CHECK_ITERATIONS: u32 = 1024;
 /// Every thread of the first and last block, and one in this many between, are
@@ -324,21 +324,21 @@ const CHECK_EVERY: usize = 101;
 /// The timed run: long enough (milliseconds) to measure the FP32 rate.
 const TIME_ITERATIONS: u32 = 65_536;
 
-/// `gpulet diag`: on each GPU, a context, an allocation written with a pattern and read
+/// `gpulet diag`: on each GPU, a context, `memory_mib` written with a pattern and read
 /// back, and the kernel run, timed and checked against the CPU.
-pub fn diag(gpus: &[GpuInfo]) -> Result<Vec<DiagReport>, CudaError> {
+pub fn diag(gpus: &[GpuInfo], memory_mib: u32) -> Result<Vec<DiagReport>, CudaError> {
     available()?;
-    Ok(gpus.iter().map(diag_one).collect())
+    Ok(gpus.iter().map(|g| diag_one(g, memory_mib)).collect())
 }
 
-fn diag_one(gpu: &GpuInfo) -> DiagReport {
+fn diag_one(gpu: &GpuInfo, memory_mib: u32) -> DiagReport {
     let mut r = DiagReport {
         gpu: gpu.index,
         uuid: gpu.uuid.clone(),
         ok: false,
         skipped: None,
         error: None,
-        memory_mib: (DIAG_BYTES >> 20) as u64,
+        memory_mib: u64::from(memory_mib),
         write_gb_s: None,
         read_gb_s: None,
         kernel_ms: None,
@@ -348,7 +348,7 @@ fn diag_one(gpu: &GpuInfo) -> DiagReport {
         r.skipped = Some("MIG is enabled: CUDA sees its instances, not the GPU; run diag in a container given one instance".into());
         return r;
     }
-    match diag_steps(gpu, &mut r) {
+    match diag_steps(gpu, (memory_mib as usize) << 20, &mut r) {
         Ok(()) => r.ok = true,
         Err(e @ CudaError::Busy { .. }) => r.skipped = Some(e.to_string()),
         Err(e) => r.error = Some(e.to_string()),
@@ -356,16 +356,16 @@ fn diag_one(gpu: &GpuInfo) -> DiagReport {
     r
 }
 
-fn diag_steps(gpu: &GpuInfo, r: &mut DiagReport) -> Result<(), CudaError> {
+fn diag_steps(gpu: &GpuInfo, bytes: usize, r: &mut DiagReport) -> Result<(), CudaError> {
     let i = gpu.index;
     let step = |step| failed(i, step);
     let ctx = context(gpu)?;
     let stream = ctx.default_stream();
-    let words = DIAG_BYTES / 4;
+    let words = bytes / 4;
     // A pattern where every word differs from its neighbours and from its address.
     let pattern: Vec<u32> =
         (0..words as u32).map(|w| w.wrapping_mul(2_654_435_761) ^ 0xA5A5_A5A5).collect();
-    let gb = DIAG_BYTES as f64 / 1e9;
+    let gb = bytes as f64 / 1e9;
     let t = Instant::now();
     let dev = stream.clone_htod(&pattern).map_err(step("allocating and writing memory"))?;
     stream.synchronize().map_err(step("writing memory"))?;

@@ -349,3 +349,129 @@ fn calibrate_and_diag_without_cuda_say_so_and_touch_nothing() {
     assert!(!dir.path().join("set.log").exists(), "no limit was touched");
     assert!(!dir.path().join("calibration.json").exists());
 }
+
+/// gpulet with the stand-in as libcuda too (a `libcuda.so.1` link to it in `dir`, found
+/// through `LD_LIBRARY_PATH` as the real one is found through the loader's paths).
+fn with_cuda(dir: &Path, args: &[&str]) -> Command {
+    for name in ["libcuda.so.1", "libcuda.so"] {
+        let link = dir.join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(standin(), link).unwrap();
+        }
+    }
+    let mut c = gpulet(dir, args);
+    c.env("LD_LIBRARY_PATH", dir);
+    c
+}
+
+#[test]
+fn diag_through_cuda_passes_fails_and_skips_per_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    let diag =
+        |dir: &Path| with_cuda(dir, &["diag", "--memory-mib", "8", "--json"]).output().unwrap();
+    let out = diag(dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r[0]["ok"].as_bool(), r[1]["ok"].as_bool()), (Some(true), Some(true)), "{r}");
+    assert_eq!(r[1]["memory_mib"], 8);
+    assert!(r[0]["gflop_s"].as_f64().unwrap() > 0.0 && r[0]["read_gb_s"].as_f64().unwrap() > 0.0);
+    // GPU 1 computes wrongly, GPU 0 is held by another process.
+    control(dir.path(), "cuda-corrupt 1");
+    control(dir.path(), "cuda-busy 0");
+    let out = diag(dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r[0]["skipped"].as_str().unwrap().contains("busy"), "{r}");
+    let e = r[1]["error"].as_str().unwrap();
+    assert!(e.contains("checking the kernel's result") && e.contains("drain and reset it"), "{e}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 2 GPUs failed the check"));
+}
+
+#[test]
+fn calibrate_through_nvml_and_cuda_sweeps_and_puts_the_limits_back() {
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    let toml =
+        "backend = \"nvml\"\n[nvml]\nstate_dir = \"state\"\n[calibration]\nfile = \"cal.json\"\n";
+    std::fs::write(dir.path().join("c.toml"), toml).unwrap();
+    let args = [
+        "calibrate",
+        "--config",
+        "c.toml",
+        "--steps",
+        "3",
+        "--warmup",
+        "100ms",
+        "--measure",
+        "300ms",
+    ];
+    let out = with_cuda(dir.path(), &args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cal.json")).unwrap())
+            .unwrap();
+    assert_eq!((c["load"].as_str(), c["unit"].as_str()), (Some("cuda-fp32-fma"), Some("GFLOP/s")));
+    // (The stand-in's kernel runs on this CPU, whatever the limit: only the plumbing
+    // counts here, not the curve's shape.)
+    let mut work = 0.0;
+    for g in c["gpus"].as_array().unwrap() {
+        let points = g["points"].as_array().unwrap();
+        let limits: Vec<f64> = points.iter().map(|p| p["limit_w"].as_f64().unwrap()).collect();
+        assert_eq!(limits, [350.0, 225.0, 100.0]);
+        work += points.iter().map(|p| p["work_per_s"].as_f64().unwrap()).sum::<f64>();
+    }
+    assert!(work > 0.0, "the kernel's launches were counted: {c}");
+    // Every limit the sweep set went through NVML, and the ones found were put back.
+    let set = std::fs::read_to_string(dir.path().join("set.log")).unwrap();
+    let lines: Vec<&str> = set.lines().collect();
+    assert_eq!(lines, ["0 350", "1 350", "0 225", "1 225", "0 100", "1 100", "0 350", "1 350"]);
+    assert!(!dir.path().join("state/start-limits.json").exists(), "removed once put back");
+
+    // Mid-sweep, at the lowest limit (the second of two steps, 2 s each)...
+    let slow =
+        ["calibrate", "--config", "c.toml", "--steps", "2", "--warmup", "2s", "--measure", "100ms"];
+    let at_lowest = |dir: &Path, stderr: Stdio| {
+        let _ = std::fs::remove_file(dir.join("set.log"));
+        let child = with_cuda(dir, &slow).stderr(stderr).spawn().unwrap();
+        wait_for(&dir.join("set.log"), "0 100\n1 100\n");
+        assert!(dir.join("state/start-limits.json").exists(), "kept while the sweep runs");
+        child
+    };
+    // ... SIGTERM: the limits are put back at once, and it says so.
+    let mut child = at_lowest(dir.path(), Stdio::piped());
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("calibration interrupted; the limits found at start were put back"),
+        "{err}"
+    );
+    let set = std::fs::read_to_string(dir.path().join("set.log")).unwrap();
+    assert!(set.ends_with("0 100\n1 100\n0 350\n1 350\n"), "{set}");
+    assert!(!dir.path().join("state/start-limits.json").exists());
+    // ... SIGKILL: the agent's next start puts them back.
+    let mut child = at_lowest(dir.path(), Stdio::null());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = gpulet(dir.path(), &["run", "--config", "c.toml", "--ticks", "1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // (The agent puts them back at start, and once more at its own stop.)
+    let set = std::fs::read_to_string(dir.path().join("set.log")).unwrap();
+    assert!(
+        set.contains("0 100\n1 100\n0 350\n1 350\n") && set.ends_with("0 350\n1 350\n"),
+        "{set}"
+    );
+    assert!(!dir.path().join("state/start-limits.json").exists());
+}
+
+/// Wait (at most 10 s) until the file at `path` holds `text`.
+fn wait_for(path: &Path, text: &str) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{} never held {text:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
