@@ -48,11 +48,22 @@ pub(super) enum Tag {
 /// What the poll task tells the link task.
 #[derive(Debug)]
 pub(super) enum Ev {
-    Connected { session_present: bool },
-    Acked { tag: Tag, reason: PubAckReason },
-    SubAck { refused: Vec<String> },
+    /// `max_packet`: the broker's maximum packet size, if it sets one.
+    Connected {
+        session_present: bool,
+        max_packet: Option<u32>,
+    },
+    Acked {
+        tag: Tag,
+        reason: PubAckReason,
+    },
+    SubAck {
+        refused: Vec<String>,
+    },
     Command(Publish),
-    Disconnected { error: String },
+    Disconnected {
+        error: String,
+    },
 }
 
 /// The poll task's side of the FIFO; the link task holds the lock while it publishes so
@@ -77,7 +88,10 @@ impl Poller {
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     connected_at = Some(Instant::now());
-                    let _ = self.tx.send(Ev::Connected { session_present: ack.session_present });
+                    let max_packet = ack.properties.as_ref().and_then(|p| p.max_packet_size);
+                    let _ = self
+                        .tx
+                        .send(Ev::Connected { session_present: ack.session_present, max_packet });
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     let tag = self.fifo.lock().expect("fifo").pop_front();
@@ -205,6 +219,9 @@ pub(super) struct Link {
     pub changed: Arc<tokio::sync::Notify>,
     /// Topics the broker refused on this connection (reported once each).
     pub refused_topics: std::collections::HashSet<String>,
+    /// The broker's maximum packet size on this connection: a larger publish would make
+    /// the client drop the connection, and a record would be retried on every reconnect.
+    pub max_packet: Option<u32>,
 }
 
 /// Where the link is in sending the outbox.
@@ -266,7 +283,7 @@ impl Link {
 
     async fn on_event(&mut self, ev: Ev, s: &mut Sending) {
         match ev {
-            Ev::Connected { session_present } => {
+            Ev::Connected { session_present, max_packet } => {
                 let inc = self.shared.inc();
                 info!(inc, session_present, "connected to the MQTT broker");
                 {
@@ -276,6 +293,7 @@ impl Link {
                 }
                 self.ever_connected = true;
                 self.refused_topics.clear();
+                self.max_packet = max_packet;
                 let next = self.shared.outbox.lock().expect("outbox").next_seq();
                 *s = Sending {
                     connected: true,
@@ -410,6 +428,12 @@ impl Link {
                 }
             };
             let payload = if historical { mark_historical(&msg.payload) } else { msg.payload };
+            let size =
+                publish_size(&msg.topic, payload.len(), msg.correlation.as_ref().map(Vec::len));
+            if let Some(max) = self.max_packet.filter(|&m| size > m as usize) {
+                self.too_large(seq, &msg.topic, size, max);
+                continue;
+            }
             let props = msg.correlation.map(|c| PublishProperties {
                 correlation_data: Some(Bytes::from(c)),
                 ..Default::default()
@@ -427,6 +451,27 @@ impl Link {
                 s.next_live = seq + 1;
             }
         }
+    }
+
+    /// A record larger than the broker takes: committed, and reported once per topic and
+    /// connection (every record of a topic is usually the same size).
+    fn too_large(&mut self, seq: u64, topic: &str, size: usize, max: u32) {
+        self.shared.outbox.lock().expect("outbox").commit(seq);
+        self.shared.stats.lock().expect("stats").refused += 1;
+        if !self.refused_topics.insert(format!("{topic} (size)")) {
+            return;
+        }
+        let why = format!(
+            "{size} bytes, over the broker's maximum packet size of {max}: raise it (Mosquitto: max_packet_size) or send fewer GPUs per record"
+        );
+        error!(
+            seq,
+            topic,
+            why,
+            "an outbox record is larger than the broker accepts; records like it are dropped"
+        );
+        self.shared
+            .event(json!({"kind": "mqtt-refused", "topic": topic, "seq": seq, "reason": why}));
     }
 
     /// A record that can never be published: committed, logged, reported.
@@ -468,6 +513,17 @@ impl Link {
         payload: Vec<u8>,
         props: Option<PublishProperties>,
     ) {
+        let correlation = props.as_ref().and_then(|p| p.correlation_data.as_ref()).map(Bytes::len);
+        let size = publish_size(topic, payload.len(), correlation);
+        if let Some(max) = self.max_packet.filter(|&m| size > m as usize) {
+            error!(
+                topic,
+                size,
+                max,
+                "not published: larger than the broker's maximum packet size (Mosquitto: max_packet_size)"
+            );
+            return;
+        }
         self.send(Tag::Plain(topic.to_owned()), topic, retain, payload, props);
     }
 
@@ -727,6 +783,20 @@ struct Response {
     correlation: Option<Bytes>,
 }
 
+/// The encoded size of a QoS 1 PUBLISH of `payload` bytes to `topic`, with correlation
+/// data of that many bytes: what a broker's maximum packet size counts.
+fn publish_size(topic: &str, payload: usize, correlation: Option<usize>) -> usize {
+    let varint = |n: usize| match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    let props = correlation.map_or(0, |c| 1 + 2 + c);
+    let len = 2 + topic.len() + 2 + varint(props) + props + payload;
+    1 + varint(len) + len
+}
+
 /// Whether the MQTT client will take this as a topic to publish to.
 fn valid_topic(t: &str) -> bool {
     !t.is_empty() && t.len() <= 65_535 && !t.contains(['+', '#', '\0'])
@@ -739,4 +809,28 @@ fn mark_historical(payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(b"{\"historical\":true,");
     out.extend_from_slice(payload.strip_prefix(b"{").unwrap_or(payload));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_size_is_what_rumqttc_encodes() {
+        for (topic, payload, correlation) in [
+            ("gpulet/v1/n1/telemetry", 2_000, None),
+            ("t", 0, None),
+            ("gpulet/v1/n1/events/limit-changed", 100, Some(16)),
+            ("a/b", 20_000, Some(200)),
+            ("x", 3_000_000, None),
+        ] {
+            let props = correlation.map(|c| PublishProperties {
+                correlation_data: Some(Bytes::from(vec![7u8; c])),
+                ..Default::default()
+            });
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, vec![0u8; payload], props);
+            p.pkid = 1;
+            assert_eq!(publish_size(topic, payload, correlation), p.size(), "{topic} {payload}");
+        }
+    }
 }

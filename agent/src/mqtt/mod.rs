@@ -492,6 +492,7 @@ impl Mqtt {
                 ever_connected: false,
                 changed: changed.clone(),
                 refused_topics: Default::default(),
+                max_packet: None,
             }
             .run(),
         );

@@ -589,3 +589,34 @@ fn the_demo_publishes_to_a_broker() {
             && g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("offline"))
     });
 }
+
+#[test]
+fn records_larger_than_the_broker_takes_are_dropped_reported_once_and_the_link_stays_up() {
+    // A telemetry record of 2 GPUs is over 1 KB; events and command results are smaller.
+    let broker = Broker::with("max_packet_size 700\n");
+    let mut c = Collector::start(broker.port, "gpulet/v1/#");
+    let dir = tempfile::tempdir().unwrap();
+    let agent =
+        AgentThread::start(dir.path(), &node_config(&broker.url(), "[power]\nbudget_w = 400\n"));
+    c.wait(T, "the refusal", |g| g.iter().any(|m| m.topic.ends_with("/events/mqtt-refused")));
+    // The connection stays up (no drop and retry of the same record): a command is
+    // answered, and records keep being dropped without reconnecting.
+    let results = cmd(&broker, "ping", json!({}));
+    assert_eq!(results.last().unwrap()["status"], "succeeded", "{results:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop();
+    c.wait(T, "offline", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("offline"))
+    });
+    assert!(!c.got.iter().any(|m| m.topic.ends_with("/telemetry")));
+    let online = c.on("/status").iter().filter(|s| s["state"] == "online").count();
+    assert_eq!(online, 1, "one connection");
+    let refused = c.on("/events/mqtt-refused");
+    let telemetry: Vec<&Value> = refused
+        .iter()
+        .filter(|e| e["topic"].as_str().is_some_and(|t| t.ends_with("/telemetry")))
+        .collect();
+    assert_eq!(telemetry.len(), 1, "reported once per topic and connection: {refused:?}");
+    let why = telemetry[0]["reason"].as_str().unwrap();
+    assert!(why.contains("over the broker's maximum packet size of 700"), "{why}");
+}
