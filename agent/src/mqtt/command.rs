@@ -161,7 +161,7 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     // The envelope first, so that a result can be addressed whatever else is wrong.
     match map.get("reply_to") {
         None => {}
-        Some(Value::String(t)) if valid_topic(t) => env.reply_to = Some(t.clone()),
+        Some(Value::String(t)) if super::valid_topic(t, 1024) => env.reply_to = Some(t.clone()),
         Some(v) => {
             return fail(
                 &env,
@@ -303,10 +303,6 @@ fn watts(w: Option<f64>) -> Result<Option<f64>, String> {
         )),
         w => Ok(w),
     }
-}
-
-fn valid_topic(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 1024 && !t.contains(['+', '#', '\0'])
 }
 
 /// The bytes a command's signature covers: a domain tag, the node and command name (from

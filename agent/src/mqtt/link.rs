@@ -33,7 +33,7 @@ use tracing::{debug, error, info, warn};
 
 use super::command::{self, Accepted, Command, Envelope, SeenIds};
 use super::outbox::Class;
-use super::{Shared, status_payload, wall_ms};
+use super::{MAX_TOPIC, Shared, status_payload, valid_topic, wall_ms};
 use crate::agent::{Control, Description, Refusal, Request};
 
 /// What a publish is, to the link task when its PUBACK comes.
@@ -414,7 +414,7 @@ impl Link {
             let read = outbox.read(seq);
             drop(outbox);
             let msg = match read {
-                Ok(Some(m)) if valid_topic(&m.topic) => m,
+                Ok(Some(m)) if valid_topic(&m.topic, MAX_TOPIC) => m,
                 // Never sendable (unreadable, or a topic the client refuses): committed
                 // and reported, or it would stay pending forever.
                 Ok(Some(m)) => {
@@ -560,7 +560,7 @@ impl Link {
         // goes to `reply_to` or `cmd-result/<name>`).
         let response = Response {
             name: name.clone(),
-            topic: props.response_topic.clone().filter(|t| valid_topic(t)),
+            topic: props.response_topic.clone().filter(|t| valid_topic(t, MAX_TOPIC)),
             correlation: props.correlation_data.clone(),
         };
         let Some(policy) = &self.settings.commands else { return };
@@ -795,11 +795,6 @@ fn publish_size(topic: &str, payload: usize, correlation: Option<usize>) -> usiz
     let props = correlation.map_or(0, |c| 1 + 2 + c);
     let len = 2 + topic.len() + 2 + varint(props) + props + payload;
     1 + varint(len) + len
-}
-
-/// Whether the MQTT client will take this as a topic to publish to.
-fn valid_topic(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 65_535 && !t.contains(['+', '#', '\0'])
 }
 
 /// `{"historical":true,…}` from `{…}`: replayed records are marked so that dashboards

@@ -655,3 +655,12 @@ impl Sink for MqttSink {
         Ok(())
     }
 }
+
+/// The longest topic MQTT encodes (a 16-bit length).
+const MAX_TOPIC: usize = 65_535;
+
+/// Whether `t` is a topic one can publish to, at most `max_len` bytes: not empty, no
+/// wildcards, no NUL (the client refuses those).
+fn valid_topic(t: &str, max_len: usize) -> bool {
+    !t.is_empty() && t.len() <= max_len && !t.contains(['+', '#', '\0'])
+}
