@@ -67,18 +67,6 @@ fn device(dev: CUdevice) -> Option<(String, bool, bool)> {
     usize::try_from(dev).ok().and_then(|d| devices().into_iter().nth(d))
 }
 
-/// Write `value` through `p`, if it is not null.
-macro_rules! put {
-    ($p:expr, $value:expr) => {{
-        let p = $p;
-        if p.is_null() {
-            return INVALID_VALUE;
-        }
-        // SAFETY: non-null, and the caller passes a pointer to a value of this type.
-        unsafe { *p = $value };
-    }};
-}
-
 #[unsafe(no_mangle)]
 pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
     SUCCESS
@@ -88,7 +76,7 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
 /// `count` must point to an int.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
-    put!(count, devices().len() as c_int);
+    out!(count, devices().len() as c_int, INVALID_VALUE);
     SUCCESS
 }
 
@@ -99,7 +87,7 @@ pub unsafe extern "C" fn cuDeviceGet(out: *mut CUdevice, ordinal: c_int) -> CUre
     if device(ordinal).is_none() {
         return INVALID_DEVICE;
     }
-    put!(out, ordinal);
+    out!(out, ordinal, INVALID_VALUE);
     SUCCESS
 }
 
@@ -113,7 +101,7 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> 
     for (i, b) in bytes.iter_mut().enumerate() {
         *b = hex.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
     }
-    put!(uuid, bytes);
+    out!(uuid, bytes, INVALID_VALUE);
     SUCCESS
 }
 
@@ -137,7 +125,7 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
         return INVALID_DEVICE;
     }
     // One SM; everything else (memory pools, …) absent.
-    put!(value, c_int::from(attribute == ATTRIBUTE_MULTIPROCESSOR_COUNT));
+    out!(value, c_int::from(attribute == ATTRIBUTE_MULTIPROCESSOR_COUNT), INVALID_VALUE);
     SUCCESS
 }
 
@@ -149,7 +137,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: CUdevic
         None => INVALID_DEVICE,
         Some((_, true, _)) => DEVICE_UNAVAILABLE,
         Some(_) => {
-            put!(ctx, (CTX_BASE + dev as usize) as Handle);
+            out!(ctx, (CTX_BASE + dev as usize) as Handle, INVALID_VALUE);
             SUCCESS
         }
     }
@@ -170,7 +158,7 @@ pub extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
 /// `ctx` must point to a context handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut Handle) -> CUresult {
-    put!(ctx, CURRENT.with(Cell::get) as Handle);
+    out!(ctx, CURRENT.with(Cell::get) as Handle, INVALID_VALUE);
     SUCCESS
 }
 
@@ -196,7 +184,7 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_v
     if !ptx.contains(".visible .entry burn(") {
         return INVALID_IMAGE;
     }
-    put!(module, MODULE as Handle);
+    out!(module, MODULE as Handle, INVALID_VALUE);
     SUCCESS
 }
 
@@ -215,7 +203,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
     if unsafe { CStr::from_ptr(name) }.to_bytes() != b"burn" {
         return NOT_FOUND;
     }
-    put!(func, FUNCTION as Handle);
+    out!(func, FUNCTION as Handle, INVALID_VALUE);
     SUCCESS
 }
 
@@ -234,7 +222,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
     let buf = vec![0u8; bytes.max(1)];
     let addr = buf.as_ptr() as u64;
     MEMORY.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_default().insert(addr, buf);
-    put!(ptr, addr);
+    out!(ptr, addr, INVALID_VALUE);
     SUCCESS
 }
 
@@ -402,7 +390,7 @@ pub extern "C" fn cuStreamWaitEvent(_stream: Handle, _event: Handle, _flags: c_u
 /// `event` must point to an event handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventCreate(event: *mut Handle, _flags: c_uint) -> CUresult {
-    put!(event, TOKEN as Handle);
+    out!(event, TOKEN as Handle, INVALID_VALUE);
     SUCCESS
 }
 
@@ -441,7 +429,7 @@ pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_c
         NOT_FOUND => b"named symbol not found\0",
         _ => b"unknown error\0",
     };
-    put!(text, s.as_ptr().cast());
+    out!(text, s.as_ptr().cast(), INVALID_VALUE);
     SUCCESS
 }
 
@@ -455,6 +443,6 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_cha
         OUT_OF_MEMORY => b"CUDA_ERROR_OUT_OF_MEMORY\0",
         _ => b"CUDA_ERROR_UNKNOWN\0",
     };
-    put!(text, s.as_ptr().cast());
+    out!(text, s.as_ptr().cast(), INVALID_VALUE);
     SUCCESS
 }

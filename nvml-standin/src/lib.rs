@@ -13,6 +13,8 @@
 //!   a field, e.g. `energy_j` before Volta). An `xid` reaches the event API
 //!   (`nvmlEventSetWait_v2`) for GPUs registered for XID events.
 //! - `set.log`: one line `GPU WATTS` per limit this library was asked to set.
+//! - `events.log`: one line `registered GPU` per GPU registered for XID events (an XID
+//!   injected before that is not delivered, as with NVML).
 //!
 //! The simulation follows the wall clock from `nvmlInit`.
 //!
@@ -24,7 +26,7 @@
 
 // This crate is an FFI boundary: every exported function is `extern "C"` and writes its
 // results through pointers its caller passes, as NVML's do. Each checks its pointers for
-// null first; nothing else in the workspace needs `unsafe`.
+// null first. (Elsewhere `unsafe` is confined to cudarc launches and one raw NVML call.)
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong};
@@ -32,8 +34,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
-
-mod cuda;
 
 use gpulet::config::SimConfig;
 use gpulet::gpu::sim::{Fault, SimNode};
@@ -148,6 +148,15 @@ impl Standin {
         }
     }
 
+    /// Append `line` to the file `name` of the control folder, if there is one.
+    fn log(&self, name: &str, line: &str) {
+        let Some(dir) = &self.dir else { return };
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name));
+        if let Ok(mut f) = file {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
     fn sample(&mut self, gpu: u32) -> Option<GpuSample> {
         if self.cache.is_none() {
             self.cache = Some(self.node.sample_all());
@@ -229,16 +238,23 @@ unsafe fn put_str(text: &str, buf: *mut c_char, len: c_uint) -> nvmlReturn_t {
     SUCCESS
 }
 
+/// Write `value` through `ptr`; a null pointer returns `null` (by default NVML's
+/// INVALID_ARGUMENT; `cuda.rs` passes CUDA's).
 macro_rules! out {
-    ($ptr:expr, $value:expr) => {{
+    ($ptr:expr, $value:expr) => {
+        out!($ptr, $value, INVALID_ARGUMENT)
+    };
+    ($ptr:expr, $value:expr, $null:expr) => {{
         let p = $ptr;
         if p.is_null() {
-            return INVALID_ARGUMENT;
+            return $null;
         }
         // SAFETY: non-null, and the caller passes a pointer to a value of this type.
         unsafe { *p = $value };
     }};
 }
+
+mod cuda;
 
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
@@ -484,15 +500,7 @@ pub extern "C" fn nvmlDeviceSetPowerManagementLimit(
         match s.node.set_power_limit(gpu, w) {
             Ok(_) => {
                 s.cache = None;
-                if let Some(dir) = &s.dir {
-                    let log = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(dir.join("set.log"));
-                    if let Ok(mut f) = log {
-                        let _ = writeln!(f, "{gpu} {w}");
-                    }
-                }
+                s.log("set.log", &format!("{gpu} {w}"));
                 SUCCESS
             }
             Err(gpulet::gpu::GpuError::Lost(_)) => GPU_IS_LOST,
@@ -791,6 +799,9 @@ pub extern "C" fn nvmlDeviceRegisterEvents(
             return NOT_SUPPORTED;
         }
         s.xid_gpus.push(gpu);
+        // As with NVML, an XID before the registration is not delivered: tests wait for
+        // this line before injecting one.
+        s.log("events.log", &format!("registered {gpu}"));
         SUCCESS
     })
 }

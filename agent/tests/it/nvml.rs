@@ -267,6 +267,8 @@ fn xid_events_arrive_through_the_event_api() {
     let toml = "backend = \"nvml\"\ntick = \"50ms\"\n[nvml]\nstate_dir = \"state\"\n";
     let mut agent = Running::start(dir.path(), toml);
     agent.until("a record", |_| true);
+    // The XID watcher runs on a thread of its own: inject once it listens.
+    wait_for(&dir.path().join("events.log"), "registered 1\n");
     control(dir.path(), "xid 1 48");
     let recs = agent.until("the XID", |r| !events(std::slice::from_ref(r), "xid").is_empty());
     let x = events(&recs, "xid")[0].clone();
