@@ -21,11 +21,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::calibrate::{Calibration, Curve};
 use crate::clock::{Clock, VirtualClock};
@@ -35,6 +34,8 @@ use crate::plugin::chain::{PluginSpec, PolicyChain};
 use crate::policy::PowerDecision;
 use crate::snapshot::NodeSnapshot;
 use crate::telemetry::{AgentStats, Event, Record, Sink};
+
+pub use crate::control::{Desired, Refusal, Request};
 
 /// What an agent is made of; see `setup` for building it from a config.
 pub struct Parts {
@@ -68,39 +69,6 @@ pub enum Control {
     Execute { request: Request, done: oneshot::Sender<Result<String, Refusal>> },
     /// The birth message and the state topics.
     Describe { done: oneshot::Sender<Description> },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Request {
-    /// A node budget in place of the configured one; `None` returns to the configured.
-    SetPowerBudget(Option<f64>),
-    /// An operator's limit for one GPU, within its bounds; `None` removes it.
-    SetPowerLimit {
-        gpu: u32,
-        watts: Option<f64>,
-    },
-    ReloadPlugins,
-    /// Clear a GPU's sticky `degraded` state (its XID was dealt with).
-    ClearHealth {
-        gpu: u32,
-    },
-}
-
-/// Why a request did not succeed.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Refusal {
-    /// It does not fit this node (no such GPU, outside bounds): nothing changed.
-    Rejected(String),
-    /// It was tried and did not work (a plugin failed to load).
-    Failed(String),
-}
-
-/// What commands set: restored at start so that a restart does not undo an operator.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Desired {
-    pub budget_w: Option<f64>,
-    pub limits_w: BTreeMap<u32, f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +113,8 @@ pub struct Agent {
     configured_budget_w: Option<f64>,
     /// Where the limits found at start are kept, to put back at stop.
     start_limits: Option<std::path::PathBuf>,
+    /// Limits left by a run that did not stop cleanly, decided at the first tick.
+    restore_limits: Option<StartLimits>,
     /// XIDs per (GPU, code) since start, and when each was last seen (backend ms).
     xid_counts: BTreeMap<(u32, u32), u64>,
     xid_last: std::collections::HashMap<(u32, u32), u64>,
@@ -216,6 +186,7 @@ impl Agent {
             control: None,
             changed: None,
             start_limits: None,
+            restore_limits: None,
             xid_counts: BTreeMap::new(),
             xid_last: Default::default(),
             xid_debounce_ms: parts.xid_debounce.as_millis() as u64,
@@ -304,18 +275,41 @@ impl Agent {
                 source: "operator".into(),
             }));
         }
+        if let Some(saved) = self.restore_limits.take() {
+            // The limits from before an unclean stop, for the GPUs no one decides.
+            for info in self.inventory.iter() {
+                if let Some(&w) = saved.get(&info.uuid)
+                    && !decisions.iter().any(|d| d.gpu == info.index)
+                {
+                    decisions.push(PowerDecision {
+                        gpu: info.index,
+                        limit_w: w,
+                        reason: "the limit from before the last run, which did not stop cleanly"
+                            .into(),
+                        source: "restore".into(),
+                    });
+                }
+            }
+        }
         self.stats.plugin_faults +=
             events.iter().filter(|e| matches!(e, Event::PluginFault { .. })).count() as u64;
         let changes = self.guard.check(&snapshot, decisions, &mut events);
 
-        // 5. Apply and audit.
+        // 5. Apply and audit. Decreases come first; if one fails, the raises wait for the
+        // next tick, which plans around the GPU that refused (the guard).
+        let mut decrease_failed = false;
         for change in changes {
             let gpu = change.gpu;
             let uuid = &self.inventory[gpu as usize].uuid;
+            let raise = change.from_w.is_none_or(|f| change.to_w > f);
+            if raise && decrease_failed {
+                debug!(gpu, to_w = change.to_w, "raise held back: a decrease failed this tick");
+                continue;
+            }
             match self.backend.set_power_limit(gpu, change.to_w) {
                 Ok(enforced) => {
                     info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
-                    self.guard.applied(&change, snapshot.now_ms);
+                    self.guard.applied(&change, enforced, snapshot.now_ms);
                     self.last_failure[gpu as usize] = None;
                     self.applied[gpu as usize] = Some(enforced);
                     self.drifted[gpu as usize] = false;
@@ -329,6 +323,8 @@ impl Agent {
                     });
                 }
                 Err(e) => {
+                    self.guard.failed(&change);
+                    decrease_failed |= !raise;
                     let error = e.to_string();
                     if self.last_failure[gpu as usize].as_ref() != Some(&error) {
                         warn!(gpu, %uuid, to_w = change.to_w, %error, "power limit change failed");
@@ -402,6 +398,9 @@ impl Agent {
     pub fn execute(&mut self, request: Request) -> Result<String, Refusal> {
         match request {
             Request::SetPowerBudget(w) => {
+                if let Some(w) = w {
+                    crate::control::check_watts(w).map_err(Refusal::Rejected)?;
+                }
                 let budget = w.or(self.configured_budget_w);
                 self.guard.set_budget(budget);
                 self.desired.budget_w = w;
@@ -477,13 +476,10 @@ impl Agent {
     /// Apply what commands set before a restart; what no longer fits (a GPU gone, new
     /// bounds) is logged and dropped.
     pub fn restore(&mut self, desired: &Desired) {
-        let requests =
-            desired.budget_w.map(|w| Request::SetPowerBudget(Some(w))).into_iter().chain(
-                desired
-                    .limits_w
-                    .iter()
-                    .map(|(&gpu, &w)| Request::SetPowerLimit { gpu, watts: Some(w) }),
-            );
+        let (requests, bad) = desired.requests();
+        for why in bad {
+            warn!(%why, "a saved desired state fails the command checks; dropped");
+        }
         for r in requests {
             if let Err(e) = self.execute(r.clone()) {
                 warn!(request = ?r, error = ?e, "a saved desired state no longer applies; dropped");
@@ -560,20 +556,44 @@ impl Agent {
     /// Keep the limits the GPUs have now in `path`, to put back at [`Agent::stop`]. If
     /// `path` already holds limits, the last run did not stop cleanly: they are put back
     /// now (and reported with the first tick) and kept for this run's stop.
-    pub fn keep_start_limits(&mut self, path: std::path::PathBuf) -> std::io::Result<()> {
-        match read_start_limits(&path)? {
-            Some(saved) => {
-                warn!(path = %path.display(), "the last run did not stop cleanly; putting back the limits from before it");
-                let events = self.put_limits(
-                    &saved,
-                    "the limits from before the last run, which did not stop cleanly",
-                );
-                self.pending.extend(events);
+    ///
+    /// The limits of an unclean stop are put back through the guard, as decisions of
+    /// the first tick for the GPUs no policy decides (source `restore`): a node budget
+    /// holds from the first tick. A file that cannot be read (empty or torn by a power
+    /// loss, not JSON) is set aside with a `state-set-aside` event and the limits found
+    /// now are kept instead; a directory where nothing can be kept costs the put-back at
+    /// stop (logged), never the start.
+    pub fn keep_start_limits(&mut self, path: std::path::PathBuf) {
+        match read_start_limits(&path) {
+            Ok(Some(saved)) => {
+                warn!(path = %path.display(), "the last run did not stop cleanly; putting back the limits from before it, through the guard");
+                self.restore_limits = Some(saved);
+                self.start_limits = Some(path);
+                return;
             }
-            None => write_start_limits(&path, &current_limits(&mut *self.backend))?,
+            Ok(None) => {}
+            Err(e) => self.set_aside(&path, &e.to_string()),
         }
-        self.start_limits = Some(path);
-        Ok(())
+        match write_start_limits(&path, &current_limits(&mut *self.backend)) {
+            Ok(()) => self.start_limits = Some(path),
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot keep the limits found at start; they will not be put back at stop")
+            }
+        }
+    }
+
+    /// Move a state file that cannot be used out of the way, and report it.
+    pub fn set_aside(&mut self, path: &std::path::Path, error: &str) {
+        let moved_to = match crate::state::set_aside(path) {
+            Ok(p) => p.display().to_string(),
+            Err(e) => format!("(could not be moved: {e})"),
+        };
+        error!(path = %path.display(), %error, %moved_to, "a state file cannot be read; set aside");
+        self.pending.push(Event::StateSetAside {
+            path: path.display().to_string(),
+            error: error.to_owned(),
+            moved_to,
+        });
     }
 
     /// Stop: take no more control requests (a link waiting on one gets its answer: the
@@ -740,25 +760,26 @@ pub fn current_limits(backend: &mut dyn GpuBackend) -> StartLimits {
         .collect()
 }
 
-/// The kept limits, or `None` when there is no file.
+/// The kept limits, or `None` when there is no file. Not JSON, or a limit that is not a
+/// finite positive number, is an error naming the file.
 pub fn read_start_limits(path: &std::path::Path) -> std::io::Result<Option<StartLimits>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    let Some(bytes) = crate::state::read(path)? else { return Ok(None) };
+    let limits: StartLimits = serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+    if let Some((uuid, w)) = limits.iter().find(|(_, w)| !(w.is_finite() && **w > 0.0)) {
+        return Err(std::io::Error::other(format!(
+            "{}: {uuid}: {w} is not a power limit",
+            path.display()
+        )));
     }
+    Ok(Some(limits))
 }
 
-/// Keep `limits` at `path` (written aside and renamed: never half a file).
+/// Keep `limits` at `path`, durably (`state::atomic_write`), in a directory checked as
+/// state (`state::check_dir`: made if missing).
 pub fn write_start_limits(path: &std::path::Path, limits: &StartLimits) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(limits).expect("limits serialise"))?;
-    std::fs::rename(&tmp, path)
+    crate::state::check_dir(crate::state::parent(path)).map_err(std::io::Error::other)?;
+    crate::state::atomic_write(path, &serde_json::to_vec(limits).expect("limits serialise"))
 }
 
 /// The next signal; never, if there is no listener.

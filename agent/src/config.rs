@@ -716,14 +716,16 @@ impl Validator {
 
     fn node(&mut self, node: Option<&str>) {
         let Some(node) = node else { return };
-        let accepted = "1 to 128 characters, none of '+', '#', '/' or control characters";
+        let accepted = "1 to 128 characters, none of '+', '#', '/', '$' at the start, control or invisible formatting characters";
         if node.is_empty() || node.len() > 128 {
             self.err(
                 "node",
                 format!("{node:?} has {} characters; accepted: {accepted}", node.len()),
             );
-        } else if let Some(c) =
-            node.chars().find(|c| matches!(c, '+' | '#' | '/') || c.is_control())
+        } else if let Some(c) = node
+            .chars()
+            .find(|&c| matches!(c, '+' | '#' | '/') || !crate::control::id_char(c))
+            .or(node.starts_with('$').then_some('$'))
         {
             self.err(
                 "node",
@@ -1002,19 +1004,24 @@ impl Validator {
         }
         let topic_ok = |t: &str| {
             !t.is_empty()
-                && !t.contains(['+', '#', '\0'])
-                && !t.starts_with('/')
+                && t.len() <= 512
+                && !t.contains(['+', '#'])
+                && !t.starts_with(['/', '$'])
                 && !t.ends_with('/')
+                && t.chars().all(crate::control::id_char)
         };
         if !topic_ok(&m.root) {
-            self.err("mqtt.root", format!("{:?} is not a topic root; accepted: topic levels without '+', '#', or a leading or trailing '/'", m.root));
+            self.err("mqtt.root", format!("{:?} is not a topic root; accepted: up to 512 bytes of topic levels without '+', '#', control or invisible formatting characters, a leading '$' or a leading or trailing '/'", m.root));
         }
         if let Some(c) = &m.client_id
-            && (c.is_empty() || c.len() > 128 || c.contains(['+', '#', '/']))
+            && (c.is_empty()
+                || c.len() > 128
+                || c.contains(['+', '#', '/'])
+                || !c.chars().all(crate::control::id_char))
         {
             self.err(
                 "mqtt.client_id",
-                format!("{c:?}; accepted: 1 to 128 characters without '+', '#', '/'"),
+                format!("{c:?}; accepted: 1 to 128 characters without '+', '#', '/', control or invisible formatting characters"),
             );
         }
         let secs = |d: Duration| d.as_secs_f64();

@@ -210,6 +210,9 @@ pub fn describe(e: &Event) -> String {
             )
         }
         Event::ReloadFailed { error } => format!("reload failed: {error}"),
+        Event::StateSetAside { path, error, moved_to } => {
+            format!("state file {path} set aside as {moved_to}: {error}")
+        }
         Event::BudgetInfeasible { budget_w, min_total_w } => {
             format!(
                 "node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W"

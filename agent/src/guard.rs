@@ -9,7 +9,9 @@
 //!    `power.min_w`/`max_w` (per GPU or for all).
 //! 3. With a node budget, GPUs without a decision ask for their upper bound; GPUs that
 //!    are lost or cannot be controlled keep their last known limit, reserved out of the
-//!    budget. If the asked-for limits add up to more than the rest of the budget, every
+//!    budget, and so does a GPU that did not obey its last change (the set failed, or it
+//!    enforces something other than what was asked): it is planned at the limit it
+//!    enforces, asked again only to go lower, and the others share what is left. If the asked-for limits add up to more than the rest of the budget, every
 //!    managed GPU's headroom above its lower bound is scaled by the same factor. If even
 //!    the lower bounds do not fit, all go to their lower bound and a `budget-infeasible`
 //!    event is raised.
@@ -17,7 +19,8 @@
 //!    budget), and a GPU's limit is raised at most once per `raise_interval`; lowering is
 //!    never held back.
 //! 5. Decreases are applied before increases, so the sum of limits never exceeds the
-//!    budget midway.
+//!    budget midway; if a decrease fails, the raises of that tick wait (the agent's
+//!    apply step) and the next tick plans around the GPU that refused.
 
 use crate::config::{ConfigError, ConfigErrors, PowerConfig};
 use crate::gpu::{GpuInfo, Health};
@@ -54,7 +57,13 @@ pub struct PowerGuard {
     last_raise_ms: Vec<Option<u64>>,
     /// Whether the budget is currently infeasible (the event fires on the transition).
     infeasible: bool,
+    /// GPUs that did not obey their last change: planned at what they enforce.
+    disobeyed: Vec<bool>,
 }
+
+/// An enforced limit further than this from the one asked for is disobedience (NVML
+/// works in milliwatts; firmware may round to a few watts).
+pub const OBEY_TOLERANCE_W: f64 = 2.0;
 
 impl PowerGuard {
     /// Bounds from the hardware and the operator's config. Fails if the config names a
@@ -117,6 +126,7 @@ impl PowerGuard {
             raise_interval_ms: power.raise_interval.as_millis() as u64,
             last_raise_ms: vec![None; n],
             infeasible: false,
+            disobeyed: vec![false; n],
         })
     }
 
@@ -171,6 +181,16 @@ impl PowerGuard {
         let current: Vec<Option<f64>> =
             snap.samples.iter().map(|s| s.power_limit_w.value()).collect();
         let lost: Vec<bool> = snap.samples.iter().map(|s| s.health == Health::Lost).collect();
+        // A GPU that disobeyed is asked again, but only to go lower than what it enforces
+        // (so a retry that works can only help the budget).
+        for (i, want) in desired.iter_mut().enumerate() {
+            if let (true, Some(d), Some(c)) = (self.disobeyed[i], want.as_mut(), current[i])
+                && d.limit_w > c
+            {
+                d.limit_w = c;
+                d.reason.push_str("; held at its enforced limit: it did not obey its last change");
+            }
+        }
         if let Some(budget) = self.budget_w {
             self.fit_budget(budget, &mut desired, &current, &lost, events);
         }
@@ -243,6 +263,11 @@ impl PowerGuard {
                 *want = None;
                 continue;
             }
+            if self.disobeyed[i] {
+                // Planned at what it enforces; its own request (at most that) stands.
+                reserved += current[i].unwrap_or(b.hi);
+                continue;
+            }
             let d = want.get_or_insert_with(|| PowerDecision {
                 gpu: i as u32,
                 limit_w: b.hi,
@@ -260,10 +285,11 @@ impl PowerGuard {
         let infeasible = sum_lo > avail;
         let k = if infeasible { 0.0 } else { (avail - sum_lo) / (sum - sum_lo) };
         for (i, want) in desired.iter_mut().enumerate() {
-            let Some(d) = want else { continue };
+            let Some(d) = want.as_mut().filter(|_| !self.disobeyed[i]) else { continue };
             let lo = self.bounds[i].lo;
             // Round down to whole milliwatts (NVML's unit) so rounding never overshoots.
-            d.limit_w = ((lo + (d.limit_w - lo) * k) * 1000.0).floor() / 1000.0;
+            // (Never below the lower bound, which NVML gives in whole milliwatts.)
+            d.limit_w = (((lo + (d.limit_w - lo) * k) * 1000.0).floor() / 1000.0).max(lo);
             d.reason.push_str(&format!("; scaled to fit node budget {budget} W"));
         }
         if infeasible && !self.infeasible {
@@ -273,11 +299,25 @@ impl PowerGuard {
         self.infeasible = infeasible;
     }
 
-    /// Record that a change was applied at `now_ms`.
-    pub fn applied(&mut self, change: &Change, now_ms: u64) {
+    /// Record that a change was applied at `now_ms` and the GPU now enforces
+    /// `enforced_w` (read back): a GPU enforcing something else did not obey.
+    pub fn applied(&mut self, change: &Change, enforced_w: f64, now_ms: u64) {
+        let i = change.gpu as usize;
         if change.from_w.is_none_or(|from| change.to_w > from) {
-            self.last_raise_ms[change.gpu as usize] = Some(now_ms);
+            self.last_raise_ms[i] = Some(now_ms);
         }
+        self.disobeyed[i] = (enforced_w - change.to_w).abs() > OBEY_TOLERANCE_W;
+    }
+
+    /// Record that a change could not be applied: the GPU is planned at what it enforces
+    /// until a change to it works.
+    pub fn failed(&mut self, change: &Change) {
+        self.disobeyed[change.gpu as usize] = true;
+    }
+
+    /// Whether `gpu` did not obey its last change.
+    pub fn disobeyed(&self, gpu: u32) -> bool {
+        self.disobeyed.get(gpu as usize).copied().unwrap_or(false)
     }
 }
 
@@ -428,7 +468,7 @@ mod tests {
         );
         let c = g.check(&snap(&[500.0], 0), vec![decide(0, 600.0)], &mut ev);
         assert_eq!(targets(&c), vec![(0, 600.0)]);
-        g.applied(&c[0], 0);
+        g.applied(&c[0], 600.0, 0);
         assert!(
             g.check(&snap(&[600.0], 5000), vec![decide(0, 650.0)], &mut ev).is_empty(),
             "raised 5 s ago"
@@ -473,5 +513,164 @@ mod tests {
         let c =
             g.check(&snap(&[600.5, 400.0], 0), vec![decide(0, 600.0), decide(1, 400.0)], &mut ev);
         assert_eq!(targets(&c), vec![(0, 600.0)]);
+    }
+}
+
+/// Property tests: for any plugin output and any pattern of GPUs refusing changes or
+/// being lost, what reaches a GPU is within its bounds, and the sum of enforced limits
+/// comes within the budget and stays there whenever the budget is feasible.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::gpu::{FieldSet, GpuError, GpuSample, PowerConstraints, Reading};
+
+    /// One GPU of the simulated world.
+    #[derive(Debug, Clone)]
+    struct Gpu {
+        lo: f64,
+        hi: f64,
+        enforced: f64,
+        refuses: bool,
+        lost: bool,
+    }
+
+    fn gpu() -> impl Strategy<Value = Gpu> {
+        // Bounds in whole milliwatts, as NVML reports them.
+        (100_000..300_000u32, 100_000..500_000u32, 0.0..1.0f64, any::<bool>(), 0..8u8).prop_map(
+            |(lo, span, at, refuses, lost)| Gpu {
+                lo: f64::from(lo) / 1000.0,
+                hi: f64::from(lo + span) / 1000.0,
+                enforced: ((f64::from(lo) + f64::from(span) * at).round()) / 1000.0,
+                // One GPU in eight is lost; refusing ones are common, to find the edges.
+                refuses,
+                lost: lost == 0,
+            },
+        )
+    }
+
+    /// What a plugin might return: anything at all.
+    fn watts() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            Just(1e300),
+            Just(-0.0),
+            -1e6..1e6f64,
+            0.0..800.0f64,
+        ]
+    }
+
+    fn decisions() -> impl Strategy<Value = Vec<(u32, f64)>> {
+        prop::collection::vec((0..12u32, watts()), 0..20)
+    }
+
+    fn snapshot(world: &[Gpu], now_ms: u64) -> NodeSnapshot {
+        let samples = world
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let mut s = GpuSample::lost(i as u32, &GpuError::Lost(i as u32));
+                if !g.lost {
+                    s.power_limit_w = Reading::Value(g.enforced);
+                    s.health = Health::Ok;
+                }
+                s
+            })
+            .collect();
+        NodeSnapshot {
+            seq: 0,
+            ts_ms: 0,
+            now_ms,
+            inventory: Vec::new().into(),
+            samples,
+            bounds: world.iter().map(|g| Bounds { lo: g.lo, hi: g.hi }).collect(),
+            budget_w: None,
+            curves: vec![None; world.len()].into(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn limits_stay_in_bounds_and_within_a_feasible_budget(
+            mut world in prop::collection::vec(gpu(), 1..9),
+            budget in 100.0..5000.0f64,
+            ticks in prop::collection::vec(decisions(), 1..14),
+        ) {
+            let inventory: Vec<GpuInfo> = world
+                .iter()
+                .enumerate()
+                .map(|(i, g)| GpuInfo {
+                    index: i as u32,
+                    uuid: format!("GPU-{i}"),
+                    name: "test".into(),
+                    memory_total_mib: 1,
+                    power_limit: PowerConstraints { min_w: g.lo, max_w: g.hi, default_w: g.hi },
+                    fields: FieldSet::ALL,
+                    can_set_power_limit: true,
+                    pci_bus_id: None,
+                    mig_enabled: None,
+                })
+                .collect();
+            let config = Config::parse(&format!("[power]\nbudget_w = {budget}\n")).unwrap();
+            let mut guard = PowerGuard::new(&inventory, &config.power).unwrap();
+            // What the guard can count on: lost GPUs at their upper bound (their limit is
+            // unknown), refusing ones where they are, the rest at their minimum.
+            let floor: f64 = world
+                .iter()
+                .map(|g| if g.lost { g.hi } else if g.refuses { g.enforced } else { g.lo })
+                .sum();
+            let feasible = floor <= budget;
+            let n = world.len();
+            let mut within = false;
+            for (t, raw) in ticks.iter().enumerate() {
+                let now_ms = t as u64 * 1000;
+                let snap = snapshot(&world, now_ms);
+                let proposals = raw
+                    .iter()
+                    .map(|&(gpu, limit_w)| PowerDecision {
+                        gpu,
+                        limit_w,
+                        reason: "prop".into(),
+                        source: "plugin".into(),
+                    })
+                    .collect();
+                let changes = guard.check(&snap, proposals, &mut Vec::new());
+                // Applied as the agent applies them (decreases first; raises wait once a
+                // decrease failed).
+                let mut decrease_failed = false;
+                for c in &changes {
+                    let g = &mut world[c.gpu as usize];
+                    prop_assert!(c.to_w.is_finite() && c.to_w >= g.lo && c.to_w <= g.hi,
+                        "change {c:?} outside {}..{}", g.lo, g.hi);
+                    let raise = c.from_w.is_none_or(|f| c.to_w > f);
+                    if raise && decrease_failed {
+                        continue;
+                    }
+                    if g.lost || g.refuses {
+                        guard.failed(c);
+                        decrease_failed |= !raise;
+                    } else {
+                        g.enforced = (c.to_w * 1000.0).round() / 1000.0;
+                        guard.applied(c, g.enforced, now_ms);
+                    }
+                }
+                let total: f64 = world.iter().map(|g| g.enforced).sum();
+                if within && feasible {
+                    prop_assert!(total <= budget + 1e-6,
+                        "tick {t}: {total} W over the budget {budget} W after being within it");
+                }
+                within = total <= budget + 1e-6;
+                // Each refusing GPU costs at most one tick to learn about.
+                if feasible && t > n {
+                    prop_assert!(within, "tick {t}: {total} W over a feasible budget {budget} W");
+                }
+            }
+        }
     }
 }

@@ -264,12 +264,7 @@ fn run(command: Command) -> Result<(), Error> {
                         .base_dir
                         .join(&loaded.config.nvml.state_dir)
                         .join("start-limits.json");
-                    agent.keep_start_limits(path).map_err(|e| {
-                        ConfigErrors(vec![ConfigError::invalid(
-                            "nvml.state_dir",
-                            format!("cannot keep the limits found at start: {e}"),
-                        )])
-                    })?;
+                    agent.keep_start_limits(path);
                 }
                 agent.run(ticks, Pacing::RealTime, shutdown_signal()).await;
                 agent.stop();

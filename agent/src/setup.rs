@@ -239,7 +239,7 @@ pub struct Linked {
     pub mqtt: Mqtt,
     control: tokio::sync::mpsc::Receiver<Control>,
     changed: Arc<tokio::sync::Notify>,
-    desired: Option<Desired>,
+    desired: Result<Option<Desired>, (PathBuf, String)>,
 }
 
 impl std::fmt::Debug for Linked {
@@ -252,8 +252,10 @@ impl Linked {
     /// Give the agent its control channel and what commands had set before a restart.
     pub fn attach(self, agent: &mut Agent) -> Mqtt {
         agent.set_control(self.control, self.changed);
-        if let Some(d) = &self.desired {
-            agent.restore(d);
+        match &self.desired {
+            Ok(Some(d)) => agent.restore(d),
+            Ok(None) => {}
+            Err((path, error)) => agent.set_aside(path, error),
         }
         self.mqtt
     }

@@ -193,6 +193,9 @@ pub enum Event {
     PluginQuarantined { plugin: String, failures: u32, window_s: u64, fallback: &'static str },
     /// Reloading the config on SIGHUP failed; everything goes on as before.
     ReloadFailed { error: String },
+    /// A state file could not be read (empty, torn, not what it should hold); it was
+    /// renamed to `moved_to` and the agent went on without it.
+    StateSetAside { path: String, error: String, moved_to: String },
 }
 
 impl Event {

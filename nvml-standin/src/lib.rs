@@ -8,7 +8,8 @@
 //!   8 × H100 training).
 //! - `control`: lines appended by a test, applied in order at the next NVML call:
 //!   `lost GPU`, `xid GPU CODE`, `clear GPU`, `deny-set` / `allow-set` (setting a limit
-//!   returns NVML_ERROR_NO_PERMISSION, as without root), `set GPU WATTS` (someone else
+//!   returns NVML_ERROR_NO_PERMISSION, as without root; `deny-set GPU`: only on that GPU,
+//!   which goes on answering everything else), `set GPU WATTS` (someone else
 //!   changes a limit, as `nvidia-smi -pl` would), `unsupported GPU FIELD` (the SKU lacks
 //!   a field, e.g. `energy_j` before Volta). An `xid` reaches the event API
 //!   (`nvmlEventSetWait_v2`) for GPUs registered for XID events.
@@ -60,6 +61,8 @@ struct Standin {
     /// Lines of `control` applied so far.
     applied: usize,
     deny_set: bool,
+    /// GPUs that refuse limit changes (`deny-set GPU`).
+    deny_gpus: Vec<u32>,
     /// Samples of the current instant (NVML is asked one field at a time).
     cache: Option<Vec<GpuSample>>,
     /// GPUs registered for XID events, and XIDs not yet waited for.
@@ -93,6 +96,7 @@ impl Standin {
             dir,
             applied: 0,
             deny_set: false,
+            deny_gpus: Vec::new(),
             cache: None,
             xid_gpus: Vec::new(),
             xids: Default::default(),
@@ -135,8 +139,12 @@ impl Standin {
                 }
                 (Some("cuda-busy"), Some(g)) => self.cuda_busy.push(g),
                 (Some("cuda-corrupt"), Some(g)) => self.cuda_corrupt.push(g),
-                (Some("deny-set"), _) => self.deny_set = true,
-                (Some("allow-set"), _) => self.deny_set = false,
+                (Some("deny-set"), Some(g)) => self.deny_gpus.push(g),
+                (Some("deny-set"), None) => self.deny_set = true,
+                (Some("allow-set"), _) => {
+                    self.deny_set = false;
+                    self.deny_gpus.clear();
+                }
                 _ => eprintln!("nvml stand-in: ignoring control line {line:?}"),
             }
             self.cache = None;
@@ -488,10 +496,10 @@ pub extern "C" fn nvmlDeviceSetPowerManagementLimit(
     limit: c_uint,
 ) -> nvmlReturn_t {
     with(|s| {
-        if s.deny_set {
+        let gpu = index(device);
+        if s.deny_set || s.deny_gpus.contains(&gpu) {
             return NO_PERMISSION;
         }
-        let gpu = index(device);
         let Some(g) = s.inventory.get(gpu as usize) else { return INVALID_ARGUMENT };
         let w = f64::from(limit) / 1000.0;
         if w < g.power_limit.min_w || w > g.power_limit.max_w {

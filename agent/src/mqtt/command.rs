@@ -102,7 +102,12 @@ pub struct Accepted {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Envelope {
     pub id: Option<String>,
+    /// Where the sender asked for the result; set only once the command is
+    /// authenticated (signed by a configured key, or unsigned where the node takes
+    /// unsigned commands): a result never goes to a topic an unauthenticated sender chose.
     pub reply_to: Option<String>,
+    /// The command passed the signature policy.
+    pub authenticated: bool,
 }
 
 /// Checks that do not depend on the payload's content.
@@ -143,7 +148,7 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
             ),
         );
     }
-    let value: Value = match serde_json::from_slice(msg.payload) {
+    let value: Value = match crate::control::strict_json(msg.payload) {
         Ok(v) => v,
         Err(e) => {
             return fail(
@@ -158,10 +163,12 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
             "payload is not a JSON object; accepted: a JSON object with an \"id\"".into(),
         );
     };
-    // The envelope first, so that a result can be addressed whatever else is wrong.
+    // The envelope first, so that a result can be addressed whatever else is wrong; the
+    // reply topic is used only once the command is authenticated (below).
+    let mut reply_to = None;
     match map.get("reply_to") {
         None => {}
-        Some(Value::String(t)) if super::valid_topic(t, 1024) => env.reply_to = Some(t.clone()),
+        Some(Value::String(t)) if super::valid_topic(t, 1024) => reply_to = Some(t.clone()),
         Some(v) => {
             return fail(
                 &env,
@@ -171,7 +178,7 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     }
     match map.get("id") {
         Some(Value::String(id))
-            if !id.is_empty() && id.len() <= 128 && !id.contains(char::is_control) =>
+            if !id.is_empty() && id.len() <= 128 && id.chars().all(crate::control::id_char) =>
         {
             env.id = Some(id.clone())
         }
@@ -179,7 +186,7 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
             return fail(
                 &env,
                 format!(
-                    "id: {v} is not accepted; accepted: a string of 1 to 128 characters, none a control character"
+                    "id: {v} is not accepted; accepted: a string of 1 to 128 characters, none a control or invisible formatting character"
                 ),
             );
         }
@@ -195,6 +202,8 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     if signed {
         verify(msg, &map, policy).map_err(|why| (env.clone(), why))?;
     }
+    env.authenticated = true;
+    env.reply_to = reply_to;
     let u64_field = |map: &Map<String, Value>, k: &str| -> Result<Option<u64>, String> {
         match map.get(k) {
             None => Ok(None),
@@ -297,12 +306,7 @@ fn args_of<T: serde::de::DeserializeOwned>(
 }
 
 fn watts(w: Option<f64>) -> Result<Option<f64>, String> {
-    match w {
-        Some(w) if !w.is_finite() || w <= 0.0 || w > 100_000.0 => Err(format!(
-            "watts: {w} is out of range; accepted: more than 0 up to 100000 W, or null"
-        )),
-        w => Ok(w),
-    }
+    w.map(crate::control::check_watts).transpose().map_err(|e| format!("watts: {e}, or null"))
 }
 
 /// The bytes a command's signature covers: a domain tag, the node and command name (from
@@ -527,7 +531,13 @@ mod tests {
             ("ping", "[1]", "not a JSON object"),
             ("ping", r#"{"watts":1}"#, "id is missing"),
             ("ping", r#"{"id":7}"#, "id: 7 is not accepted"),
-            ("ping", r#"{"id":"a\nb"}"#, "none a control character"),
+            ("ping", r#"{"id":"a\nb"}"#, "none a control or invisible formatting character"),
+            ("ping", r#"{"id":"a\u202eb"}"#, "none a control or invisible formatting character"),
+            ("set-power-budget", r#"{"id":"a","watts":100,"watts":9000}"#, "appears twice"),
+            ("set-power-budget", r#"{"id":"a","watts":5e-324}"#, "out of range"),
+            ("set-power-budget", r#"{"id":"a","watts":100000.00000000001}"#, "out of range"),
+            ("ping", r#"{"id":"a","reply_to":"ops/\u0001"}"#, "reply_to"),
+            ("ping", r#"{"id":"a","reply_to":"ops/\uffff"}"#, "reply_to"),
             ("set-power-budget", r#"{"id":"a","watts":"lots"}"#, "watts: invalid type"),
             ("set-power-budget", r#"{"id":"a"}"#, "watts is missing"),
             ("set-power-budget", r#"{"id":"a","watts":-5}"#, "out of range"),
@@ -581,6 +591,52 @@ mod tests {
         assert!(check("n2", "set-power-budget", &signed).unwrap_err().1.contains("does not match"));
         assert!(check("n1", "set-power-limit", &signed).unwrap_err().1.contains("does not match"));
         assert!(check("n1", "ping", br#"{"id":"u"}"#).unwrap_err().1.contains("not signed"));
+    }
+
+    /// The test vector of docs/mqtt.md: signed by Python's `cryptography` over the
+    /// documented canonical form (`json.dumps(p, sort_keys=True, separators=(",", ":"),
+    /// ensure_ascii=False)`), with a 17-digit float that an incorrectly rounding parser
+    /// reads as another number (and so re-serialises differently).
+    #[test]
+    fn a_command_signed_in_python_verifies() {
+        let p = Policy {
+            keys: vec![verifying_key("6kpsY+KcUgq+9VB7Ey7F+ZVHdq6+vnuSQh7qaRRG0iw=").unwrap()],
+            require_signed: true,
+            ..policy()
+        };
+        let payload = br#"{"id": "vector-1", "watts": 3999.9999999999995, "issued_ms": 1800000000000, "expires_ms": 1800000060000, "sig": "S3T59vlesq2ne6S8Gjr0qXFnn8NgwxKoLiaHA8YJ0n7XSzFOTCimILktuPeaWXu5Ez6cRspgr/OQdqMZZQv3BQ=="}"#;
+        let a = parse(
+            &Incoming {
+                node: "gpu-a01",
+                name: "set-power-budget",
+                payload,
+                retained: false,
+                expiry_s: None,
+                now_ms: 1_800_000_001_000,
+            },
+            &p,
+        )
+        .unwrap();
+        assert_eq!(a.command, Command::SetPowerBudget { watts: Some(3999.9999999999995) });
+    }
+
+    #[test]
+    fn a_reply_topic_is_used_only_once_the_command_is_authenticated() {
+        let p = Policy { require_signed: true, ..policy() };
+        let (env, why) = parse(
+            &Incoming {
+                node: "n1",
+                name: "ping",
+                payload: br#"{"id":"a","reply_to":"victims/topic"}"#,
+                retained: false,
+                expiry_s: None,
+                now_ms: 1_000_000,
+            },
+            &p,
+        )
+        .unwrap_err();
+        assert!(why.contains("not signed"));
+        assert_eq!((env.reply_to, env.authenticated), (None, false));
     }
 
     #[test]

@@ -222,7 +222,15 @@ pub(super) struct Link {
     /// The broker's maximum packet size on this connection: a larger publish would make
     /// the client drop the connection, and a record would be retried on every reconnect.
     pub max_packet: Option<u32>,
+    /// The oldest record in flight at the last disconnects, and at how many in a row: a
+    /// record the broker answers by dropping the connection would otherwise be resent
+    /// first at every reconnect, forever.
+    pub suspect: Option<(u64, u32)>,
 }
+
+/// A record that was the oldest in flight at this many disconnects in a row is taken for
+/// one the broker will not accept, and set aside.
+pub const POISON_DISCONNECTS: u32 = 5;
 
 /// Where the link is in sending the outbox.
 #[derive(Debug, Default)]
@@ -233,6 +241,8 @@ struct Sending {
     next_live: u64,
     next_backlog: u64,
     inflight: usize,
+    /// The records sent on this connection and not yet acknowledged.
+    unacked: std::collections::BTreeSet<u64>,
     /// Backlog records that may be sent now (refilled by the rate).
     tokens: f64,
     /// Whether backlog may remain (the rate limiter runs only then).
@@ -301,6 +311,7 @@ impl Link {
                     next_live: next,
                     next_backlog: 0,
                     inflight: 0,
+                    unacked: Default::default(),
                     tokens: 0.0,
                     backlog: true,
                 };
@@ -329,6 +340,21 @@ impl Link {
                 debug!(%error, "link: disconnected");
                 s.connected = false;
                 s.inflight = 0;
+                if let Some(&oldest) = s.unacked.first() {
+                    let n = match self.suspect {
+                        Some((seq, n)) if seq == oldest => n + 1,
+                        _ => 1,
+                    };
+                    self.suspect = Some((oldest, n));
+                    if n >= POISON_DISCONNECTS {
+                        self.suspect = None;
+                        self.unsendable(
+                            oldest,
+                            &format!("the broker dropped the connection {n} times in a row with this record the oldest in flight ({error}); it is set aside so that the rest can go"),
+                        );
+                    }
+                }
+                s.unacked.clear();
             }
             Ev::Acked { tag, reason } => {
                 let refused =
@@ -336,6 +362,10 @@ impl Link {
                 match tag {
                     Tag::Record(seq) => {
                         s.inflight = s.inflight.saturating_sub(1);
+                        s.unacked.remove(&seq);
+                        if self.suspect.is_some_and(|(x, _)| x == seq) {
+                            self.suspect = None;
+                        }
                         let mut outbox = self.shared.outbox.lock().expect("outbox");
                         if refused {
                             // Resending would be refused again: the record is committed,
@@ -444,6 +474,7 @@ impl Link {
                 return;
             }
             s.inflight += 1;
+            s.unacked.insert(seq);
             if historical {
                 s.next_backlog = seq + 1;
                 s.tokens -= 1.0;
@@ -555,6 +586,17 @@ impl Link {
         let now = wall_ms();
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let name = topic.rsplit('/').next().unwrap_or_default().to_owned();
+        // Only `<root>/<node>/cmd/<name>`: a persistent session may still deliver what an
+        // earlier root or node id subscribed to, and such a command must not run.
+        let own = name.len() <= 128
+            && name.chars().all(crate::control::id_char)
+            && topic == self.shared.topics.command(&name)
+            && valid_topic(&topic, MAX_TOPIC);
+        if !own {
+            warn!(topic = %topic.escape_debug(), expected = %self.shared.topics.command_filter(), "ignoring a message outside this node's command topics (a subscription left from an earlier root or node id?)");
+            self.ack(&p);
+            return;
+        }
         let props = p.properties.clone().unwrap_or_default();
         // A response topic the client could not publish to is ignored (the result then
         // goes to `reply_to` or `cmd-result/<name>`).
@@ -584,11 +626,22 @@ impl Link {
             Ok(a) => a,
             Err((env, why)) => {
                 self.ack(&p);
+                // Unauthenticated: the result goes only to this node's own result topic,
+                // never where the sender asked.
+                let response = if env.authenticated {
+                    response
+                } else {
+                    Response { topic: None, correlation: None, ..response }
+                };
                 self.result(&response, &env, "rejected", Some(&why), None);
                 return;
             }
         };
-        let env = Envelope { id: Some(accepted.id.clone()), reply_to: accepted.reply_to.clone() };
+        let env = Envelope {
+            id: Some(accepted.id.clone()),
+            reply_to: accepted.reply_to.clone(),
+            authenticated: true,
+        };
         if let Some(seen) = &mut self.settings.seen {
             if seen.contains(&accepted.id) {
                 self.ack(&p);
@@ -618,7 +671,8 @@ impl Link {
     }
 
     async fn execute(&mut self, a: Accepted, response: Response) {
-        let env = Envelope { id: Some(a.id.clone()), reply_to: a.reply_to.clone() };
+        let env =
+            Envelope { id: Some(a.id.clone()), reply_to: a.reply_to.clone(), authenticated: true };
         if a.expires_ms.is_some_and(|e| e <= wall_ms()) {
             self.result(
                 &response,
@@ -673,11 +727,7 @@ impl Link {
                 // The desired state and the birth changed: keep and publish them again.
                 if let Some(d) = self.rebirth().await {
                     let path = &self.settings.desired_path;
-                    let tmp = path.with_extension("tmp");
-                    let write =
-                        std::fs::write(&tmp, serde_json::to_vec(&d.desired).expect("serialises"))
-                            .and_then(|()| std::fs::rename(&tmp, path));
-                    if let Err(e) = write {
+                    if let Err(e) = d.desired.save(path) {
                         error!(path = %path.display(), error = %e, "cannot save the desired state; a restart will not restore it");
                     }
                 }

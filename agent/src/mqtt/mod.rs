@@ -126,17 +126,7 @@ impl Shared {
     /// The next incarnation, persisted before it is used.
     fn next_inc(&self) -> u64 {
         let inc = self.inc.fetch_add(1, Ordering::SeqCst) + 1;
-        let tmp = self.inc_path.with_extension("tmp");
-        let write = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, inc.to_string().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.inc_path)?;
-            // The rename itself is durable once the folder is synced.
-            let dir = self.inc_path.parent().unwrap_or(Path::new("."));
-            std::fs::File::open(dir)?.sync_all()
-        })();
-        if let Err(e) = write {
+        if let Err(e) = crate::state::atomic_write(&self.inc_path, inc.to_string().as_bytes()) {
             error!(path = %self.inc_path.display(), error = %e, "cannot persist the incarnation counter; a restart may reuse it");
         }
         self.stats.lock().expect("stats").inc = inc;
@@ -377,7 +367,9 @@ pub struct Started {
     pub control: mpsc::Receiver<Control>,
     /// The agent tells the link here when its birth changed by itself.
     pub changed: Arc<Notify>,
-    pub desired: Option<Desired>,
+    /// What commands had set before a restart; `Err`: the file that holds it cannot be
+    /// read (to be set aside and reported by the agent).
+    pub desired: Result<Option<Desired>, (PathBuf, String)>,
 }
 
 impl Mqtt {
@@ -411,12 +403,7 @@ impl Mqtt {
         });
         let inc = shared.next_inc();
         let desired_path = s.state_dir.join("desired.json");
-        let desired = match std::fs::read(&desired_path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .inspect_err(|e| warn!(path = %desired_path.display(), error = %e, "desired state unreadable; not restored"))
-                .ok(),
-            Err(_) => None,
-        };
+        let desired = Desired::load(&desired_path).map_err(|e| (desired_path.clone(), e));
         let seen = match &s.commands {
             Some(_) => {
                 let path = s.state_dir.join("command-ids");
@@ -493,6 +480,7 @@ impl Mqtt {
                 changed: changed.clone(),
                 refused_topics: Default::default(),
                 max_packet: None,
+                suspect: None,
             }
             .run(),
         );
@@ -659,8 +647,23 @@ impl Sink for MqttSink {
 /// The longest topic MQTT encodes (a 16-bit length).
 const MAX_TOPIC: usize = 65_535;
 
-/// Whether `t` is a topic one can publish to, at most `max_len` bytes: not empty, no
-/// wildcards, no NUL (the client refuses those).
-fn valid_topic(t: &str, max_len: usize) -> bool {
-    !t.is_empty() && t.len() <= max_len && !t.contains(['+', '#', '\0'])
+/// Whether `t` is a topic one can publish to, at most `max_len` bytes: every topic gpulet
+/// publishes to or takes from a message goes through here. Not empty, no wildcards, not
+/// a broker topic (`$…`), and only characters MQTT's UTF-8 rules allow (MQTT 5 §1.5.4):
+/// no U+0000, no control characters (U+0001–U+001F, U+007F–U+009F) and no
+/// noncharacters (U+FDD0–U+FDEF, and U+xFFFE/U+xFFFF of every plane). Brokers drop the
+/// connection of a client that publishes to such a topic (Mosquitto does), so one record
+/// addressed there would cut the node off at every reconnect.
+pub fn valid_topic(t: &str, max_len: usize) -> bool {
+    !t.is_empty()
+        && t.len() <= max_len
+        && !t.starts_with('$')
+        && !t.contains(['+', '#'])
+        && t.chars().all(mqtt_char)
+}
+
+/// Whether `c` may appear in an MQTT UTF-8 string (see [`valid_topic`]).
+pub fn mqtt_char(c: char) -> bool {
+    let u = c as u32;
+    !(c.is_control() || (0xFDD0..=0xFDEF).contains(&u) || (u & 0xFFFE) == 0xFFFE)
 }

@@ -55,6 +55,7 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
         command::sign(key, &o.node, &o.command, &mut payload);
     }
     let topic = format!("{}/{}/cmd/{}", o.root, o.node, o.command);
+    let own_results = format!("{}/{}/cmd-result/{}", o.root, o.node, o.command);
     let correlation = Bytes::from(id.to_string());
     let deadline = tokio::time::Instant::now() + o.timeout;
     let mut results = Vec::new();
@@ -73,8 +74,13 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
         };
         match ev {
             Event::Incoming(Incoming::ConnAck(_)) => {
+                // The node's own result topic too: a command it could not authenticate is
+                // answered only there (never on a topic the sender chose).
                 client
-                    .subscribe_many([Filter::new(&reply_topic, QoS::AtLeastOnce)])
+                    .subscribe_many([
+                        Filter::new(&reply_topic, QoS::AtLeastOnce),
+                        Filter::new(&own_results, QoS::AtLeastOnce),
+                    ])
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -94,11 +100,12 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
             }
             Event::Incoming(Incoming::Publish(p)) => {
                 let corr = p.properties.as_ref().and_then(|x| x.correlation_data.as_ref());
-                if corr != Some(&correlation) {
+                let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else { continue };
+                let ours = corr == Some(&correlation)
+                    || (p.topic.as_ref() == own_results.as_bytes() && v["id"] == id);
+                if !ours {
                     continue;
                 }
-                let v: Value = serde_json::from_slice(&p.payload)
-                    .map_err(|e| format!("a result that is not JSON: {e}"))?;
                 let status = v["status"].as_str().unwrap_or_default().to_owned();
                 results.push(v);
                 if matches!(status.as_str(), "rejected" | "succeeded" | "failed" | "expired") {

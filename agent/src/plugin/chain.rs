@@ -26,6 +26,7 @@ use super::engine::PluginEngine;
 use super::host::PluginMetric;
 use super::instance::{Limits, PowerPlugin};
 use super::kv::KvStore;
+use super::thread::PluginThread;
 use super::{PluginError, wit};
 use crate::config::{Fallback, Grant};
 use crate::gpu::{Health, Throttle};
@@ -66,16 +67,16 @@ struct Slot {
     quarantined: bool,
 }
 
+/// The decision stage. Its plugins are called on the plugin thread ([`PluginThread`]:
+/// never on the agent's async runtime, where a plugin's blocking WASI call would panic);
+/// the chain itself moves there for each call and back.
 pub struct PolicyChain {
-    static_caps: StaticPolicy,
-    slots: Vec<Slot>,
-    settings: ChainSettings,
-    engine: Option<Arc<PluginEngine>>,
+    chain: PluginThread<Chain>,
 }
 
 impl std::fmt::Debug for PolicyChain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.slots.iter().map(|s| s.spec.name.as_str()).collect();
+        let names: Vec<&str> = self.status().into_iter().map(|(n, _)| n).collect();
         f.debug_struct("PolicyChain").field("plugins", &names).finish_non_exhaustive()
     }
 }
@@ -86,14 +87,107 @@ impl PolicyChain {
         settings: ChainSettings,
         engine: Option<Arc<PluginEngine>>,
     ) -> PolicyChain {
-        PolicyChain { static_caps, slots: Vec::new(), settings, engine }
+        let chain = Chain { static_caps, slots: Vec::new(), settings, engine };
+        PolicyChain { chain: PluginThread::new(chain) }
     }
 
+    /// Start `specs` against the node's GPUs, replacing the running plugins (see
+    /// [`Chain::load`]), on the plugin thread. Returns the failures, by plugin name.
+    pub fn load(
+        &mut self,
+        specs: &[PluginSpec],
+        inventory: &[crate::gpu::GpuInfo],
+        events: &mut Vec<Event>,
+    ) -> Vec<(String, PluginError)> {
+        let (specs, inventory) = (specs.to_vec(), inventory.to_vec());
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let outcome = self.chain.call(move |c| {
+            let mut events = Vec::new();
+            let errors = c.load(&specs, &inventory, &mut events);
+            (errors, events)
+        });
+        match outcome {
+            Ok((errors, mut ev)) => {
+                events.append(&mut ev);
+                errors
+            }
+            Err(panic) => {
+                tracing::error!(%panic, "the plugin host panicked while loading plugins");
+                let error = PluginError::Engine(format!("the plugin host panicked: {panic}"));
+                names.into_iter().map(|n| (n, error.clone())).collect()
+            }
+        }
+    }
+
+    /// Names of the plugins and whether each is active (not quarantined or failed).
+    pub fn status(&self) -> Vec<(&str, bool)> {
+        self.chain.get().status()
+    }
+
+    /// The proposals for this tick (see the module docs for the rules), decided on the
+    /// plugin thread. Should the host itself panic there, every plugin's fallback stands
+    /// in for this tick and their instances start afresh.
+    pub fn decide(
+        &mut self,
+        snap: &NodeSnapshot,
+        events: &mut Vec<Event>,
+        metrics: &mut Vec<PluginMetric>,
+    ) -> Vec<PowerDecision> {
+        if self.chain.get().slots.is_empty() {
+            // Nothing to call into: no need to leave this thread.
+            return self.chain.get_mut().decide(snap, events, metrics);
+        }
+        let owned = snap.clone();
+        let outcome = self.chain.call(move |c| {
+            let (mut events, mut metrics) = (Vec::new(), Vec::new());
+            let decisions = c.decide(&owned, &mut events, &mut metrics);
+            (decisions, events, metrics)
+        });
+        match outcome {
+            Ok((decisions, mut ev, mut m)) => {
+                events.append(&mut ev);
+                metrics.append(&mut m);
+                decisions
+            }
+            Err(panic) => {
+                tracing::error!(%panic, "the plugin host panicked during a decision; the fallbacks stand in");
+                events.push(Event::PluginFault {
+                    plugin: "*".into(),
+                    fault: "host-panic",
+                    message: format!("the plugin host panicked: {panic}"),
+                });
+                self.chain.get_mut().fall_back_all(snap, &panic)
+            }
+        }
+    }
+
+    /// As [`PolicyChain::decide`], but on the caller's thread: for the benchmark that
+    /// measures what the plugin thread costs. Not for the agent.
+    #[doc(hidden)]
+    pub fn decide_on_this_thread(
+        &mut self,
+        snap: &NodeSnapshot,
+        events: &mut Vec<Event>,
+        metrics: &mut Vec<PluginMetric>,
+    ) -> Vec<PowerDecision> {
+        self.chain.get_mut().decide(snap, events, metrics)
+    }
+}
+
+/// The chain proper: lives on the plugin thread while it is called.
+struct Chain {
+    static_caps: StaticPolicy,
+    slots: Vec<Slot>,
+    settings: ChainSettings,
+    engine: Option<Arc<PluginEngine>>,
+}
+
+impl Chain {
     /// Start `specs` against `snap`'s GPUs, replacing the running plugins. A plugin that
     /// fails to start keeps its previous version running if there was one (same name),
     /// and otherwise sits quarantined; each outcome is an event. Returns the failures, by
     /// plugin name.
-    pub fn load(
+    fn load(
         &mut self,
         specs: &[PluginSpec],
         inventory: &[crate::gpu::GpuInfo],
@@ -187,28 +281,43 @@ impl PolicyChain {
         Ok((plugin, loaded))
     }
 
-    /// Names of the plugins and whether each is active (not quarantined or failed).
-    pub fn status(&self) -> Vec<(&str, bool)> {
+    fn status(&self) -> Vec<(&str, bool)> {
         self.slots
             .iter()
             .map(|s| (s.spec.name.as_str(), !s.quarantined && s.plugin.is_some()))
             .collect()
     }
 
-    /// The proposals for this tick (see the module docs for the rules).
-    pub fn decide(
-        &mut self,
-        snap: &NodeSnapshot,
-        events: &mut Vec<Event>,
-        metrics: &mut Vec<PluginMetric>,
-    ) -> Vec<PowerDecision> {
-        let n = snap.samples.len();
-        let mut proposal: Vec<Option<PowerDecision>> = vec![None; n];
+    /// The static caps, then each plugin's fallback in its place, and every instance
+    /// dropped (the next call starts afresh): after the host panicked mid-decision.
+    fn fall_back_all(&mut self, snap: &NodeSnapshot, why: &str) -> Vec<PowerDecision> {
+        let mut proposal = self.static_proposal(snap);
+        for slot in &mut self.slots {
+            slot.plugin.as_mut().map(PowerPlugin::drop_instance);
+            let why = format!("was stopped by a panic of the plugin host ({why})");
+            fall_back(&slot.spec.name, self.settings.fallback, &why, snap, &mut proposal);
+        }
+        proposal.into_iter().flatten().collect()
+    }
+
+    fn static_proposal(&self, snap: &NodeSnapshot) -> Vec<Option<PowerDecision>> {
+        let mut proposal: Vec<Option<PowerDecision>> = vec![None; snap.samples.len()];
         for d in self.static_caps.decide() {
             if let Some(p) = proposal.get_mut(d.gpu as usize) {
                 *p = Some(d.clone());
             }
         }
+        proposal
+    }
+
+    /// The proposals for this tick (see the module docs for the rules).
+    fn decide(
+        &mut self,
+        snap: &NodeSnapshot,
+        events: &mut Vec<Event>,
+        metrics: &mut Vec<PluginMetric>,
+    ) -> Vec<PowerDecision> {
+        let mut proposal = self.static_proposal(snap);
         if self.slots.is_empty() {
             return proposal.into_iter().flatten().collect();
         }

@@ -98,6 +98,7 @@ impl PluginEngine {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
+        refuse_blocking(&mut linker).map_err(|e| PluginError::Engine(e.to_string()))?;
         Power::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
 
@@ -216,6 +217,30 @@ impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The version of `wasi:io` that wasmtime-wasi defines (a plugin built against an older
+/// 0.2.x links to it: semver-compatible).
+const WASI_IO: &str = "0.2.12";
+
+/// Replace WASI's two ways of waiting (`poll` and `pollable.block`: a guest's
+/// `thread::sleep`, or waiting on a clock or a stream) with a trap. A host call cannot be
+/// interrupted by the epoch deadline, so a plugin that slept would hold the tick for as
+/// long as it liked; a plugin has nothing to wait for (its input is the snapshot), so
+/// waiting is a fault of that plugin, reported as such. Non-blocking calls
+/// (`pollable.ready`, stream writes to stdout and stderr, which go nowhere) stay.
+fn refuse_blocking(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(&format!("wasi:io/poll@{WASI_IO}"))?;
+    for name in ["poll", "[method]pollable.block"] {
+        poll.func_new(name, move |_, _, _, _| {
+            Err(wasmtime::Error::msg(format!(
+                "the plugin called wasi:io/poll {name}: plugins may not block or sleep (their input is the snapshot; nothing is worth waiting for)"
+            )))
+        })?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Whether an import (`ns:pkg/iface@version`) is on the allowlist.

@@ -2,10 +2,12 @@
 //!
 //! Every host import is cheap and never blocks (an epoch deadline cannot interrupt a
 //! host call, so a slow import would be a way around it): logging is rate-limited per
-//! call, the key-value store is in memory with a small write-through file, metrics go to
-//! a buffer the chain drains after the call.
+//! call, the key-value store is in memory and saved once after the call, metrics go to a
+//! buffer the chain drains after the call. What host imports cost is timed anyway
+//! (`host_time`) and charged to the plugin's deadline after the call.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -38,6 +40,8 @@ pub struct HostState {
     pub(crate) metrics: Vec<PluginMetric>,
     logs: u32,
     pub(crate) dropped: u32,
+    /// Time spent in this call's host imports.
+    pub(crate) host_time: Duration,
     /// The GPUs' work-per-watt curves of the snapshot being decided (none outside a
     /// `decide-power` call).
     pub(crate) curves: Curves,
@@ -64,6 +68,7 @@ impl HostState {
             metrics: Vec::new(),
             logs: 0,
             dropped: 0,
+            host_time: Duration::ZERO,
             curves: Arc::new([]),
         }
     }
@@ -74,6 +79,7 @@ impl HostState {
         self.curves = curves;
         self.logs = 0;
         self.dropped = 0;
+        self.host_time = Duration::ZERO;
         self.limits.denied = false;
     }
 }
@@ -129,8 +135,21 @@ impl ResourceLimiter for MemoryCap {
 
 impl types::Host for HostState {}
 
-impl host::Host for HostState {
-    fn log(&mut self, level: host::Level, message: String) {
+impl HostState {
+    /// Save what the call changed in the key-value store (timed as host work).
+    pub(crate) fn save_kv(&mut self) {
+        let t = Instant::now();
+        if let Err(e) = self.kv().save() {
+            tracing::warn!(plugin = %self.plugin, error = %e, "plugin state not saved");
+        }
+        self.host_time += t.elapsed();
+    }
+
+    fn kv(&self) -> std::sync::MutexGuard<'_, KvStore> {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log_line(&mut self, level: host::Level, message: String) {
         self.logs += 1;
         if self.logs > MAX_LOGS_PER_CALL {
             self.dropped += 1;
@@ -146,19 +165,33 @@ impl host::Host for HostState {
             host::Level::Error => tracing::error!(plugin, "{message}"),
         }
     }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) {
+        let t = Instant::now();
+        self.log_line(level, message);
+        self.host_time += t.elapsed();
+    }
 
     fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
-        self.kv.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+        let t = Instant::now();
+        let v = self.kv().get(&key);
+        self.host_time += t.elapsed();
+        v
     }
 
     fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-        self.kv.lock().unwrap_or_else(|e| e.into_inner()).set(&key, value)
+        let t = Instant::now();
+        let r = self.kv().set(&key, value);
+        self.host_time += t.elapsed();
+        r
     }
 
     fn kv_delete(&mut self, key: String) {
-        if let Err(e) = self.kv.lock().unwrap_or_else(|e| e.into_inner()).delete(&key) {
-            tracing::warn!(plugin = %self.plugin, error = %e, "plugin state not saved");
-        }
+        let t = Instant::now();
+        self.kv().delete(&key);
+        self.host_time += t.elapsed();
     }
 
     fn emit_metric(&mut self, name: String, value: f64, gpu: Option<u32>) {

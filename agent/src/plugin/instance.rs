@@ -29,7 +29,22 @@ pub enum Fault {
     Trap(String),
     /// Re-instantiating or `init` after a fault failed.
     Restart(String),
+    /// The host work it asked for (key-value writes, logs) or the lifting of what it
+    /// returned took longer than its deadline: host calls cannot be interrupted, so they
+    /// are timed and charged to the plugin after the call.
+    HostTime(Duration),
+    /// It returned more actions than [`MAX_ACTIONS`].
+    Output(usize),
 }
+
+/// Most actions one `decide-power` call may return (a node has at most a few dozen
+/// GPUs; more is a plugin out of control, and each action may become an audit event).
+pub const MAX_ACTIONS: usize = 1024;
+
+/// Wall time a call may take beyond its deadline before it is charged as a fault even
+/// though the guest's own time stayed within it (scheduling noise on a loaded machine
+/// must not fault a healthy plugin).
+const WALL_SLACK: Duration = Duration::from_millis(250);
 
 impl Fault {
     pub fn kind(&self) -> &'static str {
@@ -38,6 +53,8 @@ impl Fault {
             Fault::Memory => "memory",
             Fault::Trap(_) => "trap",
             Fault::Restart(_) => "restart",
+            Fault::HostTime(_) => "timeout",
+            Fault::Output(_) => "output",
         }
     }
 }
@@ -49,6 +66,14 @@ impl std::fmt::Display for Fault {
             Fault::Memory => write!(f, "tried to grow its memory past its cap and was stopped"),
             Fault::Trap(m) => write!(f, "trapped: {m}"),
             Fault::Restart(m) => write!(f, "could not be restarted: {m}"),
+            Fault::HostTime(d) => write!(
+                f,
+                "took {} ms with the host work it asked for (key-value writes, logs, its output), past its deadline",
+                d.as_millis()
+            ),
+            Fault::Output(n) => {
+                write!(f, "returned {n} actions; at most {MAX_ACTIONS} are accepted")
+            }
         }
     }
 }
@@ -199,7 +224,9 @@ impl PowerPlugin {
 
     fn init(&self, store: &mut Store<HostState>, bindings: &Power) -> Result<(), String> {
         store.set_epoch_deadline(self.deadline_ticks());
-        bindings.call_init(&mut *store, &self.config, &self.gpus).map_err(|e| format!("{e:#}"))?
+        let r = bindings.call_init(&mut *store, &self.config, &self.gpus);
+        store.data_mut().save_kv();
+        r.map_err(|e| format!("{e:#}"))?
     }
 
     /// Call `decide-power` on `snapshot`, whose GPUs' curves are `curves` (what
@@ -221,14 +248,28 @@ impl PowerPlugin {
         let (store, bindings) = self.live.as_mut().expect("just made");
         store.data_mut().begin_call(curves.clone());
         store.set_epoch_deadline(ticks);
+        let started = Instant::now();
         let result = bindings.call_decide_power(&mut *store, snapshot);
+        let wall = started.elapsed();
         let state = store.data_mut();
+        // What the plugin changed in its key-value store, saved once per call.
+        state.save_kv();
+        let host_time = state.host_time;
         let output = CallOutput {
             actions: Vec::new(),
             metrics: std::mem::take(&mut state.metrics),
             dropped: state.dropped,
         };
+        let deadline = self.limits.deadline;
         match result {
+            Ok(_) if host_time > deadline || wall > deadline + WALL_SLACK => {
+                self.live = None;
+                Err(Fault::HostTime(wall))
+            }
+            Ok(actions) if actions.len() > MAX_ACTIONS => {
+                self.live = None;
+                Err(Fault::Output(actions.len()))
+            }
             Ok(actions) => Ok(CallOutput { actions, ..output }),
             Err(e) => {
                 let fault = if state.limits.denied {
@@ -236,12 +277,21 @@ impl PowerPlugin {
                 } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                     Fault::Timeout
                 } else {
-                    Fault::Trap(format!("{e:#}").lines().next().unwrap_or("trap").to_owned())
+                    // The innermost cause says what happened (a guest panic's
+                    // `unreachable`, a refused call); the outer ones only where.
+                    Fault::Trap(
+                        e.root_cause().to_string().lines().next().unwrap_or("trap").to_owned(),
+                    )
                 };
                 self.live = None;
                 Err(fault)
             }
         }
+    }
+
+    /// Drop the live instance: the next call starts a fresh one.
+    pub fn drop_instance(&mut self) {
+        self.live = None;
     }
 
     /// Time one call takes at most before it is stopped.

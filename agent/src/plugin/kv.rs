@@ -1,9 +1,11 @@
 //! Each plugin's key-value store: the only state a plugin keeps across re-instantiation
 //! and agent restarts (its memory can be dropped at any time, after a trap for example).
 //!
-//! Kept in memory and written through to `<state_dir>/<plugin>.kv.json` on every change
-//! (a temporary file, then a rename, so a crash leaves the old or the new file, never a
-//! torn one). Size-capped: keys and values together may not exceed the cap.
+//! Kept in memory and saved to `<state_dir>/<plugin>.kv.json` after each call that
+//! changed it ([`KvStore::save`]: a temporary file, then a rename, so a crash leaves the
+//! old or the new file, never a torn one). Saving once per call, not per change, keeps a
+//! plugin that floods `kv-set` from turning each call into many file writes, which no
+//! deadline could interrupt. Size-capped: keys and values together may not exceed the cap.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,24 +19,26 @@ pub struct KvStore {
     bytes: usize,
     cap: usize,
     file: Option<PathBuf>,
+    /// Changed since the last save.
+    dirty: bool,
 }
 
 impl KvStore {
     /// An in-memory store (for dry runs: `gpulet plugin run`).
     pub fn in_memory(cap: usize) -> KvStore {
-        KvStore { map: BTreeMap::new(), bytes: 0, cap, file: None }
+        KvStore { map: BTreeMap::new(), bytes: 0, cap, file: None, dirty: false }
     }
 
     /// The store of `plugin` under `dir`, loaded from disk if it is there. A file that
     /// cannot be parsed is set aside as `.corrupt` and the store starts empty: a
     /// plugin's own state must not keep the agent from starting.
     pub fn open(dir: &Path, plugin: &str, cap: usize) -> Result<KvStore, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        crate::state::check_dir(dir)?;
         let file = dir.join(format!("{plugin}.kv.json"));
         let mut store = KvStore { file: Some(file.clone()), ..KvStore::in_memory(cap) };
-        match std::fs::read(&file) {
-            Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+        match crate::state::read(&file) {
+            Ok(None) => {}
+            Ok(Some(bytes)) => match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
                 Ok(m) => {
                     for (k, hex) in m {
                         if let Some(v) = from_hex(&hex) {
@@ -45,10 +49,9 @@ impl KvStore {
                 }
                 Err(e) => {
                     tracing::warn!(plugin, file = %file.display(), error = %e, "plugin state is corrupt; set aside, starting empty");
-                    let _ = std::fs::rename(&file, file.with_extension("json.corrupt"));
+                    let _ = crate::state::set_aside(&file);
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
         }
         Ok(store)
@@ -72,15 +75,15 @@ impl KvStore {
         }
         self.map.insert(key.to_owned(), value);
         self.bytes = new_total;
-        self.persist()
+        self.dirty = true;
+        Ok(())
     }
 
-    pub fn delete(&mut self, key: &str) -> Result<(), String> {
+    pub fn delete(&mut self, key: &str) {
         if let Some(v) = self.map.remove(key) {
             self.bytes -= key.len() + v.len();
-            self.persist()?;
+            self.dirty = true;
         }
-        Ok(())
     }
 
     /// Bytes held (keys and values).
@@ -88,14 +91,16 @@ impl KvStore {
         self.bytes
     }
 
-    fn persist(&self) -> Result<(), String> {
+    /// Write the store to its file if it changed since the last save.
+    pub fn save(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.dirty) {
+            return Ok(());
+        }
         let Some(file) = &self.file else { return Ok(()) };
         let m: BTreeMap<&str, String> =
             self.map.iter().map(|(k, v)| (k.as_str(), to_hex(v))).collect();
-        let tmp = file.with_extension("json.tmp");
         let json = serde_json::to_vec(&m).expect("a map of strings serialises");
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, file))
+        crate::state::atomic_write(file, &json)
             .map_err(|e| format!("cannot save {}: {e}", file.display()))
     }
 }
@@ -122,6 +127,7 @@ mod tests {
         kv.set("a", b"12345".to_vec()).unwrap();
         assert!(kv.set("b", vec![0; 20]).unwrap_err().contains("its cap is 16 bytes"));
         kv.set("a", b"1234567".to_vec()).unwrap();
+        kv.save().unwrap();
         let kv = KvStore::open(dir.path(), "p", 16).unwrap();
         assert_eq!(kv.get("a").unwrap(), b"1234567");
         assert_eq!(kv.bytes(), 8);
@@ -133,6 +139,10 @@ mod tests {
         std::fs::write(dir.path().join("p.kv.json"), b"{not json").unwrap();
         let kv = KvStore::open(dir.path(), "p", 16).unwrap();
         assert_eq!(kv.bytes(), 0);
-        assert!(dir.path().join("p.kv.json.corrupt").exists());
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("p.kv.json.bad-"));
+        assert!(aside, "set aside beside it");
     }
 }

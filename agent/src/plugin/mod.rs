@@ -9,6 +9,8 @@
 //!   with a deadline, classify faults, re-instantiate after a trap.
 //! - [`chain`]: the decision stage the agent calls: the static caps, then the power
 //!   plugins in configured order, with grants, fault counting, quarantine and fallback.
+//! - [`thread`]: the plugin thread, where every call into a plugin runs (never on the
+//!   agent's async runtime, where a plugin's blocking WASI call would panic).
 //!
 //! Why each sandbox measure is there is written where it is set up; the summary is in
 //! `docs/plugins.md`.
@@ -20,6 +22,7 @@ pub mod engine;
 pub mod host;
 pub mod instance;
 pub mod kv;
+pub mod thread;
 
 /// Host bindings of the `power` world of `wit/v0.1.1`. Plugins built against 0.1.0 link
 /// to them too: 0.1.1 only adds, and the linker resolves a 0.1.0 import to its 0.1.1

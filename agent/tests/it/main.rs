@@ -7,6 +7,7 @@ mod broker;
 mod calibrate;
 mod cli;
 mod config;
+mod containment;
 mod docs;
 mod mqtt;
 mod nvml;

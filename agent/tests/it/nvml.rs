@@ -244,20 +244,92 @@ fn limits_found_at_start_are_put_back_at_stop_and_after_a_crash() {
     assert_eq!(set_log(), "0 250\n1 250\n0 350\n1 350\n");
     assert!(!saved.exists(), "nothing left to restore");
 
-    // A crash leaves the limits where the agent set them; the next start puts the old
-    // ones back first (audited), then applies its own again.
+    // A crash leaves the limits where the agent set them. The next start plans the old
+    // ones through the guard (source `restore`, for the GPUs no policy decides): under the
+    // budget they stay at 250 W, never above it for a moment, and they are still what
+    // the next clean stop puts back.
     let mut agent = Running::start(dir.path(), BUDGET);
     agent.until("the budget applied", |r| r["gpus"][1]["power_limit_w"] == 250.0);
     drop(agent); // SIGKILL
     assert!(saved.exists());
+    let before = set_log().len();
     let mut agent = Running::start(dir.path(), BUDGET);
+    agent.records(5);
+    // (The stand-in's GPUs start again at 350 W in a new process: the agent sets 250.)
+    let after = set_log()[before..].to_owned();
+    assert!(!after.is_empty());
+    for line in after.lines() {
+        let w: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+        assert!(w <= 250.0, "{w} W set: above the budget's share ({after})");
+    }
+    assert!(agent.stop().success());
+    assert!(set_log().ends_with("0 350\n1 350\n"));
+
+    // Without a budget, the restore is a decision like any other and reaches the GPUs.
+    let free = "backend = \"nvml\"\ntick = \"50ms\"\n[nvml]\nstate_dir = \"state\"\n";
+    std::fs::write(&saved, br#"{"GPU-00000000-0000-4000-8000-000000000000": 300}"#).unwrap();
+    let uuid = |r: &Value| r["gpus"][0]["uuid"].as_str().unwrap().to_owned();
+    let mut agent = Running::start(dir.path(), free);
+    let first = agent.until("a record", |_| true);
+    let uuid0 = uuid(&first[0]);
+    drop(agent);
+    std::fs::write(&saved, format!("{{\"{uuid0}\": 300}}")).unwrap();
+    let mut agent = Running::start(dir.path(), free);
     let first = agent.until("a record", |_| true);
     let restored: Vec<_> =
         events(&first, "limit-changed").into_iter().filter(|e| e["source"] == "restore").collect();
-    assert_eq!(restored.len(), 2, "{first:?}");
-    assert_eq!(restored[0]["to_w"], 350.0);
+    assert_eq!(restored.len(), 1, "{first:?}");
+    assert_eq!((restored[0]["gpu"].as_u64(), restored[0]["to_w"].as_f64()), (Some(0), Some(300.0)));
     assert!(agent.stop().success());
-    assert!(set_log().ends_with("0 350\n1 350\n"));
+}
+
+#[test]
+fn a_torn_start_limits_file_is_set_aside_and_the_agent_manages_the_gpus() {
+    // An empty file, as a power loss right after a start can leave: the review saw the
+    // agent refuse to start, leaving the node without power management.
+    let dir = tempfile::tempdir().unwrap();
+    node(dir.path());
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/start-limits.json"), b"").unwrap();
+    let mut agent = Running::start(dir.path(), BUDGET);
+    let records = agent.until("the budget applied", |r| r["gpus"][1]["power_limit_w"] == 250.0);
+    let aside = events(&records, "state-set-aside");
+    assert_eq!(aside.len(), 1, "{records:?}");
+    assert!(aside[0]["path"].as_str().unwrap().ends_with("state/start-limits.json"));
+    assert!(aside[0]["moved_to"].as_str().unwrap().contains("start-limits.json.bad-"));
+    let kept: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state/start-limits.json")).unwrap())
+            .unwrap();
+    assert_eq!(kept.as_object().unwrap().len(), 2, "the limits found now are kept instead");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_gpu_that_refuses_a_change_is_planned_at_what_it_enforces() {
+    // The review: GPU 0 refuses (but answers) and stays at 350 W; the others were set as
+    // if it had obeyed, 100 W over the budget for as long as the fault lasted.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[[gpu]]\npreset = \"l40s\"\nworkload = \"inference\"\ncount = 4\n",
+    )
+    .unwrap();
+    control(dir.path(), "deny-set 0");
+    let toml = "backend = \"nvml\"\ntick = \"50ms\"\n[power]\nbudget_w = 1000\n";
+    let mut agent = Running::start(dir.path(), toml);
+    let records = agent.records(10);
+    let total = |r: &Value| -> f64 {
+        r["gpus"].as_array().unwrap().iter().map(|g| g["power_limit_w"].as_f64().unwrap()).sum()
+    };
+    assert_eq!(records[9]["gpus"][0]["power_limit_w"], 350.0, "GPU 0 kept its limit");
+    // The first tick learns that GPU 0 refuses; from the next, the sum holds.
+    // (Records round limits to 10 mW; the agent floors them to whole mW.)
+    for r in &records[2..] {
+        assert!(total(r) <= 1000.0 + 0.03, "{} W over the 1000 W budget: {r}", total(r));
+    }
+    let others = records[9]["gpus"][1]["power_limit_w"].as_f64().unwrap();
+    assert!((others - 650.0 / 3.0).abs() < 0.02, "the rest share 650 W: {others}");
+    assert_eq!(events(&records, "limit-failed").len(), 1, "reported once");
 }
 
 #[test]

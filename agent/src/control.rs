@@ -1,0 +1,235 @@
+//! The control vocabulary: what any transport (MQTT today, the local socket next) may ask
+//! of the agent, why a request is refused, what commands set (the desired state) and the
+//! value checks they share. A restored desired state passes the same checks as the
+//! command that set it.
+
+use std::collections::BTreeMap;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// A node budget in place of the configured one; `None` returns to the configured.
+    SetPowerBudget(Option<f64>),
+    /// An operator's limit for one GPU, within its bounds; `None` removes it.
+    SetPowerLimit {
+        gpu: u32,
+        watts: Option<f64>,
+    },
+    ReloadPlugins,
+    /// Clear a GPU's sticky `degraded` state (its XID was dealt with).
+    ClearHealth {
+        gpu: u32,
+    },
+}
+
+/// Why a request did not succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// It does not fit this node (no such GPU, outside bounds): nothing changed.
+    Rejected(String),
+    /// It was tried and did not work (a plugin failed to load).
+    Failed(String),
+}
+
+/// What commands set: restored at start so that a restart does not undo an operator.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    pub budget_w: Option<f64>,
+    pub limits_w: BTreeMap<u32, f64>,
+}
+
+/// Whether `c` may appear in an identifier an operator reads or a topic carries (a node,
+/// a command id, a topic root, a client id): not a control character, not a Unicode
+/// noncharacter (MQTT's UTF-8 rules refuse both), and not an invisible format or
+/// bidirectional control (U+200B–U+200F, U+202A–U+202E, U+2066–U+2069, U+FEFF…), which
+/// would let two ids that look the same differ, or make a log line read backwards.
+pub fn id_char(c: char) -> bool {
+    let u = c as u32;
+    let noncharacter = (0xFDD0..=0xFDEF).contains(&u) || (u & 0xFFFE) == 0xFFFE;
+    let format = matches!(u,
+        0xAD | 0x600..=0x605 | 0x61C | 0x6DD | 0x70F | 0x180E | 0x200B..=0x200F
+        | 0x202A..=0x202E | 0x2060..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB | 0xE0000..=0xE007F);
+    !c.is_control() && !noncharacter && !format
+}
+
+/// Parse a request body as strict JSON: a key repeated in any object is an error (a
+/// parser that keeps the last of two `watts` would execute a value the signer may not
+/// have seen), and numbers are correctly rounded (serde_json's `float_roundtrip`), so
+/// that a value signed in Python's canonical form is the same number here.
+pub fn strict_json(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<Strict>(bytes).map(|s| s.0)
+}
+
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(de::Error::custom(format!(
+                    "the key {k:?} appears twice; accepted: each key once"
+                )));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// The largest node budget or GPU limit a request may carry, watts.
+pub const MAX_WATTS: f64 = 100_000.0;
+/// The smallest: below a watt is not a power limit (and `5e-324` is not a budget).
+pub const MIN_WATTS: f64 = 1.0;
+
+/// Whether `w` can be a power budget or limit; the error says what is accepted.
+pub fn check_watts(w: f64) -> Result<f64, String> {
+    if w.is_finite() && (MIN_WATTS..=MAX_WATTS).contains(&w) {
+        Ok(w)
+    } else {
+        Err(format!("{} W is out of range; accepted: {MIN_WATTS} to {MAX_WATTS} W", short(w)))
+    }
+}
+
+/// A number as a person reads it: `1e300`, not three hundred digits.
+fn short(w: f64) -> String {
+    if w != 0.0 && w.is_finite() && !(1e-3..1e9).contains(&w.abs()) {
+        format!("{w:e}")
+    } else {
+        format!("{w}")
+    }
+}
+
+impl Desired {
+    /// The desired state kept at `path`: `None` if there is none; an error naming the file
+    /// if it cannot be read as one (the caller sets it aside).
+    pub fn load(path: &std::path::Path) -> Result<Option<Desired>, String> {
+        let bytes = crate::state::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        bytes
+            .map(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())))
+            .transpose()
+    }
+
+    /// Keep it at `path`, durably.
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        crate::state::atomic_write(path, &serde_json::to_vec(self).expect("serialises"))
+    }
+
+    /// The requests that set this state again, each checked as a command would be: what
+    /// fails a check is left out and returned with why.
+    pub fn requests(&self) -> (Vec<Request>, Vec<String>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        if let Some(w) = self.budget_w {
+            match check_watts(w) {
+                Ok(w) => ok.push(Request::SetPowerBudget(Some(w))),
+                Err(e) => bad.push(format!("budget_w: {e}")),
+            }
+        }
+        for (&gpu, &w) in &self.limits_w {
+            match check_watts(w) {
+                Ok(w) => ok.push(Request::SetPowerLimit { gpu, watts: Some(w) }),
+                Err(e) => bad.push(format!("limits_w.{gpu}: {e}")),
+            }
+        }
+        (ok, bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_json_refuses_repeated_keys_at_any_depth_and_rounds_correctly() {
+        let e = strict_json(br#"{"watts":100,"watts":9000}"#).unwrap_err().to_string();
+        assert!(e.contains("the key \"watts\" appears twice"), "{e}");
+        assert!(strict_json(br#"{"a":[{"b":1,"b":2}]}"#).is_err());
+        let v = strict_json(br#"{"a":[1,-2,2.5,"x",null,true,{"b":{}}]}"#).unwrap();
+        assert_eq!(v, serde_json::json!({"a":[1,-2,2.5,"x",null,true,{"b":{}}]}));
+        // Correctly rounded: just above 100 kW is above it.
+        let w = strict_json(b"100000.00000000001").unwrap().as_f64().unwrap();
+        assert!(w > MAX_WATTS && check_watts(w).is_err());
+    }
+
+    #[test]
+    fn ids_refuse_control_noncharacters_and_invisible_formatting() {
+        for c in [
+            '\u{1}',
+            '\u{7f}',
+            '\u{85}',
+            '\u{ffff}',
+            '\u{fdd0}',
+            '\u{1fffe}',
+            '\u{202e}',
+            '\u{200b}',
+            '\u{feff}',
+        ] {
+            assert!(!id_char(c), "{c:?}");
+        }
+        for c in ['a', 'Z', '-', '_', '.', 'é', '日', '\u{1f600}'] {
+            assert!(id_char(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn restored_values_pass_the_command_checks() {
+        let d = Desired {
+            budget_w: Some(1e300),
+            limits_w: [(0, -5.0), (1, 300.0), (2, 5e-324)].into(),
+        };
+        let (ok, bad) = d.requests();
+        assert_eq!(ok, vec![Request::SetPowerLimit { gpu: 1, watts: Some(300.0) }]);
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(bad[0].starts_with("budget_w: 1e300 W is out of range"), "{bad:?}");
+    }
+}

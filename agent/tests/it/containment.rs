@@ -1,0 +1,84 @@
+//! Containment, tested the way the agent runs: `gpulet run` as a process of its own, on
+//! its own runtime and threads, with hostile plugins, commands, files and GPU faults.
+//! Each test here is one finding of the containment review (issue 10): it failed before
+//! the fix.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::repo;
+
+fn gpulet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpulet")).args(args).current_dir(repo()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn records(out: &[u8]) -> Vec<Value> {
+    text(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Every event of `kind` in `records`.
+fn events<'a>(records: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    records
+        .iter()
+        .flat_map(|r| r["events"].as_array().into_iter().flatten())
+        .filter(move |e| e["kind"] == kind)
+}
+
+#[test]
+fn hostile_plugins_cost_only_themselves_in_gpulet_run() {
+    // Each mode once, in one agent: the review's `trap` and `trap-once` ended `gpulet run`
+    // on the first tick (a guest's panic message is a blocking WASI write, which panicked
+    // inside the agent's runtime).
+    let modes = ["trap", "trap-once", "print", "print-loop", "sleep", "kv-flood", "huge"];
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = String::from(
+        "tick = \"100ms\"\n[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"training\"\ncount = 2\n\
+         [plugins]\ncache_dir = \"c\"\nstate_dir = \"s\"\nmax_failures = 100\n",
+    );
+    for m in modes {
+        toml += &format!(
+            "[[plugin]]\nname = {m:?}\npath = {:?}\nconfig = {{ mode = {m:?} }}\ngrants = [\"lower\"]\n",
+            gpulet_plugin_artifacts::FIXTURE
+        );
+    }
+    let cfg = dir.path().join("gpulet.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let out = gpulet(&["run", "--config", cfg.to_str().unwrap(), "--ticks", "5"]);
+    assert_eq!(out.status.code(), Some(0), "gpulet run survived: {}", text(&out.stderr));
+    let recs = records(&out.stdout);
+    assert_eq!(recs.len(), 5, "one record per tick");
+    let mut faults: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in events(&recs, "plugin-fault") {
+        faults.entry(e["plugin"].as_str().unwrap().to_owned()).or_default().push(format!(
+            "{}: {}",
+            e["fault"].as_str().unwrap(),
+            e["message"]
+        ));
+    }
+    let kinds = |m: &str| -> Vec<String> {
+        faults
+            .get(m)
+            .into_iter()
+            .flatten()
+            .map(|f| f.split(':').next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(kinds("trap"), vec!["trap"; 5], "{faults:?}");
+    assert_eq!(kinds("trap-once"), vec!["trap"], "{faults:?}");
+    assert!(kinds("print").is_empty(), "printing is allowed: {faults:?}");
+    assert_eq!(kinds("print-loop"), vec!["timeout"; 5], "{faults:?}");
+    assert_eq!(kinds("sleep"), vec!["trap"; 5], "{faults:?}");
+    assert!(faults["sleep"][0].contains("may not block or sleep"), "{faults:?}");
+    assert_eq!(kinds("kv-flood"), vec!["timeout"; 5], "{faults:?}");
+    assert!(
+        kinds("huge").iter().all(|k| k == "output" || k == "timeout") && kinds("huge").len() == 5,
+        "{faults:?}"
+    );
+    assert_eq!(recs[4]["agent"]["plugin_faults"], 5 * 5 + 1);
+}
