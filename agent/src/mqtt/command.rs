@@ -165,17 +165,6 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     };
     // The envelope first, so that a result can be addressed whatever else is wrong; the
     // reply topic is used only once the command is authenticated (below).
-    let mut reply_to = None;
-    match map.get("reply_to") {
-        None => {}
-        Some(Value::String(t)) if super::valid_topic(t, 1024) => reply_to = Some(t.clone()),
-        Some(v) => {
-            return fail(
-                &env,
-                format!("reply_to: {v} is not a topic; accepted: a topic name without wildcards"),
-            );
-        }
-    }
     match map.get("id") {
         Some(Value::String(id))
             if !id.is_empty() && id.len() <= 128 && id.chars().all(crate::control::id_char) =>
@@ -191,6 +180,19 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
             );
         }
         None => return fail(&env, "id is missing; every command needs a string \"id\"".into()),
+    }
+    let mut reply_to = None;
+    match map.get("reply_to") {
+        None => {}
+        Some(Value::String(t)) if super::valid_topic(t, 1024) => reply_to = Some(t.clone()),
+        Some(v) => {
+            return fail(
+                &env,
+                format!(
+                    "reply_to: {v} is not a topic; accepted: a topic name of at most 1024 bytes without wildcards, a leading $, control characters or noncharacters"
+                ),
+            );
+        }
     }
     if msg.retained {
         return fail(&env, "the command was a retained message; commands are executed only when published with retain=false".into());

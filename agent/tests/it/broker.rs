@@ -190,7 +190,7 @@ impl Collector {
         self.subscribed.load(Ordering::SeqCst)
     }
 
-    fn drain(&mut self) {
+    pub fn drain(&mut self) {
         while let Ok(m) = self.rx.try_recv() {
             self.got.push(m);
         }

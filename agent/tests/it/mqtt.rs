@@ -620,3 +620,80 @@ fn records_larger_than_the_broker_takes_are_dropped_reported_once_and_the_link_s
     let why = telemetry[0]["reason"].as_str().unwrap();
     assert!(why.contains("over the broker's maximum packet size of 700"), "{why}");
 }
+
+/// The review: one unsigned command whose `reply_to` held a control character or a
+/// noncharacter made the agent publish its rejection there; Mosquitto dropped the
+/// connection as malformed at every reconnect, for good.
+#[test]
+fn a_hostile_reply_topic_never_cuts_the_node_off() {
+    let broker = Broker::start();
+    let mut c = Collector::start(broker.port, "#");
+    let dir = tempfile::tempdir().unwrap();
+    let (_, public) = keygen().unwrap();
+    let extra = format!("[mqtt.commands]\nrequire_signed = true\npublic_keys = [\"{public}\"]\n");
+    let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), &extra));
+    c.wait(T, "online", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
+    });
+    for (i, bad) in
+        ["\\u0001", "\\u007f", "\\u0085", "\\uffff", "\\ufdd0", "victims/topic"].iter().enumerate()
+    {
+        let from = c.got.len();
+        let payload = format!(r#"{{"id":"h{i}","reply_to":"ops/{bad}"}}"#);
+        c.publish("gpulet/v1/n1/cmd/ping", payload.as_bytes(), false, None);
+        let r = c.next_on(from, "gpulet/v1/n1/cmd-result/ping", |v| v["id"] == format!("h{i}"));
+        assert_eq!(r["status"], "rejected", "{r}");
+    }
+    // An MQTT 5 response topic, unauthenticated: ignored too. (One with a control
+    // character cannot be tested here: Mosquitto drops the publisher's connection.)
+    let props = PublishProperties {
+        response_topic: Some("victims/response".into()),
+        correlation_data: Some(Bytes::from_static(b"c")),
+        ..Default::default()
+    };
+    let from = c.got.len();
+    c.publish("gpulet/v1/n1/cmd/ping", br#"{"id":"h9"}"#, false, Some(props));
+    c.next_on(from, "gpulet/v1/n1/cmd-result/ping", |v| v["id"] == "h9");
+    // Nothing went anywhere else, and the node never lost its connection.
+    std::thread::sleep(Duration::from_millis(500));
+    c.drain();
+    assert!(
+        !c.got.iter().any(|m| m.topic.starts_with("ops/") || m.topic.starts_with("victims")),
+        "a result went where an unauthenticated sender asked"
+    );
+    let online: Vec<Value> =
+        c.on("gpulet/v1/n1/status").into_iter().filter(|v| v["state"] == "online").collect();
+    assert_eq!(online.len(), 1, "reconnected: {online:?}");
+    agent.stop();
+}
+
+/// The review: after `mqtt.root` changed (same client id), the persistent session still
+/// delivered commands published to the old tree, and they ran.
+#[test]
+fn commands_from_an_earlier_root_are_ignored() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let old = node_config(&broker.url(), "root = \"old/v1\"\n");
+    let mut c = Collector::start(broker.port, "#");
+    let agent = AgentThread::start(dir.path(), &old);
+    c.wait(T, "online under the old root", |g| {
+        g.iter().any(|m| m.topic == "old/v1/n1/status" && m.text().contains("online"))
+    });
+    agent.stop();
+    // While the agent is down, a command to the old tree: the session keeps it.
+    c.publish("old/v1/n1/cmd/set-power-budget", br#"{"id":"stale","watts":300}"#, false, None);
+    std::thread::sleep(Duration::from_millis(200));
+    let from = c.got.len();
+    let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), ""));
+    let st = c.next_on(from, "gpulet/v1/n1/state/power-budget", |_| true);
+    std::thread::sleep(Duration::from_millis(1000));
+    c.drain();
+    assert_eq!(st["commanded_w"], Value::Null, "{st}");
+    assert!(
+        !c.got[from..].iter().any(|m| m.topic.contains("cmd-result")),
+        "the stale command was answered (so it ran)"
+    );
+    // Commands to the node's tree still run.
+    assert_eq!(cmd(&broker, "ping", json!({})).last().unwrap()["status"], "succeeded");
+    agent.stop();
+}
