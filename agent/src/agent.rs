@@ -508,7 +508,10 @@ impl Agent {
             .policy
             .status()
             .iter()
-            .map(|(name, running)| json!({"name": name, "running": running}))
+            .zip(self.policy.load_errors())
+            .map(|((name, running), (_, error))| {
+                json!({"name": name, "running": running, "error": error})
+            })
             .collect();
         let birth = json!({
             "node": self.node,

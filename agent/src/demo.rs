@@ -41,17 +41,26 @@ pub struct Options {
 
 /// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
 /// time), writing to `out`.
+/// With `--mqtt`, the demo's MQTT state (outbox, incarnation, desired state) lives in a
+/// fresh temporary directory of its own, removed when it ends: two demos never share an
+/// outbox, and a new demo never replays an old one's records or restores its budget.
 pub fn agent(
     opts: &Options,
     out: Box<dyn Write + Send>,
-) -> Result<(Agent, VirtualClock, Option<crate::mqtt::Mqtt>), Error> {
+) -> Result<(Agent, VirtualClock, Option<(crate::mqtt::Mqtt, tempfile::TempDir)>), Error> {
     let mut config = config();
+    let mut state = None;
     if let Some(url) = &opts.mqtt {
         let mut m: crate::config::MqttConfig = toml::from_str(&format!("url = {url:?}"))
             .map_err(|e| crate::config::ConfigError::invalid("--mqtt", e.message().to_owned()))
             .map_err(crate::config::ConfigErrors::from)?;
-        // The demo keeps its outbox apart from a real agent's.
-        m.state_dir = std::env::temp_dir().join("gpulet-demo-mqtt");
+        let dir = tempfile::Builder::new().prefix("gpulet-demo-mqtt-").tempdir().map_err(|e| {
+            Error::Runtime(std::io::Error::other(format!(
+                "cannot make the demo's MQTT state directory: {e}"
+            )))
+        })?;
+        m.state_dir = dir.path().to_path_buf();
+        state = Some(dir);
         config.mqtt = Some(m);
         config.validate()?;
     }
@@ -66,7 +75,7 @@ pub fn agent(
     let mut sinks = vec![sink];
     let linked = setup::mqtt(&config, Path::new("."), &mut sinks)?;
     let mut agent = setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone()))?;
-    let mqtt = linked.map(|l| l.attach(&mut agent));
+    let mqtt = linked.map(|l| l.attach(&mut agent)).zip(state);
     Ok((agent, clock, mqtt))
 }
 
@@ -84,7 +93,7 @@ pub async fn run(opts: Options) -> Result<u64, Error> {
     };
     let ticks = agent.run(opts.ticks, pacing, stop).await;
     agent.stop();
-    if let Some(m) = mqtt {
+    if let Some((m, _state)) = mqtt {
         m.stop().await;
     }
     Ok(ticks)

@@ -159,7 +159,18 @@ pub fn agent(
     let guard = PowerGuard::new(&inventory, &config.power)?;
     let mut policy = policy_chain(config, base_dir, inventory.len())?;
     let mut events = Vec::new();
-    policy.load(&plugin_specs(config, base_dir), &inventory, &mut events);
+    let specs = plugin_specs(config, base_dir);
+    let failed = policy.load(&specs, &inventory, &mut events);
+    if !failed.is_empty() {
+        let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::error!(
+            failed = ?names,
+            fallback = ?config.plugins.fallback,
+            "{} of {} plugins did not load; their fallback stands in for them (see the errors above)",
+            failed.len(),
+            specs.len()
+        );
+    }
     let mut agent = Agent::new(Parts {
         node: config.node_id(),
         tick: config.tick,
@@ -196,10 +207,15 @@ fn calibration(config: &Config, base_dir: &Path) -> Option<Calibration> {
 /// The decision stage for `config`, with no plugins started yet. The plugin engine is
 /// made only when plugins are configured (a reload that adds some makes it then).
 pub fn policy_chain(config: &Config, base_dir: &Path, gpus: usize) -> Result<PolicyChain, Error> {
+    // An engine that cannot be made costs the plugins (each fails to load, loudly, and
+    // its fallback stands in), never the start.
     let engine = if config.plugin.is_empty() {
         None
     } else {
-        Some(Arc::new(PluginEngine::new(Some(&base_dir.join(&config.plugins.cache_dir)))?))
+        PluginEngine::new(Some(&base_dir.join(&config.plugins.cache_dir)))
+            .inspect_err(|e| tracing::error!(error = %e, "cannot set up the plugin engine"))
+            .ok()
+            .map(Arc::new)
     };
     let settings = ChainSettings {
         max_failures: config.plugins.max_failures,

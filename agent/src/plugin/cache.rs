@@ -9,18 +9,20 @@
 //!   corrupt or edited entry is deleted and rebuilt from the component, never loaded;
 //! - wasmtime checks that the entry was made by this version with this configuration
 //!   (a foreign entry is rebuilt the same way);
-//! - the directory must belong to this user and be writable by nobody else (as ssh's
-//!   StrictModes): otherwise the cache is not used at all and plugins are compiled on
-//!   every start, with a warning. The digest catches accidents; the permissions keep
-//!   out anyone who could forge one.
+//! - the directory and every directory above it must belong to root or to this user and
+//!   be writable by nobody else (sticky directories such as `/tmp` aside), as ssh's
+//!   StrictModes checks a home directory (`state::check_dir`); this is checked when the
+//!   cache is opened and again before every load, so a directory swapped after start
+//!   (by a user who can write one of its parents) is never read: the plugin is compiled
+//!   instead, with a warning. The digest catches accidents; the permissions keep out
+//!   anyone who could forge one. Entries are read without following symlinks and
+//!   written with `state::atomic_write`.
 
 // Loading precompiled native code is `unsafe` in wasmtime; the two places that do it
 // say why it is sound here.
 #![allow(unsafe_code)]
 
 use std::hash::{Hash, Hasher};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -48,35 +50,23 @@ pub struct Cache {
 impl Cache {
     /// A cache in `dir`, created if missing (mode 0700). `Err` says why it cannot be used.
     pub fn open(dir: &Path) -> Result<Cache, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let meta =
-            std::fs::metadata(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
-        let me = owner_uid()?;
-        if meta.uid() != me {
-            return Err(format!(
-                "{} belongs to uid {}, not to this user (uid {me})",
-                dir.display(),
-                meta.uid()
-            ));
-        }
-        if meta.mode() & 0o022 != 0 {
-            return Err(format!(
-                "{} is writable by group or others (mode {:o})",
-                dir.display(),
-                meta.mode() & 0o777
-            ));
-        }
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        crate::state::check_dir(dir)?;
         Ok(Cache { dir: dir.to_path_buf() })
     }
 
     /// The compiled form of `wasm`: from the cache if a verified entry is there, else
     /// compiled and stored.
     pub fn load(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<(Component, Source)> {
+        if let Err(why) = crate::state::check_dir(&self.dir) {
+            tracing::warn!(%why, "the plugin cache is no longer trusted; compiling");
+            let code = engine.precompile_component(wasm)?;
+            // SAFETY: `code` was produced by this engine just now.
+            let component = unsafe { Component::deserialize(engine, &code)? };
+            return Ok((component, Source::Compiled));
+        }
         let path = self.entry_path(engine, wasm);
         let mut source = Source::Compiled;
-        if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(Some(bytes)) = crate::state::read(&path) {
             match verified(&bytes) {
                 Some(code) => {
                     // SAFETY: `code` is what `Engine::precompile_component` wrote, checked
@@ -114,13 +104,11 @@ impl Cache {
     }
 
     fn store(&self, path: &Path, code: &[u8]) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(MAGIC)?;
-        f.write_all(&Sha256::digest(code))?;
-        f.write_all(code)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let mut entry = Vec::with_capacity(MAGIC.len() + 32 + code.len());
+        entry.extend_from_slice(MAGIC);
+        entry.extend_from_slice(&Sha256::digest(code));
+        entry.extend_from_slice(code);
+        crate::state::atomic_write(path, &entry)
     }
 }
 
@@ -133,11 +121,4 @@ fn verified(bytes: &[u8]) -> Option<&[u8]> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// This process's uid: `/proc/self` belongs to it (Linux; no `unsafe` libc call).
-fn owner_uid() -> Result<u32, String> {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .map_err(|e| format!("cannot stat /proc/self: {e}"))
 }

@@ -65,6 +65,8 @@ struct Slot {
     plugin: Option<PowerPlugin>,
     failures: VecDeque<u64>,
     quarantined: bool,
+    /// Why its last load failed (for the birth message and, later, `status`).
+    error: Option<String>,
 }
 
 /// The decision stage. Its plugins are called on the plugin thread ([`PluginThread`]:
@@ -122,6 +124,11 @@ impl PolicyChain {
     /// Names of the plugins and whether each is active (not quarantined or failed).
     pub fn status(&self) -> Vec<(&str, bool)> {
         self.chain.get().status()
+    }
+
+    /// Each plugin's last load error, by name (`None`: it loaded).
+    pub fn load_errors(&self) -> Vec<(&str, Option<&str>)> {
+        self.chain.get().slots.iter().map(|s| (s.spec.name.as_str(), s.error.as_deref())).collect()
     }
 
     /// The proposals for this tick (see the module docs for the rules), decided on the
@@ -213,6 +220,7 @@ impl Chain {
                         plugin: Some(plugin),
                         failures: VecDeque::new(),
                         quarantined: false,
+                        error: None,
                     });
                 }
                 Err(e) => {
@@ -223,16 +231,20 @@ impl Chain {
                         error: e.to_string(),
                         kept_previous: kept,
                     });
+                    let error = e.to_string();
                     errors.push((spec.name.clone(), e));
-                    self.slots.push(match previous {
+                    let mut slot = match previous {
                         Some(p) if kept => p,
                         _ => Slot {
                             spec: spec.clone(),
                             plugin: None,
                             failures: VecDeque::new(),
                             quarantined: true,
+                            error: None,
                         },
-                    });
+                    };
+                    slot.error = Some(error);
+                    self.slots.push(slot);
                 }
             }
         }

@@ -131,9 +131,15 @@ impl PluginEngine {
         let shown = path.display().to_string();
         let wasm = std::fs::read(path)
             .map_err(|e| PluginError::Read { path: shown.clone(), error: e.to_string() })?;
-        let compile_err = |e: wasmtime::Error| PluginError::Compile {
-            path: shown.clone(),
-            error: format!("{e:#}"),
+        let compile_err = |e: wasmtime::Error| {
+            let error = format!("{e:#}");
+            // W^X enforced by the kernel (MemoryDenyWriteExecute, PR_SET_MDWE): the
+            // component is fine, the environment is not; say so, not "invalid".
+            if error.contains("make memory executable") {
+                PluginError::NoExecutableMemory { path: shown.clone(), error }
+            } else {
+                PluginError::Compile { path: shown.clone(), error }
+            }
         };
         let (component, source) = match &self.cache {
             Some(cache) => cache.load(&self.engine, &wasm).map_err(compile_err)?,

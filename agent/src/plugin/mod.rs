@@ -48,6 +48,10 @@ pub enum PluginError {
     #[error("{path} is not a valid WebAssembly component: {error}")]
     Compile { path: String, error: String },
     #[error(
+        "cannot run plugin {path}: this system refuses to make memory executable ({error}), and plugins are compiled to native code when they load. Under systemd this is MemoryDenyWriteExecute=yes: remove it from gpulet's unit (see packaging/README.md); until then no plugin runs and the configured fallback stands in"
+    )]
+    NoExecutableMemory { path: String, error: String },
+    #[error(
         "{path} imports {import}, which gpulet does not grant to plugins; allowed: gpulet:policy/host and types, and WASI's cli, io, clocks, random, filesystem and sockets interfaces (the last two linked with nothing granted)"
     )]
     ForbiddenImport { path: String, import: String },

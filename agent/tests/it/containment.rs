@@ -82,3 +82,64 @@ fn hostile_plugins_cost_only_themselves_in_gpulet_run() {
     );
     assert_eq!(recs[4]["agent"]["plugin_faults"], 5 * 5 + 1);
 }
+
+/// `gpulet run` with the kernel refusing executable memory, as systemd's
+/// `MemoryDenyWriteExecute=yes` does (`PR_SET_MDWE`, inherited across `execve`).
+fn gpulet_without_wx(args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpulet"));
+    c.args(args).current_dir(repo());
+    // SAFETY: between fork and exec only `prctl`, which is async-signal-safe, is called.
+    #[allow(unsafe_code)]
+    unsafe {
+        c.pre_exec(|| {
+            // PR_SET_MDWE (65), PR_MDWE_REFUSE_EXEC_GAIN (1).
+            if libc::prctl(65, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn a_plugin_that_cannot_be_compiled_here_is_loud_and_the_fallback_and_budget_hold() {
+    // The review: under MemoryDenyWriteExecute every plugin failed as "not a valid
+    // WebAssembly component" and the agent carried on with no policy, quietly.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "tick = \"50ms\"\n[[sim.gpu]]\npreset = \"l40s\"\nworkload = \"inference\"\ncount = 2\n\
+         [power]\nbudget_w = 500\n[plugins]\ncache_dir = \"c\"\nstate_dir = \"s\"\n\
+         [[plugin]]\nname = \"budget\"\npath = {:?}\n",
+        gpulet_plugin_artifacts::POWER_BUDGET
+    );
+    let cfg = dir.path().join("gpulet.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let out = gpulet_without_wx(&["run", "--config", cfg.to_str().unwrap(), "--ticks", "3"]);
+    if out.status.code() == Some(126) || text(&out.stderr).contains("Invalid argument") {
+        panic!(
+            "this kernel cannot set PR_SET_MDWE (Linux 6.3 or later needed): {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refuses to make memory executable") && err.contains("MemoryDenyWriteExecute"),
+        "the real cause and the fix: {err}"
+    );
+    assert!(err.contains("1 of 1 plugins did not load"), "{err}");
+    let recs = records(&out.stdout);
+    let failed: Vec<&Value> = events(&recs, "plugin-load-failed").collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["error"].as_str().unwrap().contains("MemoryDenyWriteExecute"));
+    // The node is still managed: the budget holds through the guard.
+    let total: f64 = recs[2]["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["power_limit_w"].as_f64().unwrap())
+        .sum();
+    assert!(total <= 500.0 + 0.01, "{total}");
+}

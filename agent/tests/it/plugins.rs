@@ -296,11 +296,20 @@ fn the_compile_cache_survives_restart_and_rejects_tampered_entries() {
 
     // A directory others can write to is not trusted at all.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    mode(&cache, 0o777).unwrap();
     assert_eq!(
         PluginEngine::new(Some(&cache)).unwrap().load(path).unwrap().source,
         Source::Compiled
     );
+    // Nor one under a directory others can write to, also when that happens after start
+    // (the review: a parent writable by others let a user swap the cache before a reload).
+    mode(&cache, 0o700).unwrap();
+    let engine = PluginEngine::new(Some(&cache)).unwrap();
+    assert_eq!(engine.load(path).unwrap().source, Source::Cached);
+    mode(dir.path(), 0o777).unwrap();
+    assert_eq!(engine.load(path).unwrap().source, Source::Compiled, "re-checked at every load");
+    mode(dir.path(), 0o700).unwrap();
 }
 
 #[test]
