@@ -4,7 +4,10 @@
 //!   component through the host, the same Rust natively, and the same algorithm in Lua
 //!   through mlua (with `--features bench-lua`);
 //! - loading each shipped plugin: compiling it, and loading it from the verified cache;
-//!   re-instantiating it after a fault.
+//!   re-instantiating it after a fault;
+//! - the decision stage with power-budget on an 8-GPU node, called as the agent calls it
+//!   (on the plugin thread, off the async runtime) and on the caller's thread: what
+//!   containing WASI's blocking calls costs per tick.
 //!
 //! Run: `cargo bench -p gpulet --bench plugins --features bench-lua`.
 
@@ -237,5 +240,35 @@ end
     }
 }
 
-criterion_group!(benches, decision, load);
+fn chain(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[power]\nbudget_w = 4000\n[plugins]\ncache_dir = \"c\"\nstate_dir = \"s\"\n[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"training\"\ncount = 8\n[[plugin]]\nname = \"budget\"\npath = {:?}\n",
+        wasm::POWER_BUDGET
+    );
+    let config = gpulet::config::Config::parse(&toml).unwrap();
+    config.validate().unwrap();
+    let clock = gpulet::clock::VirtualClock::new(0);
+    let backend =
+        gpulet::setup::open_backend(&config, dir.path(), Arc::new(clock.clone())).unwrap();
+    let inventory = backend.backend.inventory().to_vec();
+    let mut agent =
+        gpulet::setup::agent(&config, dir.path(), backend, Vec::new(), Arc::new(clock.clone()))
+            .unwrap();
+    let snap = agent.tick().snapshot;
+    let mut chain = gpulet::setup::policy_chain(&config, dir.path(), inventory.len()).unwrap();
+    let failed =
+        chain.load(&gpulet::setup::plugin_specs(&config, dir.path()), &inventory, &mut Vec::new());
+    assert!(failed.is_empty());
+    let mut g = c.benchmark_group("chain_decide_8_gpus");
+    g.bench_function("plugin_thread", |b| {
+        b.iter(|| black_box(chain.decide(&snap, &mut Vec::new(), &mut Vec::new())))
+    });
+    g.bench_function("caller_thread", |b| {
+        b.iter(|| black_box(chain.decide_on_this_thread(&snap, &mut Vec::new(), &mut Vec::new())))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decision, load, chain);
 criterion_main!(benches);

@@ -680,6 +680,33 @@ impl Config {
     }
 }
 
+/// `mqtt://host[:port]` or `mqtts://host[:port]` → (tls, host, port).
+pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
+    let accepted = "accepted: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]";
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!("{url:?} has no mqtt:// or mqtts:// scheme; {accepted}"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>().map_err(|_| {
+                format!("{url:?} has port {p:?}, not a number from 1 to 65535; {accepted}")
+            })?,
+        ),
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', '@', '?']) || port == 0 {
+        return Err(format!("{url:?} is not a broker address; {accepted}"));
+    }
+    Ok((tls, host.to_owned(), port))
+}
+
 fn parse_error(text: &str, key: &str, e: &toml::de::Error) -> ConfigError {
     let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
     // toml's message may span lines; the first says what is wrong.
@@ -976,7 +1003,7 @@ impl Validator {
 
 impl Validator {
     fn mqtt(&mut self, m: &MqttConfig) {
-        match crate::mqtt::parse_url(&m.url) {
+        match parse_url(&m.url) {
             Ok((tls, _, _)) => {
                 if !tls && (m.ca_file.is_some() || m.cert_file.is_some()) {
                     self.err(

@@ -41,13 +41,16 @@ pub struct Options {
 
 /// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
 /// time), writing to `out`.
+/// The demo's MQTT link and the temporary directory that holds its state.
+pub type DemoMqtt = (crate::mqtt::Mqtt, tempfile::TempDir);
+
 /// With `--mqtt`, the demo's MQTT state (outbox, incarnation, desired state) lives in a
 /// fresh temporary directory of its own, removed when it ends: two demos never share an
 /// outbox, and a new demo never replays an old one's records or restores its budget.
 pub fn agent(
     opts: &Options,
     out: Box<dyn Write + Send>,
-) -> Result<(Agent, VirtualClock, Option<(crate::mqtt::Mqtt, tempfile::TempDir)>), Error> {
+) -> Result<(Agent, VirtualClock, Option<DemoMqtt>), Error> {
     let mut config = config();
     let mut state = None;
     if let Some(url) = &opts.mqtt {

@@ -18,7 +18,7 @@ pub enum Error {
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
     #[error(transparent)]
-    Calibrate(#[from] crate::calibrate::CalibrateError),
+    Calibrate(#[from] crate::calibration::CalibrateError),
     #[error(transparent)]
     Cuda(#[from] crate::cuda::CudaError),
     #[error("the plugin {0}")]

@@ -28,12 +28,7 @@ use crate::policy::PowerDecision;
 use crate::snapshot::NodeSnapshot;
 use crate::telemetry::Event;
 
-/// A GPU's effective limit range, watts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bounds {
-    pub lo: f64,
-    pub hi: f64,
-}
+pub use crate::snapshot::Bounds;
 
 /// A checked change, ready for the hardware.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod calibrate;
+pub mod calibration;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::agent::{Agent, Control, Desired, Parts, Reload};
-use crate::calibrate::Calibration;
+use crate::calibration::Calibration;
 use crate::clock::Clock;
 use crate::config::{
     BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SimConfig, SinkKind,

@@ -4,9 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::calibrate::Curve;
+use crate::calibration::Curve;
 use crate::gpu::{GpuInfo, GpuSample};
-use crate::guard::Bounds;
 
 #[derive(Debug, Clone)]
 pub struct NodeSnapshot {
@@ -38,4 +37,11 @@ impl NodeSnapshot {
     pub fn node_power_w(&self) -> f64 {
         self.samples.iter().filter_map(|s| s.power_w.value()).sum()
     }
+}
+
+/// A GPU's effective limit range, watts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub lo: f64,
+    pub hi: f64,
 }

@@ -13,7 +13,6 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::gpu::{Ecc, GpuProcess, Health, RemappedRows, Throttle, xid_info};
-use crate::plugin::host::PluginMetric;
 use crate::snapshot::NodeSnapshot;
 
 /// The `schema` value of every record of this layout.
@@ -253,4 +252,14 @@ impl<W: Write + Send> Sink for JsonLines<W> {
         self.out.flush()?;
         Ok(())
     }
+}
+
+/// A metric a plugin emitted during a call.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PluginMetric {
+    pub plugin: String,
+    pub name: String,
+    pub value: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<u32>,
 }

@@ -12,6 +12,7 @@
 //! than an error, and the inventory says so up front.
 
 pub mod nvml;
+pub mod restore;
 pub mod sim;
 
 use std::fmt;

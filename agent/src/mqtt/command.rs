@@ -16,8 +16,9 @@
 //! topic and every key of the payload but `sig`, in a canonical form.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -407,9 +408,8 @@ impl SeenIds {
         fsync: bool,
         now_ms: u64,
     ) -> io::Result<SeenIds> {
-        let text = fs::read_to_string(path).or_else(|e| {
-            if e.kind() == io::ErrorKind::NotFound { Ok(String::new()) } else { Err(e) }
-        })?;
+        let text =
+            String::from_utf8_lossy(&crate::state::read(path)?.unwrap_or_default()).into_owned();
         let mut seen = SeenIds {
             path: path.to_path_buf(),
             window_ms,
@@ -446,7 +446,11 @@ impl SeenIds {
         }
         // Ids are 1 to 128 characters without control characters (checked when parsed):
         // one per line. The file is opened per command (rare) rather than held open.
-        let mut file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)?;
         writeln!(file, "{now_ms} {id}")?;
         if self.fsync {
             file.sync_data()?;
@@ -472,15 +476,11 @@ impl SeenIds {
 
     /// Compact the file to the ids still remembered.
     fn rewrite(&self) -> io::Result<()> {
-        let tmp = self.path.with_extension("tmp");
-        let mut f = File::create(&tmp)?;
+        let mut text = String::new();
         for (ts, id) in &self.order {
-            writeln!(f, "{ts} {id}")?;
+            text += &format!("{ts} {id}\n");
         }
-        if self.fsync {
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)
+        crate::state::atomic_write(&self.path, text.as_bytes())
     }
 }
 

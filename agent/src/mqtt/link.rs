@@ -603,7 +603,11 @@ impl Link {
         let response = Response {
             name: name.clone(),
             topic: props.response_topic.clone().filter(|t| valid_topic(t, MAX_TOPIC)),
-            correlation: props.correlation_data.clone(),
+            // (More than 64 KiB cannot be echoed: the outbox stores its length in 16 bits.)
+            correlation: props
+                .correlation_data
+                .clone()
+                .filter(|c| c.len() <= usize::from(u16::MAX)),
         };
         let Some(policy) = &self.settings.commands else { return };
         if p.retain && p.payload.is_empty() {

@@ -273,32 +273,7 @@ impl Settings {
     }
 }
 
-/// `mqtt://host[:port]` or `mqtts://host[:port]` → (tls, host, port).
-pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
-    let accepted = "accepted: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]";
-    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, r)
-    } else if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, r)
-    } else {
-        return Err(format!("{url:?} has no mqtt:// or mqtts:// scheme; {accepted}"));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>().map_err(|_| {
-                format!("{url:?} has port {p:?}, not a number from 1 to 65535; {accepted}")
-            })?,
-        ),
-        _ => (rest, if tls { 8883 } else { 1883 }),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains(['/', '@', '?']) || port == 0 {
-        return Err(format!("{url:?} is not a broker address; {accepted}"));
-    }
-    Ok((tls, host.to_owned(), port))
-}
+pub use crate::config::parse_url;
 
 pub fn tls_config(
     ca: Option<&[u8]>,
@@ -379,7 +354,10 @@ impl Mqtt {
             let path = p.display().to_string();
             move |error| MqttError::State { path, error }
         };
-        std::fs::create_dir_all(&s.state_dir).map_err(state_err(&s.state_dir))?;
+        // The directory and its ancestors must be the agent's alone (`state::check_dir`):
+        // what is kept here decides what the node publishes and which commands ran.
+        crate::state::check_dir(&s.state_dir)
+            .map_err(|e| state_err(&s.state_dir)(std::io::Error::other(e)))?;
         let inc_path = s.state_dir.join("inc");
         let inc = match std::fs::read_to_string(&inc_path) {
             // Unreadable: go on from the wall clock in ms, above any count this node can

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -158,7 +159,7 @@ impl Outbox {
     /// truncated, acknowledged records are skipped, empty segments deleted.
     pub fn open(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
         let dir = cfg.dir.clone();
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        crate::state::check_dir(&dir).map_err(|e| io_err(&dir)(io::Error::other(e)))?;
         let mut slots = Vec::new();
         let mut state = State::default();
         for name in ["state.a", "state.b"] {
@@ -168,6 +169,7 @@ impl Outbox {
                 .truncate(false)
                 .read(true)
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(io_err(&path))?;
             let mut text = String::new();
@@ -185,8 +187,13 @@ impl Outbox {
         }
         let slots: [PathBuf; 2] = slots.try_into().expect("two slots");
         let generation = state.generation;
-        let is_done =
-            |seq: u64| seq < state.low || state.done.iter().any(|&(a, b)| a <= seq && seq <= b);
+        // A binary search over the sorted ranges: opening is O(records × log ranges), not
+        // O(records × ranges) (11.6 s for 40k pending records before).
+        state.done.sort_unstable();
+        let is_done = |seq: u64| {
+            let i = state.done.partition_point(|&(a, _)| a <= seq);
+            seq < state.low || (i > 0 && seq <= state.done[i - 1].1)
+        };
 
         let mut ids: Vec<u64> = fs::read_dir(&dir)
             .map_err(io_err(&dir))?
@@ -200,13 +207,27 @@ impl Outbox {
         let mut pending_bytes = 0;
         for &id in &ids {
             let path = segment_path(&dir, id);
-            let data = fs::read(&path).map_err(io_err(&path))?;
+            // Never through a symlink: one planted here would make the truncation of a
+            // torn tail cut whatever file it points to.
+            let data = match crate::state::read(&path) {
+                Ok(d) => d.unwrap_or_default(),
+                Err(e) if fs::symlink_metadata(&path).is_ok_and(|m| m.is_symlink()) => {
+                    warn!(path = %path.display(), error = %e, "an outbox segment is a symlink; set aside, not read");
+                    crate::state::set_aside(&path).map_err(io_err(&path))?;
+                    continue;
+                }
+                Err(e) => return Err(io_err(&path)(e)),
+            };
             let mut seg = Segment::default();
             let mut off = 0usize;
             while off < data.len() {
                 let Some((msg_len, body)) = frame_at(&data, off) else {
                     warn!(path = %path.display(), offset = off, size = data.len(), "outbox segment has a torn or corrupt record; truncating it there");
-                    let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
                     f.set_len(off as u64).map_err(io_err(&path))?;
                     f.sync_all().map_err(io_err(&path))?;
                     break;
@@ -239,6 +260,7 @@ impl Outbox {
             .create(true)
             .append(true)
             .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&active_path)
             .map_err(io_err(&active_path))?;
         segments.entry(active_id).or_default();
@@ -278,6 +300,21 @@ impl Outbox {
         payload: &[u8],
     ) -> Result<u64, OutboxError> {
         let seq = self.next_seq;
+        // Lengths are stored in 16 bits: a longer topic or correlation would wrap and
+        // shift every later field.
+        for (what, len) in
+            [("topic", topic.len()), ("correlation data", correlation.map_or(0, <[u8]>::len))]
+        {
+            if len > usize::from(u16::MAX) {
+                return Err(OutboxError::Io {
+                    path: self.cfg.dir.display().to_string(),
+                    error: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("a record's {what} of {len} bytes; at most 65535 bytes"),
+                    ),
+                });
+            }
+        }
         let frame = encode(seq, class, ts_ms, topic, correlation, payload);
         if self.segments[&self.active_id].bytes >= self.cfg.segment_bytes {
             self.rotate(seq)?;
@@ -326,6 +363,7 @@ impl Outbox {
             .create(true)
             .append(true)
             .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err(&path))?;
         let old = std::mem::replace(&mut self.active_id, first_seq);
@@ -545,7 +583,7 @@ impl Outbox {
         let text = format!("{json}\n{:08x}\n", crc32fast::hash(json.as_bytes()));
         let path = &self.slots[(self.generation % 2) as usize];
         let write = || -> io::Result<()> {
-            let f = OpenOptions::new().write(true).open(path)?;
+            let f = OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
             f.write_all_at(text.as_bytes(), 0)?;
             f.set_len(text.len() as u64)?;
             if self.cfg.fsync {

@@ -13,7 +13,7 @@ use super::host::Curves;
 use super::instance::{Limits, PowerPlugin};
 use super::kv::KvStore;
 use super::{PluginError, wit};
-use crate::calibrate::{Curve, Point};
+use crate::calibration::{Curve, Point};
 
 /// What `plugin check` found.
 #[derive(Debug, Serialize)]

@@ -21,15 +21,7 @@ pub const MAX_LOGS_PER_CALL: u32 = 20;
 /// Metrics a plugin may emit per call.
 pub const MAX_METRICS_PER_CALL: usize = 256;
 
-/// A metric a plugin emitted during a call.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct PluginMetric {
-    pub plugin: String,
-    pub name: String,
-    pub value: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu: Option<u32>,
-}
+pub use crate::telemetry::PluginMetric;
 
 pub struct HostState {
     plugin: String,
@@ -48,7 +40,7 @@ pub struct HostState {
 }
 
 /// Each GPU's curve, as the snapshot carries it.
-pub type Curves = Arc<[Option<Arc<crate::calibrate::Curve>>]>;
+pub type Curves = Arc<[Option<Arc<crate::calibration::Curve>>]>;
 
 impl HostState {
     pub fn new(plugin: &str, memory_bytes: usize, kv: Arc<Mutex<KvStore>>) -> HostState {

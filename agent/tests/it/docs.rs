@@ -57,6 +57,7 @@ fn every_telemetry_key_and_event_kind_is_in_docs_telemetry_md() {
         Event::PluginFault { plugin: u(), fault: "trap", message: u() },
         Event::PluginQuarantined { plugin: u(), failures: 3, window_s: 60, fallback: "hold" },
         Event::ReloadFailed { error: u() },
+        Event::StateSetAside { path: u(), error: u(), moved_to: u() },
     ];
     for e in &events {
         let v = serde_json::to_value(e).unwrap();

@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod containment;
 mod docs;
+mod layering;
 mod mqtt;
 mod nvml;
 mod plugins;
