@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
-use crate::agent::{Agent, Pacing};
+use crate::agent::Pacing;
 use crate::clock::VirtualClock;
 use crate::config::Config;
 use crate::error::Error;
@@ -41,16 +41,13 @@ pub struct Options {
 
 /// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
 /// time), writing to `out`.
-/// The demo's MQTT link and the temporary directory that holds its state.
-pub type DemoMqtt = (crate::mqtt::Mqtt, tempfile::TempDir);
-
 /// With `--mqtt`, the demo's MQTT state (outbox, incarnation, desired state) lives in a
 /// fresh temporary directory of its own, removed when it ends: two demos never share an
 /// outbox, and a new demo never replays an old one's records or restores its budget.
 pub fn agent(
     opts: &Options,
     out: Box<dyn Write + Send>,
-) -> Result<(Agent, VirtualClock, Option<DemoMqtt>), Error> {
+) -> Result<(setup::Node, VirtualClock, Option<tempfile::TempDir>), Error> {
     let mut config = config();
     let mut state = None;
     if let Some(url) = &opts.mqtt {
@@ -69,24 +66,22 @@ pub fn agent(
     }
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let clock = VirtualClock::new(now_ms);
-    let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone()))?;
+    let gpus: usize = config.sim.gpus.iter().map(|g| g.count as usize).sum();
     let sink: Box<dyn Sink> = if opts.json {
         Box::new(JsonLines::new(out))
     } else {
-        Box::new(LiveView::new(out, config.tick, backend.backend.inventory().len()))
+        Box::new(LiveView::new(out, config.tick, gpus))
     };
-    let mut sinks = vec![sink];
-    let linked = setup::mqtt(&config, Path::new("."), &mut sinks)?;
-    let mut agent = setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone()))?;
-    let mqtt = linked.map(|l| l.attach(&mut agent)).zip(state);
-    Ok((agent, clock, mqtt))
+    let node =
+        setup::node(&config, Path::new("."), Arc::new(clock.clone()), Some(vec![sink]), None)?;
+    Ok((node, clock, state))
 }
 
 /// Run the demo until `ticks`, Ctrl-C, or its output is closed (`gpulet demo | head`).
 pub async fn run(opts: Options) -> Result<u64, Error> {
     let closed = Arc::new(Notify::new());
     let out = ClosedPipeNotifier { out: std::io::stdout(), closed: closed.clone() };
-    let (mut agent, clock, mqtt) = agent(&opts, Box::new(out))?;
+    let (mut node, clock, _state) = agent(&opts, Box::new(out))?;
     let pacing = Pacing::Virtual { clock, speed: opts.speed };
     let stop = async {
         tokio::select! {
@@ -94,11 +89,8 @@ pub async fn run(opts: Options) -> Result<u64, Error> {
             () = closed.notified() => {}
         }
     };
-    let ticks = agent.run(opts.ticks, pacing, stop).await;
-    agent.stop();
-    if let Some((m, _state)) = mqtt {
-        m.stop().await;
-    }
+    let ticks = node.run(opts.ticks, pacing, stop).await;
+    node.stop().await;
     Ok(ticks)
 }
 

@@ -120,22 +120,16 @@ async fn fleet(o: Options) -> Result<Report, Error> {
         nodes.push((
             tokio::spawn(async move {
                 tokio::time::sleep(offset).await;
-                let clock = SystemClock::new();
                 let base = std::path::Path::new(".");
-                let backend = setup::open_backend(&config, base, clock.clone())?;
-                let mut sinks = Vec::new();
-                let linked = setup::mqtt(&config, base, &mut sinks)?.expect("[mqtt] is configured");
-                let mut agent = setup::agent(&config, base, backend, sinks, clock)?;
-                let mqtt = linked.attach(&mut agent);
+                let mut node =
+                    setup::node(&config, base, SystemClock::new(), Some(Vec::new()), None)?;
                 let _ = ready_tx.send(());
-                agent
-                    .run(None, Pacing::RealTime, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                agent.stop();
-                let appended = mqtt.appended();
-                let stats = mqtt.stop().await;
+                node.run(None, Pacing::RealTime, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+                let appended = node.mqtt.as_ref().expect("[mqtt] is configured").appended();
+                let stats = node.stop().await.expect("[mqtt] is configured");
                 Ok::<_, Error>((stats, appended))
             }),
             ready_rx,

@@ -251,26 +251,10 @@ fn run(command: Command) -> Result<(), Error> {
                 loaded.config.backend = b.into();
             }
             block_on(async move {
-                let clock = SystemClock::new();
-                let opened = setup::open_backend(&loaded.config, &loaded.base_dir, clock.clone())?;
-                let mut sinks = setup::sinks(&loaded.config)?;
-                let linked = setup::mqtt(&loaded.config, &loaded.base_dir, &mut sinks)?;
-                let mut agent =
-                    setup::agent(&loaded.config, &loaded.base_dir, opened, sinks, clock)?;
-                agent.set_reload(setup::reloader(config));
-                let mqtt = linked.map(|l| l.attach(&mut agent));
-                if loaded.config.backend == BackendKind::Nvml && loaded.config.nvml.restore_limits {
-                    let path = loaded
-                        .base_dir
-                        .join(&loaded.config.nvml.state_dir)
-                        .join("start-limits.json");
-                    agent.keep_start_limits(path);
-                }
-                agent.run(ticks, Pacing::RealTime, shutdown_signal()).await;
-                agent.stop();
-                if let Some(m) = mqtt {
-                    m.stop().await;
-                }
+                let (c, base) = (&loaded.config, &loaded.base_dir);
+                let mut node = setup::node(c, base, SystemClock::new(), None, Some(config))?;
+                node.run(ticks, Pacing::RealTime, shutdown_signal()).await;
+                node.stop().await;
                 Ok::<_, Error>(())
             })??;
             Ok(())

@@ -3,6 +3,7 @@
 //! the GPUs' own ranges, trace files) happen here and fail with config errors.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -143,6 +144,74 @@ pub fn sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
         }
         SinkKind::None => Vec::new(),
     })
+}
+
+/// A node assembled and started: the agent, its MQTT link, and the simulator's handle
+/// when it runs on one.
+pub struct Node {
+    pub agent: Agent,
+    pub mqtt: Option<Mqtt>,
+    pub sim: Option<SimHandle>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("agent", &self.agent).finish_non_exhaustive()
+    }
+}
+
+/// The one way to assemble a node, as `gpulet run` runs it; the demo, fleet-sim, the
+/// tests and the benchmarks use it too, so that what they test is what runs. In order:
+/// the backend, the sinks (`sinks`, or the config's `[telemetry]` when `None`), the MQTT
+/// link when `[mqtt]` is configured (which must then run inside the tokio runtime that
+/// will run the agent), the agent with its plugins, reloading from `config_file` on
+/// SIGHUP, the desired state commands had set, and on NVML the start limits kept to be
+/// put back.
+pub fn node(
+    config: &Config,
+    base_dir: &Path,
+    clock: Arc<dyn Clock>,
+    sinks: Option<Vec<Box<dyn Sink>>>,
+    config_file: Option<PathBuf>,
+) -> Result<Node, Error> {
+    let backend = open_backend(config, base_dir, clock.clone())?;
+    let sim = backend.sim.clone();
+    let mut sinks = match sinks {
+        Some(s) => s,
+        None => self::sinks(config)?,
+    };
+    let linked = mqtt(config, base_dir, &mut sinks)?;
+    let mut agent = agent(config, base_dir, backend, sinks, clock)?;
+    if let Some(path) = config_file {
+        agent.set_reload(reloader(path));
+    }
+    let mqtt = linked.map(|l| l.attach(&mut agent));
+    if config.backend == BackendKind::Nvml && config.nvml.restore_limits {
+        agent.keep_start_limits(base_dir.join(&config.nvml.state_dir).join("start-limits.json"));
+    }
+    Ok(Node { agent, mqtt, sim })
+}
+
+impl Node {
+    /// Tick until `ticks` or `shutdown` (see [`Agent::run`]).
+    pub async fn run(
+        &mut self,
+        ticks: Option<u64>,
+        pacing: crate::agent::Pacing,
+        shutdown: impl Future<Output = ()>,
+    ) -> u64 {
+        self.agent.run(ticks, pacing, shutdown).await
+    }
+
+    /// Stop in order: the agent first (no more commands; the start limits put back),
+    /// then the link (the outbox drained for up to 2 s, `offline` published).
+    pub async fn stop(mut self) -> Option<crate::mqtt::MqttStats> {
+        self.agent.stop();
+        match self.mqtt.take() {
+            Some(m) => Some(m.stop().await),
+            None => None,
+        }
+    }
 }
 
 /// A whole agent from a validated config, its backend and its sinks. Relative paths in

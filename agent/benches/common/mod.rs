@@ -14,9 +14,10 @@ use gpulet::telemetry::Sink;
 pub fn demo_agent(sinks: Vec<Box<dyn Sink>>) -> (Agent, VirtualClock) {
     let config: Config = gpulet::demo::config();
     let clock = VirtualClock::new(0);
-    let backend = setup::open_backend(&config, Path::new("."), Arc::new(clock.clone())).unwrap();
     let mut agent =
-        setup::agent(&config, Path::new("."), backend, sinks, Arc::new(clock.clone())).unwrap();
+        setup::node(&config, Path::new("."), Arc::new(clock.clone()), Some(sinks), None)
+            .unwrap()
+            .agent;
     // Past the first tick's limit changes and into the training part of the trace.
     for _ in 0..30 {
         clock.advance(Duration::from_secs(1));

@@ -754,6 +754,28 @@ mod tests {
     }
 
     #[test]
+    fn a_planted_symlink_segment_is_set_aside_and_its_target_never_touched() {
+        // The review: a "torn segment" that was a symlink had its target truncated to 0
+        // bytes at start, as root.
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious, and not an outbox record").unwrap();
+        let out = dir.path().join("outbox");
+        fs::create_dir(&out).unwrap();
+        std::os::unix::fs::symlink(&victim, segment_path(&out, 0)).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("state.a")).unwrap();
+        let e = Outbox::open(cfg(&out)).unwrap_err().to_string();
+        assert!(e.contains("state.a"), "a symlinked state slot is refused: {e}");
+        fs::remove_file(out.join("state.a")).unwrap();
+        let mut o = Outbox::open(cfg(&out)).unwrap();
+        assert!(o.pending(0, u64::MAX, 10).is_empty());
+        add(&mut o, Class::Telemetry, 2);
+        o.flush().unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious, and not an outbox record");
+        assert!(!fs::symlink_metadata(segment_path(&out, 0)).is_ok_and(|m| m.is_symlink()));
+    }
+
+    #[test]
     fn the_bound_drops_oldest_telemetry_and_keeps_events() {
         let dir = tempfile::tempdir().unwrap();
         let mut o = Outbox::open(OutboxConfig {

@@ -280,22 +280,15 @@ impl AgentThread {
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            // Assembled and stopped as `gpulet run` does (`setup::node`).
             rt.block_on(async move {
-                let clock = SystemClock::new();
-                let backend = setup::open_backend(&config, &dir, clock.clone()).unwrap();
-                let mut sinks = Vec::new();
-                let linked = setup::mqtt(&config, &dir, &mut sinks).unwrap();
-                let mut agent = setup::agent(&config, &dir, backend, sinks, clock).unwrap();
-                let mqtt = linked.map(|l| l.attach(&mut agent));
-                agent
-                    .run(None, gpulet::agent::Pacing::RealTime, async {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
-                agent.stop();
-                if let Some(m) = mqtt {
-                    m.stop().await;
-                }
+                let mut node =
+                    setup::node(&config, &dir, SystemClock::new(), Some(Vec::new()), None).unwrap();
+                node.run(None, gpulet::agent::Pacing::RealTime, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+                node.stop().await;
             });
         });
         AgentThread { stop: Some(stop), handle: Some(handle) }

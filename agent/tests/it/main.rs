@@ -76,16 +76,16 @@ pub fn harness_in(toml: &str, dir: &Path) -> Harness {
     let config = Config::parse(toml).unwrap();
     config.validate().unwrap();
     let clock = VirtualClock::new(1_800_000_000_000);
-    let backend = setup::open_backend(&config, dir, Arc::new(clock.clone())).unwrap();
-    let sim = backend.sim.clone().unwrap();
     let out = Capture::default();
-    let agent = setup::agent(
+    // Assembled as `gpulet run` assembles it (`setup::node`), on a virtual clock.
+    let node = setup::node(
         &config,
         dir,
-        backend,
-        vec![Box::new(JsonLines::new(out.clone()))],
         Arc::new(clock.clone()),
+        Some(vec![Box::new(JsonLines::new(out.clone()))]),
+        None,
     )
     .unwrap();
+    let (agent, sim) = (node.agent, node.sim.unwrap());
     Harness { agent, clock, sim, out }
 }

@@ -588,6 +588,42 @@ fn the_demo_publishes_to_a_broker() {
             && g.iter().any(|m| m.topic.ends_with("/birth"))
             && g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("offline"))
     });
+    // A second demo starts afresh: its own state directory, so no replay of the first
+    // one's records and the same first incarnation (the review: one fixed /tmp folder).
+    let from = c.got.len();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["demo", "--ticks", "3", "--speed", "0", "--json", "--mqtt", &broker.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let offline = c.next_on(from, "gpulet/v1/demo-node/status", |v| v["state"] == "offline");
+    assert_eq!(offline["inc"], 1, "a fresh incarnation counter, so a fresh state: {offline}");
+    let second = c.got[from..].iter().filter(|m| m.topic.ends_with("/telemetry"));
+    assert!(second.map(|m| m.json()).all(|t| t["inc"] == 1), "nothing carried over");
+}
+
+/// The review: an unreadable `desired.json` silently dropped a commanded budget; now it
+/// is set aside and reported, and the agent runs on the configured budget.
+#[test]
+fn an_unreadable_desired_state_is_set_aside_and_reported() {
+    let broker = Broker::start();
+    let mut c = Collector::start(broker.port, "gpulet/v1/#");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/desired.json"), b"{\"budget_w\": 30").unwrap();
+    let agent =
+        AgentThread::start(dir.path(), &node_config(&broker.url(), "[power]\nbudget_w = 400\n"));
+    let e = c.next_on(0, "gpulet/v1/n1/events/state-set-aside", |_| true);
+    assert!(e["path"].as_str().unwrap().ends_with("state/desired.json"), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("EOF"), "{e}");
+    let st = c.next_on(0, "gpulet/v1/n1/state/power-budget", |_| true);
+    assert_eq!((st["budget_w"].as_f64(), &st["commanded_w"]), (Some(400.0), &Value::Null));
+    agent.stop();
+    let aside = std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("desired.json.bad-"));
+    assert!(aside, "kept beside it for the operator");
 }
 
 #[test]
