@@ -311,6 +311,9 @@ impl Agent {
                 Ok(enforced) => {
                     info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
                     self.guard.applied(&change, enforced, snapshot.now_ms);
+                    // A decrease the GPU took but did not enforce holds the raises too.
+                    decrease_failed |=
+                        !raise && enforced > change.to_w + crate::guard::OBEY_TOLERANCE_W;
                     self.last_failure[gpu as usize] = None;
                     self.applied[gpu as usize] = Some(enforced);
                     self.drifted[gpu as usize] = false;
@@ -324,7 +327,7 @@ impl Agent {
                     });
                 }
                 Err(e) => {
-                    self.guard.failed(&change);
+                    self.guard.failed(&change, snapshot.now_ms);
                     decrease_failed |= !raise;
                     let error = e.to_string();
                     if self.last_failure[gpu as usize].as_ref() != Some(&error) {
@@ -568,6 +571,11 @@ impl Agent {
     /// now are kept instead; a directory where nothing can be kept costs the put-back at
     /// stop (logged), never the start.
     pub fn keep_start_limits(&mut self, path: std::path::PathBuf) {
+        if let Err(why) = crate::state::check_dir(crate::state::parent(&path)) {
+            // Nothing read from or kept in a directory another user could write.
+            error!(path = %path.display(), %why, "the limits found at start are not kept (nor any left by a crash put back)");
+            return;
+        }
         match read_start_limits(&path) {
             Ok(Some(saved)) => {
                 warn!(path = %path.display(), "the last run did not stop cleanly; putting back the limits from before it, through the guard");
@@ -609,7 +617,13 @@ impl Agent {
             sink.close();
         }
         let Some(path) = self.start_limits.take() else { return };
-        let saved = read_start_limits(&path).ok().flatten().unwrap_or_default();
+        let saved = match read_start_limits(&path) {
+            Ok(saved) => saved.unwrap_or_default(),
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "the limits kept at start cannot be read; nothing put back, the file kept");
+                return;
+            }
+        };
         let events = self.put_limits(&saved, "the limit from before the agent started");
         let failed = events.iter().any(|e| matches!(e, Event::LimitFailed { .. }));
         if failed {

@@ -26,10 +26,16 @@ use std::path::{Path, PathBuf};
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = parent(path);
     let name = path.file_name().ok_or_else(|| std::io::Error::other("no file name"))?;
+    // Unique per process, call and moment: a temporary file left by a crash (with a
+    // pid reused after a reboot) is never in the way.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}-{}-{nanos}.tmp",
         name.to_string_lossy(),
-        std::process::id() as u64 * 1_000_003 + counter()
+        std::process::id(),
+        counter()
     ));
     let write = || -> std::io::Result<()> {
         let mut f = OpenOptions::new()
@@ -92,8 +98,22 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
     let full =
         std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
     let me = euid();
-    for d in full.ancestors() {
-        let m = std::fs::metadata(d).map_err(|e| format!("cannot check {}: {e}", d.display()))?;
+    // The path as written (a symlink on the way is only as safe as the directory that
+    // holds it) and the path it resolves to.
+    let written = std::env::current_dir().map_or(dir.to_path_buf(), |cwd| cwd.join(dir));
+    for d in written.ancestors().chain(full.ancestors()) {
+        let m = std::fs::symlink_metadata(d)
+            .map_err(|e| format!("cannot check {}: {e}", d.display()))?;
+        if m.file_type().is_symlink() {
+            if m.uid() != 0 && m.uid() != me {
+                return Err(format!(
+                    "{} is a symlink of uid {}, neither root nor the agent's user (uid {me}); replace it with the directory itself",
+                    d.display(),
+                    m.uid()
+                ));
+            }
+            continue;
+        }
         if m.uid() != 0 && m.uid() != me {
             return Err(format!(
                 "{} belongs to uid {}, neither root nor the agent's user (uid {me}): another user could replace what gpulet keeps there; chown it",

@@ -243,6 +243,8 @@ struct Sending {
     inflight: usize,
     /// The records sent on this connection and not yet acknowledged.
     unacked: std::collections::BTreeSet<u64>,
+    /// Whether the broker acknowledged any record on this connection.
+    acked: bool,
     /// Backlog records that may be sent now (refilled by the rate).
     tokens: f64,
     /// Whether backlog may remain (the rate limiter runs only then).
@@ -312,6 +314,7 @@ impl Link {
                     next_backlog: 0,
                     inflight: 0,
                     unacked: Default::default(),
+                    acked: false,
                     tokens: 0.0,
                     backlog: true,
                 };
@@ -340,7 +343,10 @@ impl Link {
                 debug!(%error, "link: disconnected");
                 s.connected = false;
                 s.inflight = 0;
-                if let Some(&oldest) = s.unacked.first() {
+                // Counted only when the broker acknowledged nothing on this connection: a
+                // link that carried records and then dropped (a flapping network, a
+                // broker restart) says nothing against the oldest one.
+                if let Some(&oldest) = s.unacked.first().filter(|_| !s.acked) {
                     let n = match self.suspect {
                         Some((seq, n)) if seq == oldest => n + 1,
                         _ => 1,
@@ -363,6 +369,7 @@ impl Link {
                     Tag::Record(seq) => {
                         s.inflight = s.inflight.saturating_sub(1);
                         s.unacked.remove(&seq);
+                        s.acked = true;
                         if self.suspect.is_some_and(|(x, _)| x == seq) {
                             self.suspect = None;
                         }

@@ -252,9 +252,10 @@ impl PowerPlugin {
         let result = bindings.call_decide_power(&mut *store, snapshot);
         let wall = started.elapsed();
         let state = store.data_mut();
-        // What the plugin changed in its key-value store, saved once per call.
-        state.save_kv();
         let host_time = state.host_time;
+        // What the plugin changed in its key-value store, saved once per call (not charged
+        // to the plugin: the disk's fsync is not its doing, and the store's size is capped).
+        state.save_kv();
         let output = CallOutput {
             actions: Vec::new(),
             metrics: std::mem::take(&mut state.metrics),

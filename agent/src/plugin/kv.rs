@@ -100,8 +100,10 @@ impl KvStore {
         let m: BTreeMap<&str, String> =
             self.map.iter().map(|(k, v)| (k.as_str(), to_hex(v))).collect();
         let json = serde_json::to_vec(&m).expect("a map of strings serialises");
-        crate::state::atomic_write(file, &json)
-            .map_err(|e| format!("cannot save {}: {e}", file.display()))
+        crate::state::atomic_write(file, &json).map_err(|e| {
+            self.dirty = true;
+            format!("cannot save {}: {e}", file.display())
+        })
     }
 }
 

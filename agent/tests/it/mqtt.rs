@@ -429,7 +429,7 @@ fn signed_commands_tamper_replay_and_time_cases() {
     let cases: Vec<(String, &str)> = vec![
         (good.clone(), "succeeded"),
         (good.clone(), "already received"),
-        (good.replace("300", "900"), "does not match"),
+        (good.replace("\"watts\":300", "\"watts\":900"), "does not match"),
         (signed("n2", "set-power-budget", "s3", now, now + 60_000), "does not match"),
         (signed("n1", "set-power-budget", "s4", now - 120_000, now - 60_000), "expired"),
         (signed("n1", "set-power-budget", "s5", now + 120_000, now + 180_000), "in the future"),
