@@ -8,7 +8,15 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the command name, the rest is the payload.
-    let names = ["set-power-budget", "set-power-limit", "ping", "rebirth", "reload-plugins", "clear-health", "x"];
+    let names = [
+        "set-power-budget",
+        "set-power-limit",
+        "ping",
+        "rebirth",
+        "reload-plugins",
+        "clear-health",
+        "x",
+    ];
     let Some((&pick, payload)) = data.split_first() else { return };
     let policy = Policy {
         max_payload: 64 << 10,

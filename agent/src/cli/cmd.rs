@@ -1,0 +1,106 @@
+//! `gpulet cmd`: send a fleet command over MQTT and print its results.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args as ClapArgs;
+use gpulet::config::{ConfigError, ConfigErrors};
+use gpulet::error::Error;
+use gpulet::mqtt;
+
+use super::block_on;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// The broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+    #[arg(long, value_name = "URL")]
+    pub broker: String,
+    #[arg(long, value_name = "NODE")]
+    pub node: String,
+    /// set-power-budget, set-power-limit, reload-plugins, rebirth or ping.
+    #[arg(value_name = "COMMAND")]
+    pub command: String,
+    /// The arguments, a JSON object, e.g. '{"watts": 4000}'.
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub args: String,
+    /// Sign with this private key (from `gpulet keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    #[arg(long, default_value = "gpulet/v1", value_name = "ROOT")]
+    pub root: String,
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub timeout: humantime::Duration,
+    /// For mqtts://: the CA certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    #[arg(long, value_name = "NAME")]
+    pub username: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Publish the command retained (nodes refuse it; for testing that they do).
+    #[arg(long, hide = true)]
+    pub retain: bool,
+}
+
+pub fn run(args: Args) -> Result<(), Error> {
+    let Args {
+        broker,
+        node,
+        command,
+        args,
+        key,
+        root,
+        timeout,
+        ca_file,
+        username,
+        password_file,
+        retain,
+    } = args;
+    let usage = |k: &str, e: String| Error::from(ConfigErrors(vec![ConfigError::invalid(k, e)]));
+    let args: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&args)
+        .map_err(|e| usage("--args", format!("not a JSON object: {e}")))?;
+    let read = |k: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| usage(k, format!("cannot read {}: {e}", p.display())))
+    };
+    let key = match &key {
+        Some(p) => Some(
+            mqtt::command::signing_key(&String::from_utf8_lossy(&read("--key", p)?))
+                .map_err(|e| usage("--key", e))?,
+        ),
+        None => None,
+    };
+    let tls = match &ca_file {
+        Some(p) => Some(Arc::new(
+            mqtt::tls_config(Some(&read("--ca-file", p)?), None)
+                .map_err(|(_, e)| usage("--ca-file", e))?,
+        )),
+        None => None,
+    };
+    let password = match &password_file {
+        Some(p) => String::from_utf8_lossy(&read("--password-file", p)?).trim_end().to_owned(),
+        None => String::new(),
+    };
+    let opts = mqtt::send::SendOptions {
+        url: broker,
+        root,
+        node,
+        command,
+        args,
+        key,
+        timeout: timeout.into(),
+        tls,
+        credentials: username.map(|u| (u, password)),
+        retain,
+    };
+    let results = block_on(mqtt::send::send(opts))?.map_err(Error::Command)?;
+    for r in &results {
+        println!("{r}");
+    }
+    match results.last().and_then(|r| r["status"].as_str()) {
+        Some("succeeded") => Ok(()),
+        other => Err(Error::Command(format!(
+            "the command did not succeed ({})",
+            other.unwrap_or("no result")
+        ))),
+    }
+}

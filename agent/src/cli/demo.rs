@@ -1,0 +1,31 @@
+//! `gpulet demo`: a simulated 8-GPU node under a power budget, with a live view.
+
+use clap::Args as ClapArgs;
+use gpulet::demo;
+use gpulet::error::Error;
+
+use super::block_on;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// Stop after this many ticks.
+    #[arg(long, value_name = "N")]
+    pub ticks: Option<u64>,
+    /// Print the telemetry records (JSON lines) instead of the live view.
+    #[arg(long)]
+    pub json: bool,
+    /// Simulated seconds per wall second; 0 runs as fast as possible.
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub speed: f64,
+    /// Also publish the demo node to this broker (mqtt://HOST[:PORT]); watch it with
+    /// `mosquitto_sub -v -t 'gpulet/v1/#'`.
+    #[arg(long, value_name = "URL")]
+    pub mqtt: Option<String>,
+}
+
+pub fn run(args: Args) -> Result<(), Error> {
+    let Args { ticks, json, speed, mqtt } = args;
+    let speed = (speed > 0.0).then_some(speed);
+    block_on(demo::run(demo::Options { ticks, json, speed, mqtt }))??;
+    Ok(())
+}

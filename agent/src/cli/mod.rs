@@ -1,0 +1,158 @@
+//! The command line: one file per subcommand, each with its arguments (a clap struct)
+//! and its `run`; what they share (the backend override, loading a config or the demo's,
+//! the deeper config check, the runtime) is here. Exit codes: 0 success; 1 a runtime
+//! failure; 2 a usage or configuration error (`Error::exit_code`).
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use gpulet::clock::SystemClock;
+use gpulet::config::{BackendKind, Config, ConfigError, ConfigErrors, Loaded};
+use gpulet::error::Error;
+use gpulet::setup;
+
+mod calibrate;
+mod check_config;
+mod cmd;
+mod demo;
+mod diag;
+mod fleet_sim;
+mod inventory;
+mod keygen;
+mod plugin;
+mod run;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpulet",
+    version,
+    about = "Watches and controls a node's NVIDIA GPUs, decides through sandboxed policies, reports to the fleet"
+)]
+pub struct Cli {
+    /// Log level for messages on stderr: error, warn, info, debug, trace.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<tracing::Level>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent until stopped (SIGINT/SIGTERM).
+    Run(run::Args),
+    /// Check a config file: exit 0 if valid, 2 with every error otherwise.
+    CheckConfig(check_config::Args),
+    /// A simulated 8-GPU node under a power budget, with a live view. Needs no config.
+    Demo(demo::Args),
+    /// Send a command to a node over MQTT, wait for its result and print it (JSON lines).
+    /// Exit 0 if it succeeded, 1 otherwise.
+    Cmd(cmd::Args),
+    /// Make an Ed25519 key pair for signed commands: PREFIX.key (private, mode 0600) and
+    /// PREFIX.pub (for mqtt.commands.public_key_files).
+    Keygen(keygen::Args),
+    /// Simulate a fleet against a broker: N nodes of simulated GPUs in this process, each
+    /// with its own MQTT connection and outbox, publishing at 1 Hz; a consumer counts what
+    /// arrives. Prints a JSON report. A load tool for sizing a broker's ingest.
+    FleetSim(fleet_sim::Args),
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
+    /// Measure each GPU's useful work per second at a range of power limits (a compute
+    /// kernel through CUDA on real GPUs) and write the curves to `[calibration] file`,
+    /// where the agent reads them. Sets power limits: run as root, with the GPUs idle;
+    /// the limits found are put back at the end. On the simulator it takes no real time.
+    Calibrate(calibrate::Args),
+    /// A quick health check of each GPU through CUDA: allocate, write and read back
+    /// memory (256 MiB), run a kernel and check its result against the CPU. Exit 0 if no
+    /// GPU failed (MIG or busy GPUs are skipped), 1 otherwise.
+    Diag(diag::Args),
+    /// List the GPUs the backend sees (the demo node without --config).
+    Inventory(inventory::Args),
+}
+
+impl Command {
+    /// The log level when `--log-level` is not given: tools that print their own
+    /// output log only warnings.
+    pub fn default_log_level(&self) -> tracing::Level {
+        match self {
+            Command::Demo(_) | Command::FleetSim(_) | Command::Cmd(_) => tracing::Level::WARN,
+            _ => tracing::Level::INFO,
+        }
+    }
+}
+
+/// Run a subcommand.
+pub fn run(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Run(a) => run::run(a),
+        Command::CheckConfig(a) => check_config::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Cmd(a) => cmd::run(a),
+        Command::Keygen(a) => keygen::run(a),
+        Command::FleetSim(a) => fleet_sim::run(a),
+        Command::Plugin(a) => plugin::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
+        Command::Diag(a) => diag::run(a),
+        Command::Inventory(a) => inventory::run(a),
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Backend {
+    Sim,
+    Nvml,
+}
+
+impl From<Backend> for BackendKind {
+    fn from(b: Backend) -> BackendKind {
+        match b {
+            Backend::Sim => BackendKind::Sim,
+            Backend::Nvml => BackendKind::Nvml,
+        }
+    }
+}
+
+/// The config at `path`, or the demo node's without one; `backend` overrides its backend.
+pub fn load_or_demo(path: Option<PathBuf>, backend: Option<Backend>) -> Result<Loaded, Error> {
+    let mut loaded = match path {
+        Some(path) => Config::load(&path)?,
+        None => Loaded { config: gpulet::demo::config(), base_dir: PathBuf::from(".") },
+    };
+    if let Some(b) = backend {
+        loaded.config.backend = b.into();
+    }
+    Ok(loaded)
+}
+
+/// What can be checked beyond the file itself: for a simulated node, build it (traces
+/// load, fault GPUs exist) and check the power config against its GPUs; every plugin is
+/// loaded and started against its GPUs (against none for other backends).
+pub fn check_deeper(loaded: &Loaded) -> Result<(), Error> {
+    let (config, base_dir) = (&loaded.config, &loaded.base_dir);
+    let mut inventory = Vec::new();
+    if config.backend == BackendKind::Sim {
+        let opened = setup::open_backend(config, base_dir, SystemClock::new())?;
+        inventory = opened.backend.inventory().to_vec();
+        gpulet::guard::PowerGuard::new(&inventory, &config.power)?;
+    }
+    let mut chain = setup::policy_chain(config, base_dir, inventory.len())?;
+    let failed = chain.load(&setup::plugin_specs(config, base_dir), &inventory, &mut Vec::new());
+    let errors: Vec<ConfigError> = failed
+        .into_iter()
+        .map(|(name, e)| {
+            let i = config.plugin.iter().position(|p| p.name == name).unwrap_or_default();
+            ConfigError::invalid(format!("plugin[{i}]"), e.to_string())
+        })
+        .collect();
+    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors).into()) }
+}
+
+/// The agent is one loop: a single-threaded runtime is all it needs, and the smallest.
+pub fn block_on<F: Future>(f: F) -> Result<F::Output, Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    Ok(rt.block_on(f))
+}

@@ -1,0 +1,93 @@
+//! `gpulet plugin check` and `gpulet plugin run`: tools for plugin authors.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use gpulet::config::{ConfigError, ConfigErrors};
+use gpulet::error::Error;
+use gpulet::plugin::dry_run::{self, SnapshotFile};
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Load a plugin as the agent would and report its kind, API version, imports and
+    /// whether its config is valid. Exit 0 if it would run, 2 if its config is invalid,
+    /// 1 if it cannot load.
+    Check {
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+        /// The plugin's config, JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config: String,
+    },
+    /// Call a plugin once on a snapshot (JSON, see examples/snapshot.json) and print its
+    /// decisions and reasons. Nothing reaches a GPU; grants and bounds are not applied.
+    Run {
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        snapshot: PathBuf,
+        /// The plugin's config, JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config: String,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(command: PluginCommand) -> Result<(), Error> {
+    match command {
+        PluginCommand::Check { file, config } => {
+            let (_, report) = dry_run::start(&file, &config, &[])?;
+            println!(
+                "{}: {} {} ({} plugin, API {})",
+                file.display(),
+                report.name,
+                report.version,
+                report.kind,
+                report.api_version
+            );
+            println!("loaded in {:.1} ms; config valid", report.compile_ms);
+            println!("imports:");
+            for i in &report.imports {
+                println!("  {i}");
+            }
+            Ok(())
+        }
+        PluginCommand::Run { file, snapshot, config, json } => {
+            let snap = SnapshotFile::read(&snapshot)
+                .map_err(|e| ConfigErrors(vec![ConfigError::invalid("--snapshot", e)]))?;
+            let wsnap = snap
+                .to_wit()
+                .map_err(|e| ConfigErrors(vec![ConfigError::invalid("--snapshot", e)]))?;
+            let (mut plugin, _) = dry_run::start(&file, &config, &snap.gpu_infos())?;
+            let out = plugin
+                .decide(&wsnap, &snap.curves())
+                .map_err(|f| Error::PluginCall(f.to_string()))?;
+            if json {
+                let actions: Vec<_> = out
+                .actions
+                .iter()
+                .map(|a| serde_json::json!({"gpu": a.gpu, "limit_w": a.limit_w, "reason": a.reason}))
+                .collect();
+                println!("{}", serde_json::json!({"actions": actions, "metrics": out.metrics}));
+            } else {
+                if out.actions.is_empty() {
+                    println!("no actions");
+                }
+                for a in &out.actions {
+                    println!("GPU {}: {:.1} W  ({})", a.gpu, a.limit_w, a.reason);
+                }
+                for m in &out.metrics {
+                    println!(
+                        "metric {} = {}{}",
+                        m.name,
+                        m.value,
+                        m.gpu.map_or(String::new(), |g| format!(" (GPU {g})"))
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
