@@ -172,8 +172,11 @@ impl Outbox {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(io_err(&path))?;
-            let mut text = String::new();
-            io::Read::read_to_string(&mut f, &mut text).map_err(io_err(&path))?;
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut f, &mut bytes).map_err(io_err(&path))?;
+            // Not UTF-8 is as corrupt as a bad CRC (found by fuzzing: it used to stop the
+            // outbox, and with it the MQTT link, from opening).
+            let text = String::from_utf8(bytes).unwrap_or_else(|_| "\u{fffd}".into());
             match read_slot(&text) {
                 Some(s) if s.generation >= state.generation => state = s,
                 Some(_) => {}
@@ -751,6 +754,18 @@ mod tests {
         let o = Outbox::open(cfg(dir.path())).unwrap();
         assert!(o.pending(0, u64::MAX, 10).is_empty());
         assert_eq!(o.next_seq(), 2, "seqs are never reused");
+    }
+
+    #[test]
+    fn a_state_slot_that_is_not_text_is_a_corrupt_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(cfg(dir.path())).unwrap();
+        add(&mut o, Class::Telemetry, 2);
+        o.flush().unwrap();
+        drop(o);
+        fs::write(dir.path().join("state.a"), [0xff, 0xfe, 0x00, 0x80]).unwrap();
+        let o = Outbox::open(cfg(dir.path())).unwrap();
+        assert_eq!(o.pending(0, u64::MAX, 10), vec![0, 1]);
     }
 
     #[test]
