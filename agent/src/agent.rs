@@ -311,9 +311,11 @@ impl Agent {
                 Ok(enforced) => {
                     info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
                     self.guard.applied(&change, enforced, snapshot.now_ms);
-                    // A decrease the GPU took but did not enforce holds the raises too.
-                    decrease_failed |=
-                        !raise && enforced > change.to_w + crate::guard::OBEY_TOLERANCE_W;
+                    // A decrease the GPU took but did not enforce holds the raises too
+                    // (unless the node was planned without counting on it: a probe).
+                    decrease_failed |= !raise
+                        && !change.probe
+                        && enforced > change.to_w + crate::guard::OBEY_TOLERANCE_W;
                     self.last_failure[gpu as usize] = None;
                     self.applied[gpu as usize] = Some(enforced);
                     self.drifted[gpu as usize] = false;
@@ -328,7 +330,9 @@ impl Agent {
                 }
                 Err(e) => {
                     self.guard.failed(&change, snapshot.now_ms);
-                    decrease_failed |= !raise;
+                    // A GPU whose limit is unknown (`from_w` None) may have been lowered by
+                    // the plan too: its failure holds the raises like a decrease's.
+                    decrease_failed |= !change.probe && (!raise || change.from_w.is_none());
                     let error = e.to_string();
                     if self.last_failure[gpu as usize].as_ref() != Some(&error) {
                         warn!(gpu, %uuid, to_w = change.to_w, %error, "power limit change failed");

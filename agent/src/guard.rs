@@ -42,6 +42,9 @@ pub struct Change {
     pub reason: String,
     /// Who proposed it: `static`, a plugin's name, or `guard` for a budget share.
     pub source: String,
+    /// A change asked of a GPU that did not obey its last one: the rest of the node was
+    /// planned without counting on it, so its failing holds nothing back.
+    pub probe: bool,
 }
 
 #[derive(Debug)]
@@ -59,12 +62,26 @@ pub struct PowerGuard {
     /// what they enforce, asked only to go lower, trusted again after
     /// [`RETRY_DISOBEYED_MS`] or as soon as a change to them works.
     disobeyed: Vec<Option<u64>>,
+    /// When each GPU that disobeyed was last asked to change (at most once per
+    /// [`PROBE_DISOBEYED_MS`], so one that keeps refusing costs one attempt, not one a tick).
+    last_probe: Vec<Option<u64>>,
 }
+
+/// How often a GPU that disobeyed is asked again for its share (never above what it
+/// enforces).
+pub const PROBE_DISOBEYED_MS: u64 = 5_000;
 
 /// How long a GPU that disobeyed is planned at what it enforces before it is trusted
 /// again (a refusal may be transient; a retry that fails again costs nothing: the raises
 /// of that tick wait and the GPU is planned around once more).
 pub const RETRY_DISOBEYED_MS: u64 = 30_000;
+
+/// Watts rounded down to whole milliwatts (NVML's unit), so that what GPUs enforce never
+/// adds up to more than what was planned. (The epsilon keeps a value already in whole mW,
+/// such as 128.004, from losing one to binary rounding.)
+fn floor_mw(w: f64) -> f64 {
+    ((w * 1000.0) + 1e-6).floor() / 1000.0
+}
 
 /// An enforced limit further than this from the one asked for is disobedience (NVML
 /// works in milliwatts; firmware may round to a few watts).
@@ -132,6 +149,7 @@ impl PowerGuard {
             last_raise_ms: vec![None; n],
             infeasible: false,
             disobeyed: vec![None; n],
+            last_probe: vec![None; n],
         })
     }
 
@@ -181,7 +199,7 @@ impl PowerGuard {
             }
             // Whole milliwatts, NVML's unit, rounded down: what a GPU enforces never adds
             // up to more than what was planned.
-            d.limit_w = ((d.limit_w * 1000.0).floor() / 1000.0).max(b.lo);
+            d.limit_w = floor_mw(d.limit_w).max(b.lo);
             let gpu = d.gpu as usize;
             desired[gpu] = Some(d);
         }
@@ -194,10 +212,15 @@ impl PowerGuard {
                 *d = None;
             }
         }
-        // A GPU that disobeyed is asked again, but only to go lower than what it enforces
-        // (so a retry that works can only help the budget).
+        // A GPU that disobeyed is asked again at most once per PROBE_DISOBEYED_MS, and
+        // only to go lower than what it enforces (so a retry that works can only help).
         for (i, want) in desired.iter_mut().enumerate() {
-            if let (Some(_), Some(d), Some(c)) = (self.disobeyed[i], want.as_mut(), current[i])
+            if self.disobeyed[i].is_none() {
+                continue;
+            }
+            if !self.may_probe(i, snap.now_ms) {
+                *want = None;
+            } else if let (Some(d), Some(c)) = (want.as_mut(), current[i])
                 && d.limit_w > c
             {
                 d.limit_w = c;
@@ -205,7 +228,7 @@ impl PowerGuard {
             }
         }
         if let Some(budget) = self.budget_w {
-            self.fit_budget(budget, &mut desired, &current, &lost, events);
+            self.fit_budget(budget, &mut desired, &current, &lost, snap.now_ms, events);
         }
 
         let mut changes = Vec::new();
@@ -223,7 +246,15 @@ impl PowerGuard {
                     continue;
                 }
                 if !raise && c - to_w < self.deadband_w {
-                    small_decreases.push(Change { gpu: i as u32, from_w, to_w, reason, source });
+                    let probe = self.disobeyed[i].is_some();
+                    small_decreases.push(Change {
+                        gpu: i as u32,
+                        from_w,
+                        to_w,
+                        reason,
+                        source,
+                        probe,
+                    });
                     continue;
                 }
                 let recently =
@@ -232,15 +263,17 @@ impl PowerGuard {
                     continue;
                 }
             }
-            changes.push(Change { gpu: i as u32, from_w, to_w, reason, source });
+            let probe = self.disobeyed[i].is_some();
+            changes.push(Change { gpu: i as u32, from_w, to_w, reason, source, probe });
         }
         // A small decrease is churn unless the budget needs it: skip them all if the
         // limits add up within the budget without them.
         if !small_decreases.is_empty() {
+            // (A probe is not counted on: its GPU may refuse again.)
             let after = |i: usize| {
                 changes
                     .iter()
-                    .find(|c| c.gpu as usize == i)
+                    .find(|c| c.gpu as usize == i && !c.probe)
                     .map(|c| c.to_w)
                     .or(current[i])
                     .unwrap_or(self.bounds[i].hi)
@@ -249,6 +282,9 @@ impl PowerGuard {
             if self.budget_w.is_some_and(|b| total > b + 1e-9) {
                 changes.append(&mut small_decreases);
             }
+        }
+        for c in changes.iter().filter(|c| c.probe) {
+            self.last_probe[c.gpu as usize] = Some(snap.now_ms);
         }
         // Decreases first: the sum of limits only ever falls until the raises.
         changes.sort_by(|a, b| {
@@ -264,6 +300,7 @@ impl PowerGuard {
         desired: &mut [Option<PowerDecision>],
         current: &[Option<f64>],
         lost: &[bool],
+        now_ms: u64,
         events: &mut Vec<Event>,
     ) {
         let mut reserved = 0.0;
@@ -280,12 +317,15 @@ impl PowerGuard {
                 // Planned at what it enforces; asked below for its share, at most that.
                 let held = current[i].unwrap_or(b.hi);
                 reserved += held;
-                want.get_or_insert_with(|| PowerDecision {
-                    gpu: i as u32,
-                    limit_w: held,
-                    reason: "held at its enforced limit: it did not obey its last change".into(),
-                    source: "guard".into(),
-                });
+                if self.may_probe(i, now_ms) {
+                    want.get_or_insert_with(|| PowerDecision {
+                        gpu: i as u32,
+                        limit_w: held,
+                        reason: "held at its enforced limit: it did not obey its last change"
+                            .into(),
+                        source: "guard".into(),
+                    });
+                }
                 continue;
             }
             let d = want.get_or_insert_with(|| PowerDecision {
@@ -312,7 +352,12 @@ impl PowerGuard {
             let lo = self.bounds[i].lo;
             // Round down to whole milliwatts (NVML's unit) so rounding never overshoots.
             // (Never below the lower bound, which NVML gives in whole milliwatts.)
-            d.limit_w = (((lo + (d.limit_w - lo) * k) * 1000.0).floor() / 1000.0).max(lo);
+            d.limit_w = floor_mw(lo + (d.limit_w - lo) * k).max(lo);
+            if self.disobeyed[i].is_some() {
+                // Never above what it enforces, even under its lower bound (a cap set
+                // outside gpulet): what was reserved for it.
+                d.limit_w = d.limit_w.min(current[i].unwrap_or(self.bounds[i].hi));
+            }
             d.reason.push_str(&format!("; scaled to fit node budget {budget} W"));
         }
         if infeasible && !self.infeasible {
@@ -331,6 +376,9 @@ impl PowerGuard {
         }
         let obeyed = (enforced_w - change.to_w).abs() <= OBEY_TOLERANCE_W;
         self.disobeyed[i] = if obeyed { None } else { Some(self.disobeyed[i].unwrap_or(now_ms)) };
+        if obeyed {
+            self.last_probe[i] = None;
+        }
     }
 
     /// Record that a change could not be applied at `now_ms`: the GPU is planned at what
@@ -338,6 +386,11 @@ impl PowerGuard {
     pub fn failed(&mut self, change: &Change, now_ms: u64) {
         let d = &mut self.disobeyed[change.gpu as usize];
         *d = Some(d.unwrap_or(now_ms));
+    }
+
+    /// Whether GPU `i`, which disobeyed, may be asked to change now.
+    fn may_probe(&self, i: usize, now_ms: u64) -> bool {
+        self.last_probe[i].is_none_or(|t| now_ms.saturating_sub(t) >= PROBE_DISOBEYED_MS)
     }
 
     /// Whether `gpu` did not obey its last change.
@@ -661,7 +714,7 @@ mod properties {
         fn limits_stay_in_bounds_and_within_a_feasible_budget(
             mut world in prop::collection::vec(gpu(), 1..9),
             budget in 100.0..5000.0f64,
-            ticks in prop::collection::vec(decisions(), 1..18),
+            ticks in prop::collection::vec(decisions(), 1..28),
         ) {
             let inventory: Vec<GpuInfo> = world
                 .iter()
@@ -716,7 +769,7 @@ mod properties {
                     }
                     if g.lost || g.refuses || (t < 4 && g.flaky & (1 << t) != 0) {
                         guard.failed(c, now_ms);
-                        decrease_failed |= !raise;
+                        decrease_failed |= !c.probe && (!raise || c.from_w.is_none());
                     } else {
                         g.enforced = (c.to_w * 1000.0).round() / 1000.0;
                         guard.applied(c, g.enforced, now_ms);
@@ -731,8 +784,9 @@ mod properties {
                 }
                 within = total <= budget + 1e-6;
                 // Each refusing GPU costs at most one tick to learn about, and a GPU that
-                // refused for a while is asked again until it obeys.
-                if feasible && t > n + 4 {
+                // refused for a while is asked again (every PROBE_DISOBEYED_MS) until it
+                // obeys.
+                if feasible && t as u64 > n as u64 + 4 + PROBE_DISOBEYED_MS / 1000 {
                     prop_assert!(within, "tick {t}: {total} W over a feasible budget {budget} W");
                 }
             }

@@ -592,10 +592,11 @@ fn the_demo_publishes_to_a_broker() {
     // one's records and the same first incarnation (the review: one fixed /tmp folder).
     let from = c.got.len();
     let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
-        .args(["demo", "--ticks", "3", "--speed", "0", "--json", "--mqtt", &broker.url()])
+        .args(["demo", "--ticks", "20", "--speed", "20", "--json", "--mqtt", &broker.url()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // (One second of wall time: long enough to connect, so its status goes out.)
     let offline = c.next_on(from, "gpulet/v1/demo-node/status", |v| v["state"] == "offline");
     assert_eq!(offline["inc"], 1, "a fresh incarnation counter, so a fresh state: {offline}");
     let second = c.got[from..].iter().filter(|m| m.topic.ends_with("/telemetry"));
