@@ -23,7 +23,7 @@ use crate::guard::PowerGuard;
 use crate::mqtt::{Mqtt, Settings};
 use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
 use crate::plugin::engine::PluginEngine;
-use crate::plugin::instance::Limits;
+use crate::plugin::sandbox::Limits;
 use crate::policy::StaticPolicy;
 use crate::telemetry::{JsonLines, Sink};
 

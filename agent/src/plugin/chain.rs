@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 
 use super::engine::PluginEngine;
 use super::host::PluginMetric;
-use super::instance::{Limits, PowerPlugin};
 use super::kv::KvStore;
+use super::power::{Limits, PowerPlugin};
 use super::thread::PluginThread;
 use super::{PluginError, wit};
 use crate::config::{Fallback, Grant};

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::engine::PluginEngine;
 use super::host::Curves;
-use super::instance::{Limits, PowerPlugin};
 use super::kv::KvStore;
+use super::power::{Limits, PowerPlugin};
 use super::{PluginError, wit};
 use crate::calibration::{Curve, Point};
 

@@ -5,8 +5,11 @@
 //!   on-disk cache of compiled plugins ([`cache`]).
 //! - [`host`]: what a plugin's `Store` holds and the host imports it may call (log,
 //!   key-value store [`kv`], metrics), with the memory cap.
-//! - [`instance`]: one loaded power plugin: instantiate, `validate-config`, `init`, call
-//!   with a deadline, classify faults, re-instantiate after a trap.
+//! - [`sandbox`]: what any plugin runs in, whatever its world: its limits, a store per
+//!   instance with the memory cap and deadline, one call timed and its fault classified.
+//! - [`power`]: the `power` world's binding: start a power plugin (instantiate, check
+//!   its API version, `validate-config`, `init`) and call `decide-power` in its sandbox,
+//!   re-instantiating after a fault.
 //! - [`chain`]: the decision stage the agent calls: the static caps, then the power
 //!   plugins in configured order, with grants, fault counting, quarantine and fallback.
 //! - [`thread`]: the plugin thread, where every call into a plugin runs (never on the
@@ -20,8 +23,9 @@ pub mod chain;
 pub mod dry_run;
 pub mod engine;
 pub mod host;
-pub mod instance;
 pub mod kv;
+pub mod power;
+pub mod sandbox;
 pub mod thread;
 
 /// Host bindings of the `power` world of `wit/v0.1.1`. Plugins built against 0.1.0 link
