@@ -422,12 +422,23 @@ mod tests {
     }
 
     fn snap(limits: &[f64], now_ms: u64) -> NodeSnapshot {
+        let known: Vec<Option<f64>> = limits.iter().map(|&l| (l > 0.0).then_some(l)).collect();
+        let bounds = vec![Bounds { lo: 200.0, hi: 700.0 }; limits.len()];
+        snapshot_of(&known, bounds, now_ms)
+    }
+
+    /// A snapshot whose GPU `i` enforces `limits[i]`, or is lost where that is `None`.
+    pub(super) fn snapshot_of(
+        limits: &[Option<f64>],
+        bounds: Vec<Bounds>,
+        now_ms: u64,
+    ) -> NodeSnapshot {
         let samples = limits
             .iter()
             .enumerate()
-            .map(|(i, &l)| {
+            .map(|(i, l)| {
                 let mut s = GpuSample::lost(i as u32, &GpuError::Lost(i as u32));
-                if l > 0.0 {
+                if let Some(l) = *l {
                     s.power_limit_w = Reading::Value(l);
                     s.health = Health::Ok;
                 }
@@ -440,7 +451,7 @@ mod tests {
             now_ms,
             inventory: inventory(limits.len() as u32).into(),
             samples,
-            bounds: vec![Bounds { lo: 200.0, hi: 700.0 }; limits.len()].into(),
+            bounds: bounds.into(),
             budget_w: None,
             curves: vec![None; limits.len()].into(),
         }
@@ -634,7 +645,7 @@ mod properties {
 
     use super::*;
     use crate::config::Config;
-    use crate::gpu::{FieldSet, GpuError, GpuSample, PowerConstraints, Reading};
+    use crate::gpu::{FieldSet, PowerConstraints};
 
     /// One GPU of the simulated world.
     #[derive(Debug, Clone)]
@@ -683,28 +694,10 @@ mod properties {
     }
 
     fn snapshot(world: &[Gpu], now_ms: u64) -> NodeSnapshot {
-        let samples = world
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
-                let mut s = GpuSample::lost(i as u32, &GpuError::Lost(i as u32));
-                if !g.lost {
-                    s.power_limit_w = Reading::Value(g.enforced);
-                    s.health = Health::Ok;
-                }
-                s
-            })
-            .collect();
-        NodeSnapshot {
-            seq: 0,
-            ts_ms: 0,
-            now_ms,
-            inventory: Vec::new().into(),
-            samples,
-            bounds: world.iter().map(|g| Bounds { lo: g.lo, hi: g.hi }).collect(),
-            budget_w: None,
-            curves: vec![None; world.len()].into(),
-        }
+        let limits: Vec<Option<f64>> =
+            world.iter().map(|g| (!g.lost).then_some(g.enforced)).collect();
+        let bounds = world.iter().map(|g| Bounds { lo: g.lo, hi: g.hi }).collect();
+        tests::snapshot_of(&limits, bounds, now_ms)
     }
 
     proptest! {

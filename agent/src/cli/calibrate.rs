@@ -9,15 +9,12 @@ use gpulet::config::{BackendKind, ConfigError, ConfigErrors};
 use gpulet::error::Error;
 use gpulet::{calibrate, cuda, setup};
 
-use super::{Backend, block_on, load_or_demo};
+use super::{NodeArgs, block_on};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override the config's backend.
-    #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Limits measured, from the maximum to the minimum (2 to 50).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=50))]
     pub steps: u32,
@@ -36,8 +33,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), Error> {
-    let Args { config, backend, steps, warmup, measure, out, json } = args;
-    let loaded = load_or_demo(config, backend)?;
+    let Args { node, steps, warmup, measure, out, json } = args;
+    let loaded = node.load()?;
     let settings = calibrate::Settings { steps, warmup: warmup.into(), measure: measure.into() };
     if settings.measure < calibrate::SAMPLE_EVERY {
         return Err(ConfigErrors(vec![ConfigError::invalid(

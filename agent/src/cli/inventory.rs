@@ -1,29 +1,24 @@
 //! `gpulet inventory`: the GPUs the backend sees.
 
-use std::path::PathBuf;
-
 use clap::Args as ClapArgs;
 use gpulet::clock::SystemClock;
 use gpulet::error::Error;
 use gpulet::setup;
 
-use super::{Backend, load_or_demo};
+use super::NodeArgs;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override the config's backend.
-    #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: Args) -> Result<(), Error> {
-    let Args { config, backend, json } = args;
-    let loaded = load_or_demo(config, backend)?;
+    let Args { node, json } = args;
+    let loaded = node.load()?;
     let opened = setup::open_backend(&loaded.config, &loaded.base_dir, SystemClock::new())?;
     let inventory = opened.backend.inventory();
     if json {

@@ -113,6 +113,22 @@ impl From<Backend> for BackendKind {
     }
 }
 
+/// `--config FILE` (optional: the demo node without it) and `--backend`.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override the config's backend.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+}
+
+impl NodeArgs {
+    pub fn load(self) -> Result<Loaded, Error> {
+        load_or_demo(self.config, self.backend)
+    }
+}
+
 /// The config at `path`, or the demo node's without one; `backend` overrides its backend.
 pub fn load_or_demo(path: Option<PathBuf>, backend: Option<Backend>) -> Result<Loaded, Error> {
     let mut loaded = match path {
