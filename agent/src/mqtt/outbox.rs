@@ -757,6 +757,22 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_or_correlation_longer_than_its_16_bit_length_is_refused_not_wrapped() {
+        // The review: a 65,518-byte command name made a result topic whose length wrapped.
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(cfg(dir.path())).unwrap();
+        let long = "t".repeat(65_536);
+        let e = o.append(Class::Critical, 0, &long, None, b"{}").unwrap_err().to_string();
+        assert!(e.contains("topic of 65536 bytes; at most 65535"), "{e}");
+        let corr = vec![0u8; 70_000];
+        assert!(o.append(Class::Critical, 0, "a/b", Some(&corr), b"{}").is_err());
+        // Nothing was written: the next record gets the next seq and reads back.
+        let seq = o.append(Class::Critical, 0, "a/b", None, b"{}").unwrap();
+        assert_eq!(seq, 0);
+        assert_eq!(o.read(0).unwrap().unwrap().topic, "a/b");
+    }
+
+    #[test]
     fn a_state_slot_that_is_not_text_is_a_corrupt_slot() {
         let dir = tempfile::tempdir().unwrap();
         let mut o = Outbox::open(cfg(dir.path())).unwrap();

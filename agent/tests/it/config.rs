@@ -194,6 +194,16 @@ const BAD: &[(&str, &str)] = &[
     ),
     ("[mqtt]\nurl = \"mqtt://b\"\nroot = \"a/#\"", "mqtt.root: \"a/#\" is not a topic root"),
     (
+        "[mqtt]\nurl = \"mqtt://b\"\nroot = \"ops/\\u0001\"",
+        "mqtt.root: \"ops/\\u{1}\" is not a topic root",
+    ),
+    ("[mqtt]\nurl = \"mqtt://b\"\nroot = \"$SYS/x\"", "mqtt.root: \"$SYS/x\" is not a topic root"),
+    (
+        "[mqtt]\nurl = \"mqtt://b\"\nclient_id = \"gpulet-\\u202en1\"",
+        "mqtt.client_id: \"gpulet-\\u{202e}n1\"; accepted: 1 to 128 characters",
+    ),
+    ("node = \"gpu-\\u200ba01\"", "node: \"gpu-\\u{200b}a01\" contains '\\u{200b}'"),
+    (
         "[mqtt]\nurl = \"mqtt://b\"\ninflight = 0",
         "mqtt.inflight: 0 is out of range; accepted: 1 to 1000",
     ),
