@@ -30,6 +30,7 @@ use crate::calibration::{Calibration, Curve};
 use crate::clock::{Clock, VirtualClock};
 use crate::gpu::{GpuBackend, GpuInfo, Health};
 use crate::guard::{Bounds, PowerGuard};
+use crate::notify::Notifier;
 use crate::plugin::chain::{PluginSpec, PolicyChain};
 use crate::policy::PowerDecision;
 use crate::snapshot::NodeSnapshot;
@@ -123,6 +124,10 @@ pub struct Agent {
     calibration: Option<Calibration>,
     /// Each GPU's curve from `calibration`, matched by UUID.
     curves: Arc<[Option<Arc<Curve>>]>,
+    /// systemd's notify protocol (a no-op when not run by a `Type=notify` unit).
+    notify: Notifier,
+    /// Why the last reload did not fully work, for the status line.
+    reload_problem: Option<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -194,6 +199,8 @@ impl Agent {
             desired: Desired::default(),
             calibration: parts.calibration,
             curves,
+            notify: Notifier::from_env(),
+            reload_problem: None,
         }
     }
 
@@ -387,15 +394,23 @@ impl Agent {
             Ok(specs) => {
                 info!(plugins = specs.len(), "reloading plugins");
                 let errors = self.policy.load(&specs, &self.inventory, &mut self.pending);
+                self.reload_problem = None;
                 if !errors.is_empty() {
                     warn!(
                         failed = errors.len(),
                         "some plugins failed to reload; their previous versions go on"
                     );
+                    let names: Vec<&str> = errors.iter().map(|(n, _)| n.as_str()).collect();
+                    self.reload_problem = Some(format!(
+                        "plugins that failed to reload (previous versions go on): {}",
+                        names.join(", ")
+                    ));
                 }
             }
             Err(error) => {
                 warn!(%error, "reload failed; everything goes on as before");
+                self.reload_problem =
+                    Some(format!("the last reload failed, the old config goes on: {error}"));
                 self.pending.push(Event::ReloadFailed { error });
             }
         }
@@ -731,10 +746,14 @@ impl Agent {
                 biased;
                 () = &mut shutdown => {
                     info!(ticks = done, "shutdown requested; stopping");
+                    self.notify.stopping();
                     break;
                 }
                 Some(()) = recv(&mut hangup) => {
+                    self.notify.reloading();
                     self.reload();
+                    let status = self.status_line();
+                    self.notify.ready(&status);
                     if let Some(c) = &self.changed {
                         c.notify_one();
                     }
@@ -762,8 +781,38 @@ impl Agent {
             }
             self.tick();
             done += 1;
+            // systemd: ready after the first tick (the plugins loaded before it), what the
+            // agent is doing, and the watchdog ping from this loop itself.
+            let status = self.status_line();
+            if done == 1 {
+                self.notify.ready(&status);
+            } else {
+                self.notify.status(&status);
+            }
+            self.notify.tick();
         }
         done
+    }
+
+    /// One line on what the agent is doing (systemd's `STATUS=`).
+    fn status_line(&self) -> String {
+        let plugins = self.policy.status();
+        let running = plugins.iter().filter(|(_, r)| *r).count();
+        let budget = match self.guard.budget_w() {
+            Some(b) => format!("node budget {b} W"),
+            None => "no node budget".into(),
+        };
+        let mut line = format!(
+            "{} GPUs ({}), {running} of {} plugins running, {budget}",
+            self.inventory.len(),
+            self.backend.kind(),
+            plugins.len(),
+        );
+        if let Some(p) = &self.reload_problem {
+            line.push_str("; ");
+            line.push_str(p);
+        }
+        line
     }
 }
 

@@ -14,6 +14,7 @@ pub mod fleet_sim;
 pub mod gpu;
 pub mod guard;
 pub mod mqtt;
+pub mod notify;
 pub mod plugin;
 pub mod policy;
 pub mod setup;

@@ -11,6 +11,7 @@ use crate::repo;
 const LAYERS: &[&str] = &[
     "clock",
     "state",
+    "notify",
     "control",
     "gpu",
     "cuda",

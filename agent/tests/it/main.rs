@@ -14,6 +14,7 @@ mod mqtt;
 mod nvml;
 mod plugins;
 mod policies;
+mod service;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
