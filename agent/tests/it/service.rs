@@ -141,3 +141,37 @@ fn a_stalled_tick_loop_stops_the_watchdog_pings() {
     signal(&child, "-TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// `systemd-analyze` (Debian's `systemd` package; `.ci/test` installs it), offline: no
+/// systemd as PID 1 is needed.
+fn systemd_analyze(args: &[&str]) -> std::process::Output {
+    Command::new("systemd-analyze").args(args).output().unwrap_or_else(|e| {
+        panic!("systemd-analyze is needed for this test (Debian package systemd): {e}")
+    })
+}
+
+#[test]
+fn the_unit_verifies_and_its_exposure_stays_at_most_2_1() {
+    let unit = crate::repo().join("packaging/gpulet.service");
+    let out = systemd_analyze(&["security", "--offline=true", unit.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for gpulet.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
+    assert!(score <= 2.1, "exposure {score}; the unit's header says 2.1\n{text}");
+
+    // `verify` checks that the commands exist: the built binary stands in for
+    // /usr/bin/gpulet.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("gpulet.service");
+    let text = std::fs::read_to_string(&unit)
+        .unwrap()
+        .replace("/usr/bin/gpulet", env!("CARGO_BIN_EXE_gpulet"));
+    std::fs::write(&copy, text).unwrap();
+    let out = systemd_analyze(&["verify", copy.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+}
