@@ -128,7 +128,23 @@ pub struct Agent {
     notify: Notifier,
     /// Why the last reload did not fully work, for the status line.
     reload_problem: Option<String>,
+    /// Limit changes since the last summary line in the log.
+    log_summary: LogSummary,
 }
+
+/// A node under a budget changes limits every few seconds: each change is a
+/// `limit-changed` event (the audit trail, in telemetry and over MQTT), and the log gets
+/// one line for the first changes and then at most one per [`LOG_SUMMARY_EVERY_MS`], so
+/// that a steady node logs a few lines an hour, not one per change.
+#[derive(Debug, Default)]
+struct LogSummary {
+    changes: u64,
+    /// When the last summary was logged (agent clock, ms).
+    at_ms: Option<u64>,
+}
+
+/// How often changes are summed up in the log: 10 minutes.
+pub const LOG_SUMMARY_EVERY_MS: u64 = 600_000;
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,6 +217,7 @@ impl Agent {
             curves,
             notify: Notifier::from_env(),
             reload_problem: None,
+            log_summary: LogSummary::default(),
         }
     }
 
@@ -316,7 +333,9 @@ impl Agent {
             }
             match self.backend.set_power_limit(gpu, change.to_w) {
                 Ok(enforced) => {
-                    info!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
+                    // The audit trail is the `limit-changed` event; the log gets a summary.
+                    debug!(gpu, %uuid, from_w = ?change.from_w, to_w = enforced, source = %change.source, reason = %change.reason, "power limit changed");
+                    self.log_summary.changes += 1;
                     self.guard.applied(&change, enforced, snapshot.now_ms);
                     // A decrease the GPU took but did not enforce holds the raises too
                     // (unless the node was planned without counting on it: a probe).
@@ -354,6 +373,8 @@ impl Agent {
                 }
             }
         }
+
+        self.log_summary(snapshot.now_ms);
 
         // 6. Emit.
         let record =
@@ -792,6 +813,27 @@ impl Agent {
             self.notify.tick();
         }
         done
+    }
+
+    /// Log the limit changes since the last summary, if it is time (see [`LogSummary`]).
+    fn log_summary(&mut self, now_ms: u64) {
+        let s = &mut self.log_summary;
+        let due = s.at_ms.is_none_or(|t| now_ms.saturating_sub(t) >= LOG_SUMMARY_EVERY_MS);
+        if s.changes > 0 && due {
+            let first = s.at_ms.is_none();
+            info!(
+                changes = s.changes,
+                budget_w = ?self.guard.budget_w(),
+                "{}",
+                if first {
+                    "power limits applied (each change is a limit-changed event; further changes are summed up here every 10 minutes)"
+                } else {
+                    "power limit changes in the last 10 minutes (each is a limit-changed event)"
+                }
+            );
+            s.changes = 0;
+            s.at_ms = Some(now_ms);
+        }
     }
 
     /// One line on what the agent is doing (systemd's `STATUS=`).

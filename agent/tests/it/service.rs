@@ -175,3 +175,25 @@ fn the_unit_verifies_and_its_exposure_stays_at_most_2_1() {
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
 }
+
+#[test]
+fn logs_are_plain_text_off_a_terminal_and_a_steady_node_logs_changes_once() {
+    // Stderr is a pipe here: no colour escapes. A node under a budget changes limits at
+    // its first tick; the log says so once (each change is a telemetry event), not once
+    // per change.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gpulet.toml"), NODE).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["run", "--config", "gpulet.toml", "--ticks", "20"])
+        .current_dir(dir.path())
+        .env("JOURNAL_STREAM", "0:0")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains('\u{1b}'), "colour escapes in a log that is not a terminal: {log}");
+    assert_eq!(log.matches("power limits applied").count(), 1, "{log}");
+    assert!(!log.contains("power limit changed"), "one line per change: {log}");
+    let events = std::fs::read_to_string(dir.path().join("t.jsonl")).unwrap();
+    assert!(events.matches("\"limit-changed\"").count() >= 2, "the audit trail is in telemetry");
+}
