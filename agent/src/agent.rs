@@ -850,6 +850,10 @@ impl Agent {
             self.backend.kind(),
             plugins.len(),
         );
+        for s in self.sinks.iter().filter_map(|s| s.status()) {
+            line.push_str(", ");
+            line.push_str(&s);
+        }
         if let Some(p) = &self.reload_problem {
             line.push_str("; ");
             line.push_str(p);

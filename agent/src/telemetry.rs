@@ -218,6 +218,11 @@ pub trait Sink: Send {
     fn emit(&mut self, record: &Record<'_>) -> Result<(), SinkError>;
     /// The agent stops: write out anything held back.
     fn close(&mut self) {}
+    /// A few words on the sink's state for the service status line (the MQTT link says
+    /// whether the broker is connected); `None` for sinks with nothing to say.
+    fn status(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One JSON object per line, flushed per record so that a reader (or a crash) sees whole

@@ -534,6 +534,12 @@ impl MqttSink {
 }
 
 impl Sink for MqttSink {
+    fn status(&self) -> Option<String> {
+        // (No counts: the line is sent to systemd whenever it changes.)
+        let connected = self.shared.stats.lock().expect("stats").connected;
+        Some(if connected { "broker connected" } else { "broker not connected" }.into())
+    }
+
     /// Report drops not reported yet, before the link's last drain.
     fn close(&mut self) {
         if self.loss.is_none() {

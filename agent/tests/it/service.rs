@@ -197,3 +197,15 @@ fn logs_are_plain_text_off_a_terminal_and_a_steady_node_logs_changes_once() {
     let events = std::fs::read_to_string(dir.path().join("t.jsonl")).unwrap();
     assert!(events.matches("\"limit-changed\"").count() >= 2, "the audit trail is in telemetry");
 }
+
+#[test]
+fn the_status_says_whether_the_broker_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: the link keeps trying, the agent manages the GPUs.
+    let toml = format!("{NODE}[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nstate_dir = \"m\"\n");
+    let (mut child, got) = start(dir.path(), &toml, Duration::from_secs(1));
+    let ready = got.wait(0, "READY=1");
+    assert!(got.texts()[ready].contains(", broker not connected"), "{:?}", got.texts()[ready]);
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
