@@ -773,8 +773,10 @@ impl Agent {
                 Some(()) = recv(&mut hangup) => {
                     self.notify.reloading();
                     self.reload();
-                    let status = self.status_line();
-                    self.notify.ready(&status);
+                    if self.notify.enabled() {
+                        let status = self.status_line();
+                        self.notify.ready(&status);
+                    }
                     if let Some(c) = &self.changed {
                         c.notify_one();
                     }
@@ -803,14 +805,17 @@ impl Agent {
             self.tick();
             done += 1;
             // systemd: ready after the first tick (the plugins loaded before it), what the
-            // agent is doing, and the watchdog ping from this loop itself.
-            let status = self.status_line();
-            if done == 1 {
-                self.notify.ready(&status);
-            } else {
-                self.notify.status(&status);
+            // agent is doing, and the watchdog ping from this loop itself. (The status
+            // line, which locks the MQTT link's state, is built only when systemd listens.)
+            if self.notify.enabled() {
+                let status = self.status_line();
+                if done == 1 {
+                    self.notify.ready(&status);
+                } else {
+                    self.notify.status(&status);
+                }
+                self.notify.tick();
             }
-            self.notify.tick();
         }
         done
     }

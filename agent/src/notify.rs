@@ -37,6 +37,11 @@ impl Notifier {
         Notifier { enabled, ping_every, last_ping: None, last_status: String::new(), failed: false }
     }
 
+    /// Whether systemd listens (`NOTIFY_SOCKET`): the status line is built only then.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// The watchdog interval systemd expects pings within, if any.
     pub fn watchdog(&self) -> Option<Duration> {
         self.ping_every.map(|d| d * 2)

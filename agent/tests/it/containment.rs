@@ -143,3 +143,26 @@ fn a_plugin_that_cannot_be_compiled_here_is_loud_and_the_fallback_and_budget_hol
         .sum();
     assert!(total <= 500.0 + 0.01, "{total}");
 }
+
+#[test]
+fn an_mqtt_state_directory_others_can_write_is_refused_naming_it() {
+    // The review: state directories were used whatever their owner and mode, and every
+    // write followed symlinks. The outbox decides what the fleet hears and which
+    // commands ran: gpulet refuses to start the link there, and says where and why.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg = dir.path().join("gpulet.toml");
+    let toml = format!(
+        "tick = \"50ms\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nstate_dir = {:?}\n",
+        open.join("mqtt").to_str().unwrap()
+    );
+    std::fs::write(&cfg, toml).unwrap();
+    let out = gpulet(&["run", "--config", cfg.to_str().unwrap(), "--ticks", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("open is writable by group or others (mode 777)"), "{err}");
+    assert!(err.contains("chmod go-w"), "{err}");
+}
