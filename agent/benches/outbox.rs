@@ -24,7 +24,11 @@ fn mqtt_sink(dir: &Path, fsync: bool) -> (Box<dyn Sink>, Mqtt, tokio::runtime::R
     let cfg: gpulet::config::MqttConfig = toml::from_str(&toml).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
-    let started = Mqtt::start(Settings::new(&cfg, "bench", Path::new(".")).unwrap()).unwrap();
+    // No agent answers the link's requests: the link is never run.
+    let (control, _) = tokio::sync::mpsc::channel(1);
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let settings = Settings::new(&cfg, "bench", Path::new(".")).unwrap();
+    let started = Mqtt::start(settings, control, changed).unwrap();
     (Box::new(started.sink), started.mqtt, rt)
 }
 

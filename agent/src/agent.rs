@@ -37,6 +37,9 @@ use crate::snapshot::NodeSnapshot;
 use crate::telemetry::{AgentStats, Event, Record, Sink};
 
 pub use crate::control::{Desired, Refusal, Request};
+pub use status::Status;
+
+mod status;
 pub use crate::gpu::restore::{StartLimits, current_limits, read_start_limits, write_start_limits};
 
 /// What an agent is made of; see `setup` for building it from a config.
@@ -71,6 +74,8 @@ pub enum Control {
     Execute { request: Request, done: oneshot::Sender<Result<String, Refusal>> },
     /// The birth message and the state topics.
     Describe { done: oneshot::Sender<Description> },
+    /// What the agent is doing now (`gpulet status`, `/metrics`).
+    Status { done: oneshot::Sender<Status> },
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +135,9 @@ pub struct Agent {
     reload_problem: Option<String>,
     /// Limit changes since the last summary line in the log.
     log_summary: LogSummary,
+    /// The last tick's snapshot and events, for `status`.
+    last: Option<NodeSnapshot>,
+    recent: std::collections::VecDeque<Value>,
 }
 
 /// A node under a budget changes limits every few seconds: each change is a
@@ -218,6 +226,8 @@ impl Agent {
             notify: Notifier::from_env(),
             reload_problem: None,
             log_summary: LogSummary::default(),
+            last: None,
+            recent: Default::default(),
         }
     }
 
@@ -397,6 +407,17 @@ impl Agent {
             }
         }
         drop(record);
+        status::remember(&mut self.recent, snapshot.ts_ms, &events);
+        // For `status`: the limits as they are after this tick's changes, read back.
+        let mut last = snapshot.clone();
+        for e in &events {
+            if let Event::LimitChanged { gpu, to_w, .. } = e
+                && let Some(s) = last.samples.get_mut(*gpu as usize)
+            {
+                s.power_limit_w = crate::gpu::Reading::Value(*to_w);
+            }
+        }
+        self.last = Some(last);
 
         self.seq += 1;
         self.stats.tick_us = started.elapsed().as_micros() as u64;
@@ -589,13 +610,29 @@ impl Agent {
         self.changed = Some(changed);
     }
 
-    fn handle(&mut self, c: Control) {
+    /// Answer a control request; whether a tick should run now (a budget or limit
+    /// changed: a decrease must not wait for the next tick).
+    fn handle(&mut self, c: Control) -> bool {
         match c {
             Control::Execute { request, done } => {
-                let _ = done.send(self.execute(request));
+                let limits =
+                    matches!(request, Request::SetPowerBudget(_) | Request::SetPowerLimit { .. });
+                let outcome = self.execute(request);
+                let ok = outcome.is_ok();
+                let _ = done.send(outcome);
+                if ok && let Some(c) = &self.changed {
+                    // The links keep the desired state and publish the birth again.
+                    c.notify_one();
+                }
+                limits && ok
             }
             Control::Describe { done } => {
                 let _ = done.send(self.describe());
+                false
+            }
+            Control::Status { done } => {
+                let _ = done.send(self.status());
+                false
             }
         }
     }
@@ -787,20 +824,23 @@ impl Agent {
                     continue;
                 }
                 Some(c) = recv_control(&mut self.control) => {
-                    self.handle(c);
-                    continue;
+                    // A changed budget or limit is applied now, by an extra tick: the
+                    // timer's ticks go on as scheduled.
+                    if !self.handle(c) || done == 0 {
+                        continue;
+                    }
                 }
                 late = next_tick(&mut timer) => {
                     if late.is_some_and(|l| period.is_some_and(|p| l > p)) {
                         self.stats.ticks_late += 1;
                         debug!(late = ?late, "tick started late");
                     }
+                    if done > 0
+                        && let Some(c) = &virtual_clock
+                    {
+                        c.advance(self.tick);
+                    }
                 }
-            }
-            if done > 0
-                && let Some(c) = &virtual_clock
-            {
-                c.advance(self.tick);
             }
             self.tick();
             done += 1;

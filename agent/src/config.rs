@@ -66,6 +66,94 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub calibration: CalibrationConfig,
+    #[serde(default)]
+    pub socket: SocketConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[socket]`: the local control socket that `gpulet status`, `set-budget`, `set-limit`,
+/// `reload` and `clear-health` speak to (`docs/socket.md`). Who may connect is the
+/// file's mode and group; who may change anything is root, the agent's own user and
+/// `admin_group`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Default: `gpulet.sock` in systemd's `$RUNTIME_DIRECTORY`, else
+    /// `/run/gpulet/gpulet.sock`.
+    pub path: Option<PathBuf>,
+    /// The socket file's permission bits, octal: who may connect (and read the status).
+    #[serde(default = "default_socket_mode")]
+    pub mode: String,
+    /// The socket file's group (its members may read the status). Default: the agent's.
+    pub group: Option<String>,
+    /// Members of this group may change things too.
+    pub admin_group: Option<String>,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            enabled: true,
+            path: None,
+            mode: default_socket_mode(),
+            group: None,
+            admin_group: None,
+        }
+    }
+}
+
+fn default_socket_mode() -> String {
+    "0660".into()
+}
+
+/// Where the service's socket is when nothing says otherwise (`gpulet status` looks
+/// there too).
+pub const DEFAULT_SOCKET: &str = "/run/gpulet/gpulet.sock";
+
+impl SocketConfig {
+    /// The socket's path: configured, else in systemd's runtime directory, else the
+    /// default.
+    pub fn path(&self) -> PathBuf {
+        match (&self.path, std::env::var_os("RUNTIME_DIRECTORY")) {
+            (Some(p), _) => p.clone(),
+            // systemd gives a colon-separated list when there are several.
+            (None, Some(dirs)) if !dirs.is_empty() => {
+                let dirs = dirs.to_string_lossy().into_owned();
+                PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("gpulet.sock")
+            }
+            _ => DEFAULT_SOCKET.into(),
+        }
+    }
+
+    /// The mode as a number (validated).
+    pub fn mode_bits(&self) -> u32 {
+        u32::from_str_radix(&self.mode, 8).expect("validated")
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint (`docs/metrics.md`); off unless enabled.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Address and port to serve `/metrics` on; loopback by default, as node_exporter
+    /// users expect a local scrape or a reverse proxy in front.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: false, listen: default_metrics_listen() }
+    }
+}
+
+fn default_metrics_listen() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 9402).into()
 }
 
 /// `[calibration]`: where `gpulet calibrate` writes the work-per-watt curves and the
@@ -662,6 +750,27 @@ impl Config {
         v.plugins(&self.plugins, &self.plugin);
         if let Some(m) = &self.mqtt {
             v.mqtt(m);
+        }
+        match u32::from_str_radix(&self.socket.mode, 8) {
+            Ok(m) if (0o600..=0o777).contains(&m) && m & 0o600 == 0o600 => {}
+            _ => v.err(
+                "socket.mode",
+                format!(
+                    "{:?} is not a mode for the socket; accepted: octal permission bits from \"0600\" to \"0777\" that let the owner read and write",
+                    self.socket.mode
+                ),
+            ),
+        }
+        for (key, group) in
+            [("socket.group", &self.socket.group), ("socket.admin_group", &self.socket.admin_group)]
+        {
+            if let Some(g) = group
+                && (g.is_empty()
+                    || g.len() > 64
+                    || !g.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
+            {
+                v.err(key, format!("{g:?} is not a group name; accepted: 1 to 64 letters, digits, '.', '_' or '-'"));
+            }
         }
         if self.health.xid_debounce > MAX_TICK {
             v.err(

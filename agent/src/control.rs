@@ -25,6 +25,89 @@ pub enum Request {
     },
 }
 
+/// The requests by name, as every transport spells them.
+pub const REQUEST_NAMES: &str = "set-power-budget, set-power-limit, reload-plugins, clear-health";
+
+impl Request {
+    /// The request `name` with its arguments `args` (a JSON object), checked strictly: an
+    /// unknown or missing argument, or a value out of range, is an error naming it and
+    /// what is accepted. `Ok(None)`: `name` is not a request.
+    pub fn parse(name: &str, args: Value) -> Result<Option<Request>, String> {
+        if matches!(name, "set-power-budget" | "set-power-limit") && args.get("watts").is_none() {
+            return Err("watts is missing; accepted: a number of watts, or null to clear".into());
+        }
+        Ok(Some(match name {
+            "set-power-budget" => {
+                let a: BudgetArgs = args_of(args)?;
+                Request::SetPowerBudget(watts(a.watts)?)
+            }
+            "set-power-limit" => {
+                let a: LimitArgs = args_of(args)?;
+                Request::SetPowerLimit { gpu: a.gpu, watts: watts(a.watts)? }
+            }
+            "clear-health" => Request::ClearHealth { gpu: args_of::<GpuArgs>(args)?.gpu },
+            "reload-plugins" => {
+                no_args(args)?;
+                Request::ReloadPlugins
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::SetPowerBudget(_) => "set-power-budget",
+            Request::SetPowerLimit { .. } => "set-power-limit",
+            Request::ReloadPlugins => "reload-plugins",
+            Request::ClearHealth { .. } => "clear-health",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetArgs {
+    watts: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitArgs {
+    gpu: u32,
+    watts: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GpuArgs {
+    gpu: u32,
+}
+
+/// Check that a request that takes no arguments got none.
+pub fn no_args(args: Value) -> Result<(), String> {
+    args_of::<NoArgs>(args).map(|_| ())
+}
+
+/// Deserialise arguments strictly, naming the key at fault.
+fn args_of<T: de::DeserializeOwned>(args: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(args).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            format!("arguments: {}", e.inner())
+        } else {
+            format!("{path}: {}", e.inner())
+        }
+    })
+}
+
+fn watts(w: Option<f64>) -> Result<Option<f64>, String> {
+    w.map(check_watts).transpose().map_err(|e| format!("watts: {e}, or null"))
+}
+
 /// Why a request did not succeed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {

@@ -23,8 +23,10 @@ pub const DEMO_CONFIG: &str = include_str!("../../examples/demo.toml");
 
 /// The demo's config, parsed and validated.
 pub fn config() -> Config {
-    let config = Config::parse(DEMO_CONFIG).expect("the built-in demo config parses");
+    let mut config = Config::parse(DEMO_CONFIG).expect("the built-in demo config parses");
     config.validate().expect("the built-in demo config is valid");
+    // A demo serves no socket unless asked (`--socket`): it is not the node's service.
+    config.socket.enabled = false;
     config
 }
 
@@ -37,6 +39,10 @@ pub struct Options {
     pub speed: Option<f64>,
     /// Publish to this broker too.
     pub mqtt: Option<String>,
+    /// Serve the control socket here (`gpulet status --socket PATH`).
+    pub socket: Option<std::path::PathBuf>,
+    /// Serve `/metrics` here.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
@@ -49,6 +55,16 @@ pub fn agent(
     out: Box<dyn Write + Send>,
 ) -> Result<(setup::Node, VirtualClock, Option<tempfile::TempDir>), Error> {
     let mut config = config();
+    if let Some(path) = &opts.socket {
+        config.socket.enabled = true;
+        config.socket.path = Some(path.clone());
+        // The demo is its user's own: only they may connect.
+        config.socket.mode = "0600".into();
+    }
+    if let Some(addr) = opts.metrics {
+        config.metrics.enabled = true;
+        config.metrics.listen = addr;
+    }
     let mut state = None;
     if let Some(url) = &opts.mqtt {
         let mut m: crate::config::MqttConfig = toml::from_str(&format!("url = {url:?}"))

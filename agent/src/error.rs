@@ -27,14 +27,18 @@ pub enum Error {
     Command(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// A command that chose its own exit code (`gpulet status`: a monitoring check's).
+    #[error("{message}")]
+    Exit { code: u8, message: String },
 }
 
 impl Error {
     /// 2 for configuration (and usage) errors, which the operator fixes in the file;
-    /// 1 for everything else.
+    /// the chosen code for `Exit`; 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Plugin(PluginError::Config { .. }) => 2,
+            Error::Exit { code, .. } => *code,
             _ => 1,
         }
     }

@@ -104,7 +104,7 @@ async fn fleet(o: Options) -> Result<Report, Error> {
     let mut nodes = Vec::new();
     for i in 0..o.nodes {
         let toml = format!(
-            "node = \"sim-{i:05}\"\ntick = \"1s\"\n[telemetry]\nsink = \"none\"\n[sim]\nseed = {i}\n[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"training\"\ncount = {}\n[mqtt]\nurl = {:?}\nroot = {:?}\nstate_dir = {:?}\n[mqtt.outbox]\nfsync = {}\n",
+            "node = \"sim-{i:05}\"\ntick = \"1s\"\n[socket]\nenabled = false\n[telemetry]\nsink = \"none\"\n[sim]\nseed = {i}\n[[sim.gpu]]\npreset = \"h100-sxm\"\nworkload = \"training\"\ncount = {}\n[mqtt]\nurl = {:?}\nroot = {:?}\nstate_dir = {:?}\n[mqtt.outbox]\nfsync = {}\n",
             o.gpus,
             o.broker,
             o.root,

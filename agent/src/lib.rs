@@ -17,6 +17,7 @@ pub mod mqtt;
 pub mod notify;
 pub mod plugin;
 pub mod policy;
+pub mod service;
 pub mod setup;
 pub mod snapshot;
 pub mod state;

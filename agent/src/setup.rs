@@ -25,6 +25,7 @@ use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
 use crate::plugin::engine::PluginEngine;
 use crate::plugin::sandbox::Limits;
 use crate::policy::StaticPolicy;
+use crate::service::{Handle, Service};
 use crate::telemetry::{JsonLines, Sink};
 
 /// A backend opened from config, with the simulator's handle when it is simulated.
@@ -152,6 +153,8 @@ pub struct Node {
     pub agent: Agent,
     pub mqtt: Option<Mqtt>,
     pub sim: Option<SimHandle>,
+    /// The control socket and the metrics endpoint, as far as they are served.
+    pub service: Service,
 }
 
 impl std::fmt::Debug for Node {
@@ -180,8 +183,13 @@ pub fn node(
         Some(s) => s,
         None => self::sinks(config)?,
     };
-    let linked = mqtt(config, base_dir, &mut sinks)?;
+    // Every transport (the MQTT link, the control socket) reaches the loop through one
+    // channel; the loop tells `changed` when its desired state or birth changed.
+    let (control, requests) = tokio::sync::mpsc::channel(64);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let linked = mqtt(config, base_dir, &mut sinks, control.clone(), changed.clone())?;
     let mut agent = agent(config, base_dir, backend, sinks, clock)?;
+    agent.set_control(requests, changed);
     if let Some(path) = config_file {
         agent.set_reload(reloader(path));
     }
@@ -189,7 +197,17 @@ pub fn node(
     if config.backend == BackendKind::Nvml && config.nvml.restore_limits {
         agent.keep_start_limits(base_dir.join(&config.nvml.state_dir).join("start-limits.json"));
     }
-    Ok(Node { agent, mqtt, sim })
+    let handle = Handle { control, mqtt: mqtt.as_ref().map(Mqtt::stats_source) };
+    let service = if !(config.socket.enabled || config.metrics.enabled) {
+        Service::default()
+    } else if tokio::runtime::Handle::try_current().is_err() {
+        // Only a caller that drives ticks by hand builds a node outside a runtime.
+        tracing::error!("the control socket and metrics endpoint need a tokio runtime; not served");
+        Service::default()
+    } else {
+        Service::start(&config.socket, &config.metrics, handle)
+    };
+    Ok(Node { agent, mqtt, sim, service })
 }
 
 impl Node {
@@ -203,9 +221,11 @@ impl Node {
         self.agent.run(ticks, pacing, shutdown).await
     }
 
-    /// Stop in order: the agent first (no more commands; the start limits put back),
-    /// then the link (the outbox drained for up to 2 s, `offline` published).
+    /// Stop in order: the socket and endpoint (no more local requests), the agent (no
+    /// more commands; the start limits put back), then the link (the outbox drained for
+    /// up to 2 s, `offline` published).
     pub async fn stop(mut self) -> Option<crate::mqtt::MqttStats> {
+        std::mem::take(&mut self.service).stop();
         self.agent.stop();
         match self.mqtt.take() {
             Some(m) => Some(m.stop().await),
@@ -322,8 +342,6 @@ pub fn reloader(path: PathBuf) -> Reload {
 /// The MQTT link, started, waiting to be attached to its agent.
 pub struct Linked {
     pub mqtt: Mqtt,
-    control: tokio::sync::mpsc::Receiver<Control>,
-    changed: Arc<tokio::sync::Notify>,
     desired: Result<Option<Desired>, (PathBuf, String)>,
 }
 
@@ -334,9 +352,8 @@ impl std::fmt::Debug for Linked {
 }
 
 impl Linked {
-    /// Give the agent its control channel and what commands had set before a restart.
+    /// Give the agent what commands had set before a restart.
     pub fn attach(self, agent: &mut Agent) -> Mqtt {
-        agent.set_control(self.control, self.changed);
         match &self.desired {
             Ok(Some(d)) => agent.restore(d),
             Ok(None) => {}
@@ -352,14 +369,11 @@ pub fn mqtt(
     config: &Config,
     base_dir: &Path,
     sinks: &mut Vec<Box<dyn Sink>>,
+    control: tokio::sync::mpsc::Sender<Control>,
+    changed: Arc<tokio::sync::Notify>,
 ) -> Result<Option<Linked>, Error> {
     let Some(m) = &config.mqtt else { return Ok(None) };
-    let started = Mqtt::start(Settings::new(m, &config.node_id(), base_dir)?)?;
+    let started = Mqtt::start(Settings::new(m, &config.node_id(), base_dir)?, control, changed)?;
     sinks.push(Box::new(started.sink));
-    Ok(Some(Linked {
-        mqtt: started.mqtt,
-        control: started.control,
-        changed: started.changed,
-        desired: started.desired,
-    }))
+    Ok(Some(Linked { mqtt: started.mqtt, desired: started.desired }))
 }

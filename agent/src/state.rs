@@ -134,7 +134,7 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// This process's effective uid: the owner of `/proc/self` (no `unsafe` call needed).
-fn euid() -> u32 {
+pub fn euid() -> u32 {
     use std::sync::OnceLock;
     static EUID: OnceLock<u32> = OnceLock::new();
     *EUID.get_or_init(|| std::fs::metadata("/proc/self").map_or(0, |m| m.uid()))

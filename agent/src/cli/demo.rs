@@ -21,11 +21,18 @@ pub struct Args {
     /// `mosquitto_sub -v -t 'gpulet/v1/#'`.
     #[arg(long, value_name = "URL")]
     pub mqtt: Option<String>,
+    /// Serve the control socket here, so that `gpulet status --socket PATH` and the local
+    /// commands reach the demo node.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9402).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: Args) -> Result<(), Error> {
-    let Args { ticks, json, speed, mqtt } = args;
+    let Args { ticks, json, speed, mqtt, socket, metrics } = args;
     let speed = (speed > 0.0).then_some(speed);
-    block_on(demo::run(demo::Options { ticks, json, speed, mqtt }))??;
+    block_on(demo::run(demo::Options { ticks, json, speed, mqtt, socket, metrics }))??;
     Ok(())
 }

@@ -20,8 +20,10 @@ mod diag;
 mod fleet_sim;
 mod inventory;
 mod keygen;
+mod local;
 mod plugin;
 mod run;
+mod status;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,6 +71,22 @@ pub enum Command {
     Diag(diag::Args),
     /// List the GPUs the backend sees (the demo node without --config).
     Inventory(inventory::Args),
+    /// What the running agent is doing, over its control socket. Exit codes for
+    /// monitoring checks: 0 OK, 1 warning (a GPU degraded, a plugin not running, the
+    /// broker not connected), 2 critical (a GPU lost, the agent's loop stuck), 3 unknown
+    /// (no agent at the socket).
+    Status(status::Args),
+    /// Set the node power budget on the running agent (WATTS, or `none` for the
+    /// configured one). Needs root, the agent's user or socket.admin_group.
+    SetBudget(local::SetBudget),
+    /// Set one GPU's power limit on the running agent (WATTS within its bounds, or `none`
+    /// to give it back to the policy). Needs root, the agent's user or socket.admin_group.
+    SetLimit(local::SetLimit),
+    /// Reload the running agent's plugins from its config file.
+    Reload(local::SocketArg),
+    /// Clear a GPU's sticky `degraded` health on the running agent (once its XID was dealt
+    /// with).
+    ClearHealth(local::ClearHealth),
 }
 
 impl Command {
@@ -76,7 +94,14 @@ impl Command {
     /// output log only warnings.
     pub fn default_log_level(&self) -> tracing::Level {
         match self {
-            Command::Demo(_) | Command::FleetSim(_) | Command::Cmd(_) => tracing::Level::WARN,
+            Command::Demo(_)
+            | Command::FleetSim(_)
+            | Command::Cmd(_)
+            | Command::Status(_)
+            | Command::SetBudget(_)
+            | Command::SetLimit(_)
+            | Command::Reload(_)
+            | Command::ClearHealth(_) => tracing::Level::WARN,
             _ => tracing::Level::INFO,
         }
     }
@@ -95,6 +120,11 @@ pub fn run(command: Command) -> Result<(), Error> {
         Command::Calibrate(a) => calibrate::run(a),
         Command::Diag(a) => diag::run(a),
         Command::Inventory(a) => inventory::run(a),
+        Command::Status(a) => status::run(a),
+        Command::SetBudget(a) => local::set_budget(a),
+        Command::SetLimit(a) => local::set_limit(a),
+        Command::Reload(a) => local::reload(a),
+        Command::ClearHealth(a) => local::clear_health(a),
     }
 }
 

@@ -285,6 +285,17 @@ pub enum Health {
     Lost,
 }
 
+impl Health {
+    /// As serialised: `ok`, `degraded`, `lost`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Degraded => "degraded",
+            Health::Lost => "lost",
+        }
+    }
+}
+
 /// One GPU's readings at one instant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuSample {

@@ -21,11 +21,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::control::Request;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 pub use ed25519_dalek::SigningKey;
 use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// The commands, with their arguments checked.
@@ -63,29 +63,6 @@ impl Command {
             Command::ClearHealth { .. } => "clear-health",
         }
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BudgetArgs {
-    watts: Option<f64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LimitArgs {
-    gpu: u32,
-    watts: Option<f64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArgs {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GpuArgs {
-    gpu: u32,
 }
 
 /// A command that passed every check but the ones only the agent can make (GPU indices,
@@ -251,38 +228,19 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
     for k in ["id", "reply_to", "node", "issued_ms", "expires_ms", "sig"] {
         map.remove(k);
     }
-    if matches!(msg.name, "set-power-budget" | "set-power-limit") && !map.contains_key("watts") {
-        return fail(
-            &env,
-            "watts is missing; accepted: a number of watts, or null to clear".into(),
-        );
-    }
     let args = Value::Object(map);
     let command = match msg.name {
-        "set-power-budget" => {
-            let a: BudgetArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
-            Command::SetPowerBudget { watts: watts(a.watts).map_err(|e| (env.clone(), e))? }
+        "rebirth" | "ping" => {
+            crate::control::no_args(args).map_err(|e| (env.clone(), e))?;
+            if msg.name == "rebirth" { Command::Rebirth } else { Command::Ping }
         }
-        "set-power-limit" => {
-            let a: LimitArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
-            Command::SetPowerLimit {
-                gpu: a.gpu,
-                watts: watts(a.watts).map_err(|e| (env.clone(), e))?,
-            }
-        }
-        "clear-health" => {
-            let a: GpuArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
-            Command::ClearHealth { gpu: a.gpu }
-        }
-        "reload-plugins" | "rebirth" | "ping" => {
-            let _: NoArgs = args_of(args)?.map_err(|e| (env.clone(), e))?;
-            match msg.name {
-                "reload-plugins" => Command::ReloadPlugins,
-                "rebirth" => Command::Rebirth,
-                _ => Command::Ping,
-            }
-        }
-        other => return fail(&env, format!("{other:?} is not a command; accepted: {NAMES}")),
+        name => match Request::parse(name, args).map_err(|e| (env.clone(), e))? {
+            Some(Request::SetPowerBudget(watts)) => Command::SetPowerBudget { watts },
+            Some(Request::SetPowerLimit { gpu, watts }) => Command::SetPowerLimit { gpu, watts },
+            Some(Request::ReloadPlugins) => Command::ReloadPlugins,
+            Some(Request::ClearHealth { gpu }) => Command::ClearHealth { gpu },
+            None => return fail(&env, format!("{name:?} is not a command; accepted: {NAMES}")),
+        },
     };
     Ok(Accepted {
         id: env.id.clone().expect("checked"),
@@ -290,26 +248,6 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
         reply_to: env.reply_to,
         expires_ms: expires,
     })
-}
-
-/// Deserialise arguments strictly, naming the key at fault. (The outer `Result` is never
-/// an error; it keeps the call sites short.)
-#[allow(clippy::type_complexity)]
-fn args_of<T: serde::de::DeserializeOwned>(
-    args: Value,
-) -> Result<Result<T, String>, (Envelope, String)> {
-    Ok(serde_path_to_error::deserialize(args).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            format!("arguments: {}", e.inner())
-        } else {
-            format!("{path}: {}", e.inner())
-        }
-    }))
-}
-
-fn watts(w: Option<f64>) -> Result<Option<f64>, String> {
-    w.map(crate::control::check_watts).transpose().map_err(|e| format!("watts: {e}, or null"))
 }
 
 /// The bytes a command's signature covers: a domain tag, the node and command name (from

@@ -267,11 +267,7 @@ impl Link {
                     None => return,
                 },
                 () = shared.notify.notified() => {}
-                () = self.changed.notified() => {
-                    if s.connected {
-                        self.rebirth().await;
-                    }
-                }
+                () = self.changed.notified() => self.on_changed(s.connected).await,
                 _ = replay.tick(), if s.backlog => {
                     let rate = f64::from(self.settings.replay_rate);
                     s.tokens = (s.tokens + rate * refill.as_secs_f64()).min(rate.max(1.0));
@@ -565,11 +561,27 @@ impl Link {
         self.send(Tag::Plain(topic.to_owned()), topic, retain, payload, props);
     }
 
-    /// Publish the birth certificate and the retained state, asking the agent for them.
-    async fn rebirth(&self) -> Option<Description> {
+    /// The agent's desired state or birth changed (a command from any transport, a
+    /// reload): keep the desired state, and publish the birth and state when connected.
+    async fn on_changed(&self, connected: bool) {
+        let d = if connected { self.rebirth().await } else { self.describe().await };
+        if let Some(d) = d {
+            let path = &self.settings.desired_path;
+            if let Err(e) = d.desired.save(path) {
+                error!(path = %path.display(), error = %e, "cannot save the desired state; a restart will not restore it");
+            }
+        }
+    }
+
+    async fn describe(&self) -> Option<Description> {
         let (done, answer) = oneshot::channel();
         self.control.send(Control::Describe { done }).await.ok()?;
-        let mut d = answer.await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Publish the birth certificate and the retained state, asking the agent for them.
+    async fn rebirth(&self) -> Option<Description> {
+        let mut d = self.describe().await?;
         d.birth["inc"] = json!(self.shared.inc());
         d.birth["ts_ms"] = json!(wall_ms());
         self.publish_plain(
@@ -735,13 +747,8 @@ impl Link {
             Ok(detail) => {
                 self.result(&response, &env, "accepted", None, None);
                 self.result(&response, &env, "succeeded", None, Some(json!({"detail": detail})));
-                // The desired state and the birth changed: keep and publish them again.
-                if let Some(d) = self.rebirth().await {
-                    let path = &self.settings.desired_path;
-                    if let Err(e) = d.desired.save(path) {
-                        error!(path = %path.display(), error = %e, "cannot save the desired state; a restart will not restore it");
-                    }
-                }
+                // The agent tells `changed`: the desired state is kept and the birth
+                // published again there, as for a command over the socket.
             }
         }
     }

@@ -87,7 +87,7 @@ pub fn wall_ms() -> u64 {
 }
 
 /// The link's own numbers, published in every telemetry record as `mqtt`.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct MqttStats {
     pub connected: bool,
     pub inc: u64,
@@ -334,14 +334,11 @@ impl std::fmt::Debug for Mqtt {
     }
 }
 
-/// What [`Mqtt::start`] gives: the link, the sink for the agent, the agent's control
-/// channel, and what commands set before the last stop (to restore).
+/// What [`Mqtt::start`] gives: the link, the sink for the agent, and what commands set
+/// before the last stop (to restore).
 pub struct Started {
     pub mqtt: Mqtt,
     pub sink: MqttSink,
-    pub control: mpsc::Receiver<Control>,
-    /// The agent tells the link here when its birth changed by itself.
-    pub changed: Arc<Notify>,
     /// What commands had set before a restart; `Err`: the file that holds it cannot be
     /// read (to be set aside and reported by the agent).
     pub desired: Result<Option<Desired>, (PathBuf, String)>,
@@ -349,7 +346,14 @@ pub struct Started {
 
 impl Mqtt {
     /// Open the state, start the poll and link tasks (on the current tokio runtime).
-    pub fn start(s: Settings) -> Result<Started, MqttError> {
+    /// `control` reaches the agent; the agent tells `changed` when its desired state or
+    /// birth changed (a command from any transport, a reload): the link keeps the desired
+    /// state and publishes the birth again.
+    pub fn start(
+        s: Settings,
+        control: mpsc::Sender<Control>,
+        changed: Arc<Notify>,
+    ) -> Result<Started, MqttError> {
         let state_err = |p: &Path| {
             let path = p.display().to_string();
             move |error| MqttError::State { path, error }
@@ -426,9 +430,7 @@ impl Mqtt {
         let (client, eventloop) = AsyncClient::new(opts, s.inflight + 256);
         let fifo = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel::<Ev>();
-        let (control_tx, control) = mpsc::channel(64);
         let (stop, stop_rx) = oneshot::channel();
-        let changed = Arc::new(Notify::new());
         tokio::spawn(
             Poller {
                 eventloop,
@@ -445,7 +447,7 @@ impl Mqtt {
                 fifo,
                 shared: shared.clone(),
                 rx,
-                control: control_tx,
+                control,
                 settings: LinkSettings {
                     inflight: s.inflight,
                     replay_rate: s.replay_rate,
@@ -455,7 +457,7 @@ impl Mqtt {
                 },
                 stop: stop_rx,
                 ever_connected: false,
-                changed: changed.clone(),
+                changed,
                 refused_topics: Default::default(),
                 max_packet: None,
                 suspect: None,
@@ -463,7 +465,7 @@ impl Mqtt {
             .run(),
         );
         let sink = MqttSink { shared: shared.clone(), loss: None, loss_reported_ms: None };
-        Ok(Started { mqtt: Mqtt { stop, shared }, sink, control, changed, desired })
+        Ok(Started { mqtt: Mqtt { stop, shared }, sink, desired })
     }
 
     /// Drain the outbox for up to 2 s, publish `offline`, save the outbox state,
@@ -480,9 +482,30 @@ impl Mqtt {
         current_stats(&self.shared)
     }
 
+    /// The link's numbers, readable from other tasks (the socket, `/metrics`).
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource(self.shared.clone())
+    }
+
     /// Messages ever put through this node's outbox (its next seq).
     pub fn appended(&self) -> u64 {
         self.shared.outbox.lock().expect("outbox").next_seq()
+    }
+}
+
+/// See [`Mqtt::stats_source`].
+#[derive(Clone)]
+pub struct StatsSource(Arc<Shared>);
+
+impl StatsSource {
+    pub fn get(&self) -> MqttStats {
+        current_stats(&self.0)
+    }
+}
+
+impl std::fmt::Debug for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
     }
 }
 

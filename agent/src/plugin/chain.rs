@@ -65,8 +65,29 @@ struct Slot {
     plugin: Option<PowerPlugin>,
     failures: VecDeque<u64>,
     quarantined: bool,
-    /// Why its last load failed (for the birth message and, later, `status`).
+    /// Why its last load failed (for the birth message and `gpulet status`).
     error: Option<String>,
+    /// Calls since it was (re)loaded, their faults and their time (for `/metrics`).
+    calls: u64,
+    faults: u64,
+    call_time: std::time::Duration,
+}
+
+/// One plugin as `gpulet status` and `/metrics` show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PluginStatus {
+    pub name: String,
+    /// The version it reports; `None` when it did not load.
+    pub version: Option<String>,
+    /// Called each tick: loaded and not quarantined.
+    pub running: bool,
+    pub quarantined: bool,
+    /// Why its last load failed.
+    pub error: Option<String>,
+    /// Since it was last (re)loaded.
+    pub calls: u64,
+    pub faults: u64,
+    pub call_seconds: f64,
 }
 
 /// The decision stage. Its plugins are called on the plugin thread ([`PluginThread`]:
@@ -124,6 +145,25 @@ impl PolicyChain {
     /// Names of the plugins and whether each is active (not quarantined or failed).
     pub fn status(&self) -> Vec<(&str, bool)> {
         self.chain.get().status()
+    }
+
+    /// Each plugin as `gpulet status` and `/metrics` show it.
+    pub fn plugins(&self) -> Vec<PluginStatus> {
+        self.chain
+            .get()
+            .slots
+            .iter()
+            .map(|s| PluginStatus {
+                name: s.spec.name.clone(),
+                version: s.plugin.as_ref().map(|p| p.info().version.clone()),
+                running: !s.quarantined && s.plugin.is_some(),
+                quarantined: s.quarantined,
+                error: s.error.clone(),
+                calls: s.calls,
+                faults: s.faults,
+                call_seconds: s.call_time.as_secs_f64(),
+            })
+            .collect()
     }
 
     /// Each plugin's last load error, by name (`None`: it loaded).
@@ -221,6 +261,9 @@ impl Chain {
                         failures: VecDeque::new(),
                         quarantined: false,
                         error: None,
+                        calls: 0,
+                        faults: 0,
+                        call_time: std::time::Duration::ZERO,
                     });
                 }
                 Err(e) => {
@@ -241,6 +284,9 @@ impl Chain {
                             failures: VecDeque::new(),
                             quarantined: true,
                             error: None,
+                            calls: 0,
+                            faults: 0,
+                            call_time: std::time::Duration::ZERO,
                         },
                     };
                     slot.error = Some(error);
@@ -340,7 +386,13 @@ impl Chain {
             }
             let name = slot.spec.name.as_str();
             let outcome = match (&mut slot.plugin, slot.quarantined) {
-                (Some(plugin), false) => Some(plugin.decide(&wsnap, &snap.curves)),
+                (Some(plugin), false) => {
+                    let started = std::time::Instant::now();
+                    let out = plugin.decide(&wsnap, &snap.curves);
+                    slot.calls += 1;
+                    slot.call_time += started.elapsed();
+                    Some(out)
+                }
                 _ => None,
             };
             match outcome {
@@ -365,6 +417,7 @@ impl Chain {
                         message: fault.to_string(),
                     });
                     let window = self.settings.failure_window_ms;
+                    slot.faults += 1;
                     slot.failures.push_back(snap.now_ms);
                     while slot
                         .failures

@@ -24,6 +24,7 @@ const LAYERS: &[&str] = &[
     "guard",
     "agent",
     "mqtt",
+    "service",
     "error",
     "setup",
     "calibrate",
@@ -38,6 +39,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("wasmtime", &["plugin/"]),
     ("wasmtime_wasi", &["plugin/"]),
     ("rumqttc", &["mqtt/", "fleet_sim.rs"]),
+    ("prometheus_client", &["service/metrics.rs"]),
     ("cudarc", &["cuda/"]),
 ];
 

@@ -15,6 +15,7 @@ mod nvml;
 mod plugins;
 mod policies;
 mod service;
+mod socket;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,8 +75,10 @@ pub fn harness(toml: &str) -> Harness {
 
 /// As [`harness`], with relative paths in the config resolved against `dir`.
 pub fn harness_in(toml: &str, dir: &Path) -> Harness {
-    let config = Config::parse(toml).unwrap();
+    let mut config = Config::parse(toml).unwrap();
     config.validate().unwrap();
+    // Ticks driven by hand, outside a runtime: nothing to serve a socket on.
+    config.socket.enabled = false;
     let clock = VirtualClock::new(1_800_000_000_000);
     let out = Capture::default();
     // Assembled as `gpulet run` assembles it (`setup::node`), on a virtual clock.

@@ -1,0 +1,267 @@
+//! The control socket: a Unix stream socket speaking JSON lines (`docs/socket.md`). One
+//! request per line, one reply per line, as many as the caller likes on a connection.
+//!
+//! Who may do what: connecting is governed by the file's mode and group (`[socket]`);
+//! anyone connected may read (`status`); a change (`set-power-budget`…) needs root, the
+//! agent's own user, or `admin_group`, judged from the kernel's peer credentials. Each
+//! change is logged with the caller's uid and pid (the audit line), refused or not.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, oneshot};
+use tracing::{info, warn};
+
+use super::{Handle, peer};
+use crate::agent::Control;
+use crate::config::SocketConfig;
+use crate::control::{REQUEST_NAMES, Refusal, Request};
+
+/// The longest request line.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Connections served at once; more wait in the kernel's backlog. (Each costs a task
+/// and a 8 KiB buffer; a local user holding them all idle is closed out after `IDLE`.)
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that sends nothing for this long is closed.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// The socket, served.
+#[derive(Debug)]
+pub struct Served {
+    pub path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stop accepting and remove the socket file.
+    pub fn stop(self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Who is asking, from the kernel.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+}
+
+struct Ctx {
+    handle: Handle,
+    own_uid: u32,
+    admin_gid: Option<u32>,
+}
+
+impl Ctx {
+    fn may_change(&self, c: &Caller) -> bool {
+        c.uid == 0
+            || c.uid == self.own_uid
+            || self.admin_gid.is_some_and(|g| peer::in_group(c.pid, c.gid, g))
+    }
+}
+
+/// Bind the socket `cfg` describes (replacing a stale one a crash left), give it its
+/// mode and group, and serve it on the current runtime.
+pub fn serve(cfg: &SocketConfig, handle: Handle) -> Result<Served, String> {
+    let path = cfg.path();
+    let group = cfg.group.as_deref().map(peer::group_id).transpose()?;
+    let admin_gid = cfg.admin_group.as_deref().map(peer::group_id).transpose()?;
+    let dir = crate::state::parent(&path);
+    if !dir.is_dir() {
+        return Err(format!(
+            "the directory {} does not exist (the unit's RuntimeDirectory= makes it; elsewhere set socket.path)",
+            dir.display()
+        ));
+    }
+    remove_stale(&path)?;
+    let listener = UnixListener::bind(&path).map_err(|e| format!("cannot listen: {e}"))?;
+    let placed = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(cfg.mode_bits()))
+        .and_then(|()| match group {
+            Some(g) => std::os::unix::fs::chown(&path, None, Some(g)),
+            None => Ok(()),
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&path);
+        return Err(format!("cannot set the socket's mode or group: {e}"));
+    }
+    let ctx = Arc::new(Ctx { handle, own_uid: crate::state::euid(), admin_gid });
+    info!(path = %path.display(), mode = %cfg.mode, group = ?cfg.group, "control socket served");
+    let task = tokio::spawn(accept(listener, ctx));
+    Ok(Served { path, task })
+}
+
+/// A socket file left by a run that did not stop is removed; one another agent still
+/// serves, and anything else at the path, is not touched.
+fn remove_stale(path: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(format!("another agent serves {} (socket.path)", path.display()));
+            }
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove the old socket: {e}"))
+        }
+        Ok(_) => Err(format!("{} exists and is not a socket; it is left alone", path.display())),
+        Err(_) => Ok(()),
+    }
+}
+
+async fn accept(listener: UnixListener, ctx: Arc<Ctx>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    connection(stream, &ctx).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "control socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, ctx: &Ctx) {
+    let caller = match stream.peer_cred() {
+        Ok(c) => Caller { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+        Err(e) => {
+            warn!(error = %e, "control socket: no peer credentials; connection closed");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let mut limited = (&mut read).take(MAX_LINE as u64 + 1);
+        match tokio::time::timeout(IDLE, limited.read_until(b'\n', &mut line)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
+        }
+        let too_long = line.len() > MAX_LINE;
+        let reply = if too_long {
+            refusal(None, "bad-request", format!("the request is longer than {MAX_LINE} bytes"))
+        } else {
+            answer(&line, caller, ctx).await
+        };
+        let mut out = reply.to_string().into_bytes();
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || too_long {
+            return;
+        }
+    }
+}
+
+fn refusal(id: Option<&Value>, code: &str, error: String) -> Value {
+    let mut v = json!({"ok": false, "code": code, "error": error});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+/// The ops: `status` and the requests of [`Request::parse`].
+pub const OPS: &str = "status, set-power-budget, set-power-limit, reload-plugins, clear-health";
+
+/// The reply to one request line.
+async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
+    let mut map: Map<String, Value> = match crate::control::strict_json(line) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return refusal(None, "bad-request", "a request is one JSON object".into()),
+        Err(e) => return refusal(None, "bad-request", format!("not JSON: {e}")),
+    };
+    let id = map.remove("id");
+    let id = id.as_ref();
+    if let Some(v) = map.remove("v")
+        && v != json!(1)
+    {
+        return refusal(
+            id,
+            "bad-request",
+            format!("v: {v} is not a protocol version of this agent; accepted: 1"),
+        );
+    }
+    let op = match map.remove("op") {
+        Some(Value::String(op)) => op,
+        _ => {
+            return refusal(
+                id,
+                "bad-request",
+                format!("op is missing or not a string; accepted: {OPS}"),
+            );
+        }
+    };
+    let args = Value::Object(map);
+    let reply = if op == "status" {
+        match crate::control::no_args(args) {
+            Err(e) => refusal(id, "bad-request", e),
+            Ok(()) => match ctx.handle.status().await {
+                Ok(status) => json!({
+                    "ok": true,
+                    "status": status,
+                    "mqtt": ctx.handle.mqtt.as_ref().map(|m| m.get()),
+                }),
+                Err(e) => refusal(id, "unavailable", e),
+            },
+        }
+    } else {
+        match Request::parse(&op, args) {
+            Err(e) => refusal(id, "bad-request", e),
+            Ok(None) => refusal(id, "bad-request", format!("{op:?} is not an op; accepted: {OPS}")),
+            Ok(Some(request)) => change(request, caller, ctx, id).await,
+        }
+    };
+    let mut reply = reply;
+    if let Some(id) = id {
+        reply["id"] = id.clone();
+    }
+    reply
+}
+
+/// A change, if the caller may make it; audited either way.
+async fn change(request: Request, caller: Caller, ctx: &Ctx, id: Option<&Value>) -> Value {
+    let (uid, pid) = (caller.uid, caller.pid.unwrap_or(0));
+    if !ctx.may_change(&caller) {
+        warn!(uid, pid, request = ?request, "local request refused: the caller may only read");
+        return refusal(
+            id,
+            "forbidden",
+            format!(
+                "uid {uid} may read but not change; accepted: root, the agent's user, or a member of socket.admin_group ({})",
+                REQUEST_NAMES
+            ),
+        );
+    }
+    let (done, answer) = oneshot::channel();
+    let name = request.name();
+    let outcome = ctx.handle.ask(Control::Execute { request: request.clone(), done }, answer).await;
+    match outcome {
+        Ok(Ok(detail)) => {
+            info!(uid, pid, request = name, %detail, "local request done");
+            json!({"ok": true, "detail": detail})
+        }
+        Ok(Err(Refusal::Rejected(why))) => {
+            info!(uid, pid, request = name, %why, "local request rejected");
+            refusal(id, "rejected", why)
+        }
+        Ok(Err(Refusal::Failed(why))) => {
+            warn!(uid, pid, request = name, %why, "local request failed");
+            refusal(id, "failed", why)
+        }
+        Err(why) => {
+            warn!(uid, pid, request = name, %why, "local request not answered");
+            refusal(id, "unavailable", why)
+        }
+    }
+}
