@@ -17,8 +17,16 @@ pub struct Args {
     pub broker: String,
     #[arg(long, value_name = "NODE")]
     pub node: String,
-    /// set-power-budget, set-power-limit, reload-plugins, rebirth or ping.
-    #[arg(value_name = "COMMAND")]
+    /// The command, with its arguments in --args:
+    ///   set-power-budget  {"watts": W}           node budget; null: back to the configured one
+    ///   set-power-limit   {"gpu": I, "watts": W} one GPU's limit; null: back to its policy
+    ///   clear-health      {"gpu": I}             clear a GPU's sticky degraded state
+    ///   reload-plugins    {}                     reload the plugins from the config file
+    ///   rebirth           {}                     publish the birth and state again
+    ///   ping              {}                     answer, changing nothing
+    /// Results arrive on <ROOT>/_replies/<client id> (the ACL must let this client read
+    /// there and the nodes write there; docs/mqtt.md).
+    #[arg(value_name = "COMMAND", verbatim_doc_comment)]
     pub command: String,
     /// The arguments, a JSON object, e.g. '{"watts": 4000}'.
     #[arg(long, default_value = "{}", value_name = "JSON")]

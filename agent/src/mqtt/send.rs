@@ -56,6 +56,11 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
     }
     let topic = format!("{}/{}/cmd/{}", o.root, o.node, o.command);
     let own_results = format!("{}/{}/cmd-result/{}", o.root, o.node, o.command);
+    // The node's retained status says whether it is online, offline (its Will), or was
+    // never seen by this broker (none): a command to a node that is not there says so
+    // instead of waiting out the timeout like a lost reply.
+    let status_topic = format!("{}/{}/status", o.root, o.node);
+    let mut node_status: Option<Value> = None;
     let correlation = Bytes::from(id.to_string());
     let deadline = tokio::time::Instant::now() + o.timeout;
     let mut results = Vec::new();
@@ -63,7 +68,12 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
     loop {
         let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
             Err(_) => {
-                return Err(if sent {
+                return Err(if sent && node_status.is_none() {
+                    format!(
+                        "no node {:?} ever reported to this broker (no retained status at {status_topic}): check --node and --root",
+                        o.node
+                    )
+                } else if sent {
                     format!("no final result within {:?}; results so far: {results:?}", o.timeout)
                 } else {
                     format!("could not reach the broker at {} within {:?}", o.url, o.timeout)
@@ -80,6 +90,7 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
                     .subscribe_many([
                         Filter::new(&reply_topic, QoS::AtLeastOnce),
                         Filter::new(&own_results, QoS::AtLeastOnce),
+                        Filter::new(&status_topic, QoS::AtLeastOnce),
                     ])
                     .await
                     .map_err(|e| e.to_string())?;
@@ -97,6 +108,19 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
                     .await
                     .map_err(|e| e.to_string())?;
                 sent = true;
+            }
+            Event::Incoming(Incoming::Publish(p))
+                if p.topic.as_ref() == status_topic.as_bytes() =>
+            {
+                let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else { continue };
+                if v["state"] == "offline" {
+                    let _ = client.disconnect().await;
+                    return Err(format!(
+                        "node {:?} is offline (its last status, at ts_ms {}): the command waits in its session until it expires in {:?}, and runs if the node is back by then",
+                        o.node, v["ts_ms"], o.timeout
+                    ));
+                }
+                node_status = Some(v);
             }
             Event::Incoming(Incoming::Publish(p)) => {
                 let corr = p.properties.as_ref().and_then(|x| x.correlation_data.as_ref());

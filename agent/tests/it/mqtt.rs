@@ -571,7 +571,30 @@ fn keygen_and_cmd_from_the_command_line() {
     assert!(String::from_utf8_lossy(&unsigned.stdout).contains("not signed"));
     let bad = gpulet(&["cmd", "--broker", &url, "--node", "n1", "ping", "--args", "[1]"]);
     assert_eq!(bad.status.code(), Some(2), "a usage error");
+    // A node this broker never saw, then one that went offline: said so, not a timeout
+    // like a lost reply.
+    let unknown = gpulet(&["cmd", "--broker", &url, "--node", "nope", "ping", "--timeout", "2s"]);
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains("no node \"nope\" ever reported to this broker"), "{err}");
     agent.stop();
+    c.wait(T, "offline", |g| g.iter().any(|m| m.text().contains("offline")));
+    let offline = gpulet(&["cmd", "--broker", &url, "--node", "n1", "ping", "--timeout", "5s"]);
+    let err = String::from_utf8_lossy(&offline.stderr);
+    assert_eq!(offline.status.code(), Some(1));
+    assert!(err.contains("node \"n1\" is offline"), "{err}");
+    // Every command and its arguments are in `cmd --help`.
+    let help = String::from_utf8_lossy(&gpulet(&["cmd", "--help"]).stdout).into_owned();
+    for c in [
+        "set-power-budget",
+        "set-power-limit",
+        "clear-health",
+        "reload-plugins",
+        "rebirth",
+        "ping",
+        "_replies",
+    ] {
+        assert!(help.contains(c), "{c} not in cmd --help:\n{help}");
+    }
 }
 
 #[test]
