@@ -280,7 +280,7 @@ impl Agent {
         for (s, prev) in samples.iter().zip(&mut self.health) {
             if s.health != *prev {
                 let uuid = self.inventory[s.index as usize].uuid.clone();
-                warn!(gpu = s.index, %uuid, from = ?*prev, to = ?s.health, "GPU health changed");
+                warn!(gpu = s.index, %uuid, from = prev.name(), to = s.health.name(), "GPU health changed");
                 events.push(Event::Health { gpu: s.index, uuid, from: *prev, to: s.health });
                 *prev = s.health;
             }
@@ -469,7 +469,7 @@ impl Agent {
                 let budget = w.or(self.configured_budget_w);
                 self.guard.set_budget(budget);
                 self.desired.budget_w = w;
-                info!(budget_w = ?budget, "node power budget set by command");
+                info!(budget = %crate::control::show_watts(budget), "node power budget set by command");
                 Ok(match (w, budget) {
                     (Some(w), _) => format!("node budget {w} W"),
                     (None, Some(c)) => format!("node budget back to the configured {c} W"),
@@ -547,7 +547,7 @@ impl Agent {
         }
         for r in requests {
             if let Err(e) = self.execute(r.clone()) {
-                warn!(request = ?r, error = ?e, "a saved desired state no longer applies; dropped");
+                warn!(request = %r, error = %e, "a saved desired state no longer applies; dropped");
             }
         }
     }
@@ -798,7 +798,7 @@ impl Agent {
                 .inspect_err(|e| warn!(error = %e, "cannot listen for SIGUSR1; GPU health can be cleared only by command"))
                 .ok();
         let mut done = 0u64;
-        info!(node = %self.node, backend = self.backend.kind(), gpus = self.inventory.len(), tick = ?self.tick, "agent started");
+        info!(node = %self.node, backend = self.backend.kind(), gpus = self.inventory.len(), tick = %humantime::format_duration(self.tick), "agent started");
         while ticks.is_none_or(|n| done < n) {
             tokio::select! {
                 biased;
@@ -868,7 +868,7 @@ impl Agent {
             let first = s.at_ms.is_none();
             info!(
                 changes = s.changes,
-                budget_w = ?self.guard.budget_w(),
+                budget = %crate::control::show_watts(self.guard.budget_w()),
                 "{}",
                 if first {
                     "power limits applied (each change is a limit-changed event; further changes are summed up here every 10 minutes)"

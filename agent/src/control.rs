@@ -108,6 +108,21 @@ fn watts(w: Option<f64>) -> Result<Option<f64>, String> {
     w.map(check_watts).transpose().map_err(|e| format!("watts: {e}, or null"))
 }
 
+/// As a person reads it in a log line: `set-power-budget 625 W`.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = |w: &Option<f64>| w.map_or("none".to_owned(), |w| format!("{w} W"));
+        match self {
+            Request::SetPowerBudget(watts) => write!(f, "set-power-budget {}", w(watts)),
+            Request::SetPowerLimit { gpu, watts } => {
+                write!(f, "set-power-limit GPU {gpu} {}", w(watts))
+            }
+            Request::ReloadPlugins => f.write_str("reload-plugins"),
+            Request::ClearHealth { gpu } => write!(f, "clear-health GPU {gpu}"),
+        }
+    }
+}
+
 /// Why a request did not succeed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
@@ -115,6 +130,20 @@ pub enum Refusal {
     Rejected(String),
     /// It was tried and did not work (a plugin failed to load).
     Failed(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Rejected(why) => write!(f, "rejected: {why}"),
+            Refusal::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+/// A budget or limit in a log line: `625 W`, or `none`.
+pub fn show_watts(w: Option<f64>) -> String {
+    w.map_or("none".to_owned(), |w| format!("{w} W"))
 }
 
 /// What commands set: restored at start so that a restart does not undo an operator.

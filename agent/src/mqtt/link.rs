@@ -778,9 +778,9 @@ impl Link {
             }
         }
         if status == "rejected" {
-            warn!(command = %r.name, id = ?env.id, reason, "command rejected");
+            warn!(command = %r.name, id = env.id.as_deref().unwrap_or("(none)"), reason, "command rejected");
         } else {
-            info!(command = %r.name, id = ?env.id, status, "command");
+            info!(command = %r.name, id = env.id.as_deref().unwrap_or("(none)"), status, "command");
         }
         let mut body = json!({"command": r.name, "id": env.id, "status": status, "node": self.shared.topics.node});
         if let Some(reason) = reason {

@@ -92,7 +92,7 @@ pub fn serve(cfg: &SocketConfig, handle: Handle) -> Result<Served, String> {
         return Err(format!("cannot set the socket's mode or group: {e}"));
     }
     let ctx = Arc::new(Ctx { handle, own_uid: crate::state::euid(), admin_gid });
-    info!(path = %path.display(), mode = %cfg.mode, group = ?cfg.group, "control socket served");
+    info!(path = %path.display(), mode = %cfg.mode, group = cfg.group.as_deref().unwrap_or("(the agent's)"), "control socket served");
     let task = tokio::spawn(accept(listener, ctx));
     Ok(Served { path, task })
 }
@@ -233,7 +233,7 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
 async fn change(request: Request, caller: Caller, ctx: &Ctx, id: Option<&Value>) -> Value {
     let (uid, pid) = (caller.uid, caller.pid.unwrap_or(0));
     if !ctx.may_change(&caller) {
-        warn!(uid, pid, request = ?request, "local request refused: the caller may only read");
+        warn!(uid, pid, %request, "local request refused: the caller may only read");
         return refusal(
             id,
             "forbidden",

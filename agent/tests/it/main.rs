@@ -14,6 +14,7 @@ mod mqtt;
 mod nvml;
 mod plugins;
 mod policies;
+mod schema;
 mod service;
 mod socket;
 

@@ -168,8 +168,12 @@ fn status_and_the_local_commands_work_over_the_socket() {
             .any(|e| e["kind"] == "limit-changed")
     );
     let log = a.stop();
-    // Every change is in the journal with the caller's uid.
+    // Every change is in the journal with the caller's uid, in words, not Rust's.
     assert!(log.contains("local request done") && log.contains("uid=0") || !root(), "{log}");
+    assert!(
+        log.contains("budget=2000 W") && !log.contains("Some(") && !log.contains("None"),
+        "{log}"
+    );
 }
 
 #[test]
