@@ -22,3 +22,4 @@ pub mod setup;
 pub mod snapshot;
 pub mod state;
 pub mod telemetry;
+pub mod top;

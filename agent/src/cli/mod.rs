@@ -24,6 +24,7 @@ mod local;
 mod plugin;
 mod run;
 mod status;
+mod top;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -87,6 +88,10 @@ pub enum Command {
     /// Clear a GPU's sticky `degraded` health on the running agent (once its XID was dealt
     /// with).
     ClearHealth(local::ClearHealth),
+    /// A live view of a whole fleet from its MQTT topics: nodes online and offline, power
+    /// against budget, hottest and unhealthy GPUs, plugin faults, recent events. `s`
+    /// changes the order, `q` quits; `--once --json` prints a snapshot for scripts.
+    Top(top::Args),
 }
 
 impl Command {
@@ -101,7 +106,8 @@ impl Command {
             | Command::SetBudget(_)
             | Command::SetLimit(_)
             | Command::Reload(_)
-            | Command::ClearHealth(_) => tracing::Level::WARN,
+            | Command::ClearHealth(_)
+            | Command::Top(_) => tracing::Level::WARN,
             _ => tracing::Level::INFO,
         }
     }
@@ -125,6 +131,7 @@ pub fn run(command: Command) -> Result<(), Error> {
         Command::SetLimit(a) => local::set_limit(a),
         Command::Reload(a) => local::reload(a),
         Command::ClearHealth(a) => local::clear_health(a),
+        Command::Top(a) => top::run(a),
     }
 }
 

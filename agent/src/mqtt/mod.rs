@@ -17,6 +17,7 @@ pub mod command;
 mod link;
 pub mod outbox;
 pub mod send;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -91,6 +91,11 @@ impl PluginEngine {
         config.epoch_interruption(true);
         // No component-model async: a plain call costs a third as much without it.
         config.concurrency_support(false);
+        // Compile on the loading thread, not on a pool as large as the machine: the
+        // agent's threads and memory must not grow with the host's core count (a
+        // 192-core host would otherwise keep 192 idle compiler threads). Compiling is
+        // rare (the cache keeps the result).
+        config.parallel_compilation(false);
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))?;
 
         let ticker = Ticker::start(&engine)?;

@@ -30,6 +30,7 @@ const LAYERS: &[&str] = &[
     "calibrate",
     "demo",
     "fleet_sim",
+    "top",
 ];
 
 /// Which library only which parts of the tree may use. (`gpulet fleet-sim` has an MQTT
@@ -40,6 +41,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("wasmtime_wasi", &["plugin/"]),
     ("rumqttc", &["mqtt/", "fleet_sim.rs"]),
     ("prometheus_client", &["service/metrics.rs"]),
+    ("ratatui", &["top/view.rs"]),
     ("cudarc", &["cuda/"]),
 ];
 

@@ -17,6 +17,7 @@ mod policies;
 mod schema;
 mod service;
 mod socket;
+mod top;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
