@@ -439,7 +439,12 @@ impl Link {
                 None if s.tokens >= 1.0 => {
                     match outbox.pending(s.next_backlog, s.live_start, 1).first() {
                         Some(&seq) => (seq, true),
-                        None => return,
+                        None => {
+                            // The backlog is sent: stop the replay timer (it woke the
+                            // runtime ten times a second for the life of the connection).
+                            s.backlog = false;
+                            return;
+                        }
                     }
                 }
                 None => return,

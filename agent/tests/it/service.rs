@@ -151,7 +151,7 @@ fn systemd_analyze(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn the_unit_verifies_and_its_exposure_stays_at_most_2_1() {
+fn the_unit_verifies_and_its_exposure_is_at_most_2_0() {
     let unit = crate::repo().join("packaging/gpulet.service");
     let out = systemd_analyze(&["security", "--offline=true", unit.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -161,7 +161,7 @@ fn the_unit_verifies_and_its_exposure_stays_at_most_2_1() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
-    assert!(score <= 2.1, "exposure {score}; the unit's header says 2.1\n{text}");
+    assert!(score <= 2.0, "exposure {score}; the unit's header says 2.0 (the issue's target)\n{text}");
 
     // `verify` checks that the commands exist: the built binary stands in for
     // /usr/bin/gpulet.
