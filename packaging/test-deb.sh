@@ -82,11 +82,12 @@ pass "upgraded: the edited conffile and /var/lib/gpulet kept"
 # their calls, and the check for systemd pointed at a folder of this test.
 fake="$out/fake"
 mkdir -p "$fake/bin" "$fake/systemd"
-for tool in systemctl deb-systemd-invoke; do
+for tool in systemctl deb-systemd-invoke deb-systemd-helper getent groupadd; do
     printf '#!/bin/sh\necho "%s $*" >>"%s/calls"\n[ "$*" != "is-active --quiet gpulet.service" ] || [ -e "%s/active" ]\n' \
         "$tool" "$fake" "$fake/systemd" >"$fake/bin/$tool"
     chmod +x "$fake/bin/$tool"
 done
+# (getent and groupadd are stand-ins too: nothing of the build machine's is changed.)
 postinst() { env -u DPKG_ROOT PATH="$fake/bin:$PATH" GPULET_SYSTEMD_DIR="$fake/systemd" \
     sh "$root/var/lib/dpkg/info/gpulet.postinst" configure "$@"; }
 touch "$fake/systemd/active"
@@ -99,16 +100,19 @@ postinst 0.1.0-1
 : >"$fake/calls"
 postinst ""
 ! grep -qE 'restart|start|enable' "$fake/calls" || fail "a first install started or enabled the agent: $(cat "$fake/calls")"
+grep -qx 'deb-systemd-helper update-state gpulet.service' "$fake/calls" || fail "the enablement state is not recorded (purge could not clean it)"
 pass "upgrade restarts a running agent; a first install neither enables nor starts it"
 
 # Remove, then purge: the state, the cache and /etc/gpulet go; the group stays.
 dpkg_root --remove gpulet
 [ ! -e "$root/usr/bin/gpulet" ] || fail "remove left the binary"
 [ -f "$root/etc/gpulet/gpulet.toml" ] || fail "remove took the conffile (only purge may)"
+echo 'operator key' >"$root/etc/gpulet/ops.pub"
 dpkg_root --purge gpulet
-for d in etc/gpulet var/lib/gpulet var/cache/gpulet; do
+for d in var/lib/gpulet var/cache/gpulet etc/gpulet/gpulet.toml; do
     [ ! -e "$root/$d" ] || fail "purge left /$d"
 done
+[ -f "$root/etc/gpulet/ops.pub" ] || fail "purge removed a file of the operator's"
 ! dpkg --root="$root" -s gpulet >/dev/null 2>&1 || fail "still known to dpkg after purge"
-pass "removed (conffile kept), then purged (config, state and cache gone)"
+pass "removed (conffile kept), then purged (conffile, state and cache gone; the operator's own file in /etc/gpulet kept)"
 echo "test-deb: all passed"

@@ -824,11 +824,17 @@ impl Agent {
                     continue;
                 }
                 Some(c) = recv_control(&mut self.control) => {
-                    // A changed budget or limit is applied now, by an extra tick: the
-                    // timer's ticks go on as scheduled.
-                    if !self.handle(c) || done == 0 {
-                        continue;
+                    // A changed budget or limit is applied now, by an extra tick (after
+                    // every request already queued: a burst of changes costs one tick).
+                    // The timer's ticks go on as scheduled, and `ticks` counts only them.
+                    let mut tick_now = self.handle(c);
+                    while let Some(c) = self.control.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                        tick_now |= self.handle(c);
                     }
+                    if tick_now && done > 0 {
+                        self.tick();
+                    }
+                    continue;
                 }
                 late = next_tick(&mut timer) => {
                     if late.is_some_and(|l| period.is_some_and(|p| l > p)) {

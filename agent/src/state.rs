@@ -133,11 +133,9 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// This process's effective uid: the owner of `/proc/self` (no `unsafe` call needed).
+/// This process's effective uid.
 pub fn euid() -> u32 {
-    use std::sync::OnceLock;
-    static EUID: OnceLock<u32> = OnceLock::new();
-    *EUID.get_or_init(|| std::fs::metadata("/proc/self").map_or(0, |m| m.uid()))
+    nix::unistd::geteuid().as_raw()
 }
 
 /// The directory `path` is in (`.` for a bare name).

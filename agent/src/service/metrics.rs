@@ -33,6 +33,8 @@ pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The longest request head read; scrapers send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole scrape, request to answer sent.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_CONNECTIONS: usize = 4;
 
 /// Listen on `addr` and serve scrapes on the current runtime.
@@ -49,7 +51,8 @@ pub fn serve(addr: SocketAddr, handle: Handle) -> std::io::Result<tokio::task::J
                 Ok((stream, _)) => {
                     let handle = handle.clone();
                     tokio::spawn(async move {
-                        scrape(stream, &handle).await;
+                        // A scraper that does not read its answer cannot keep a slot.
+                        let _ = tokio::time::timeout(SCRAPE_TIMEOUT, scrape(stream, &handle)).await;
                         drop(permit);
                     });
                 }

@@ -1,5 +1,5 @@
 //! Who is on the other end of the socket: the kernel's peer credentials (`SO_PEERCRED`,
-//! which the caller cannot forge) and the groups the caller's process is in.
+//! which the caller cannot forge) and the groups the caller's user is in.
 
 /// A group's id by name, from the system's group database (NSS).
 pub fn group_id(name: &str) -> Result<u32, String> {
@@ -10,19 +10,17 @@ pub fn group_id(name: &str) -> Result<u32, String> {
     }
 }
 
-/// Whether the process `pid` (with primary group `gid`) is in group `group`: its primary
-/// group or one of its supplementary groups (`/proc/<pid>/status`, read while the caller
-/// is connected).
-pub fn in_group(pid: Option<i32>, gid: u32, group: u32) -> bool {
+/// Whether user `uid` (whose process has primary group `gid`) is in group `group`: its
+/// primary group, or a supplementary group of the user in the group database (NSS:
+/// `/etc/group`, LDAP, sssd). Read from the user, not the caller's process: under the
+/// unit's `ProtectProc=invisible` other users' `/proc/<pid>` cannot be read, and a pid may
+/// be reused.
+pub fn in_group(uid: u32, gid: u32, group: u32) -> bool {
     if gid == group {
         return true;
     }
-    let Some(pid) = pid else { return false };
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .is_some_and(|g| g.split_whitespace().any(|g| g.parse() == Ok(group)))
+    use nix::unistd::{Gid, Uid, User, getgrouplist};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else { return false };
+    let Ok(name) = std::ffi::CString::new(user.name) else { return false };
+    getgrouplist(&name, user.gid).is_ok_and(|groups| groups.contains(&Gid::from_raw(group)))
 }

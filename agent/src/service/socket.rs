@@ -25,10 +25,13 @@ use crate::control::{REQUEST_NAMES, Refusal, Request};
 /// The longest request line.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Connections served at once; more wait in the kernel's backlog. (Each costs a task
-/// and a 8 KiB buffer; a local user holding them all idle is closed out after `IDLE`.)
+/// and a 8 KiB buffer; a local user holding them all is closed out within `LIFETIME`.)
 const MAX_CONNECTIONS: usize = 64;
-/// A connection that sends nothing for this long is closed.
+/// A connection that sends nothing, or does not take its reply, for this long is closed.
 const IDLE: Duration = Duration::from_secs(10);
+/// And none lasts longer than this (a client that asks again every few seconds, or never
+/// reads, cannot keep its slot).
+const LIFETIME: Duration = Duration::from_secs(60);
 
 /// The socket, served.
 #[derive(Debug)]
@@ -57,13 +60,32 @@ struct Ctx {
     handle: Handle,
     own_uid: u32,
     admin_gid: Option<u32>,
+    refusals_logged: std::sync::Mutex<std::collections::HashMap<u32, std::time::Instant>>,
 }
 
 impl Ctx {
     fn may_change(&self, c: &Caller) -> bool {
         c.uid == 0
             || c.uid == self.own_uid
-            || self.admin_gid.is_some_and(|g| peer::in_group(c.pid, c.gid, g))
+            || self.admin_gid.is_some_and(|g| peer::in_group(c.uid, c.gid, g))
+    }
+
+    /// Whether to log a refusal for `uid` now: the first, then at most one a minute (a
+    /// reader sending refused requests in a loop must not flood the journal, where
+    /// journald's rate limit would then drop the agent's real warnings).
+    fn log_refusal(&self, uid: u32) -> bool {
+        let mut last = self.refusals_logged.lock().expect("refusals");
+        let now = std::time::Instant::now();
+        match last.get(&uid) {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(60) => false,
+            _ => {
+                if last.len() > 1024 {
+                    last.clear();
+                }
+                last.insert(uid, now);
+                true
+            }
+        }
     }
 }
 
@@ -80,6 +102,10 @@ pub fn serve(cfg: &SocketConfig, handle: Handle) -> Result<Served, String> {
             dir.display()
         ));
     }
+    // Only a directory no other user can write: nobody else can put a socket, a symlink
+    // or a listener that never accepts where the agent binds.
+    crate::state::check_dir(dir)
+        .map_err(|why| format!("not served from {}: {why}", dir.display()))?;
     remove_stale(&path)?;
     let listener = UnixListener::bind(&path).map_err(|e| format!("cannot listen: {e}"))?;
     let placed = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(cfg.mode_bits()))
@@ -91,7 +117,12 @@ pub fn serve(cfg: &SocketConfig, handle: Handle) -> Result<Served, String> {
         let _ = std::fs::remove_file(&path);
         return Err(format!("cannot set the socket's mode or group: {e}"));
     }
-    let ctx = Arc::new(Ctx { handle, own_uid: crate::state::euid(), admin_gid });
+    let ctx = Arc::new(Ctx {
+        handle,
+        own_uid: crate::state::euid(),
+        admin_gid,
+        refusals_logged: Default::default(),
+    });
     info!(path = %path.display(), mode = %cfg.mode, group = cfg.group.as_deref().unwrap_or("(the agent's)"), "control socket served");
     let task = tokio::spawn(accept(listener, ctx));
     Ok(Served { path, task })
@@ -120,7 +151,7 @@ async fn accept(listener: UnixListener, ctx: Arc<Ctx>) {
             Ok((stream, _)) => {
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    connection(stream, &ctx).await;
+                    let _ = tokio::time::timeout(LIFETIME, connection(stream, &ctx)).await;
                     drop(permit);
                 });
             }
@@ -157,7 +188,8 @@ async fn connection(stream: UnixStream, ctx: &Ctx) {
         };
         let mut out = reply.to_string().into_bytes();
         out.push(b'\n');
-        if write.write_all(&out).await.is_err() || too_long {
+        let written = tokio::time::timeout(IDLE, write.write_all(&out)).await;
+        if !matches!(written, Ok(Ok(()))) || too_long {
             return;
         }
     }
@@ -170,9 +202,6 @@ fn refusal(id: Option<&Value>, code: &str, error: String) -> Value {
     }
     v
 }
-
-/// The ops: `status` and the requests of [`Request::parse`].
-pub const OPS: &str = "status, set-power-budget, set-power-limit, reload-plugins, clear-health";
 
 /// The reply to one request line.
 async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
@@ -198,7 +227,7 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
             return refusal(
                 id,
                 "bad-request",
-                format!("op is missing or not a string; accepted: {OPS}"),
+                format!("op is missing or not a string; accepted: status, {REQUEST_NAMES}"),
             );
         }
     };
@@ -218,7 +247,11 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
     } else {
         match Request::parse(&op, args) {
             Err(e) => refusal(id, "bad-request", e),
-            Ok(None) => refusal(id, "bad-request", format!("{op:?} is not an op; accepted: {OPS}")),
+            Ok(None) => refusal(
+                id,
+                "bad-request",
+                format!("{op:?} is not an op; accepted: status, {REQUEST_NAMES}"),
+            ),
             Ok(Some(request)) => change(request, caller, ctx, id).await,
         }
     };
@@ -233,7 +266,9 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
 async fn change(request: Request, caller: Caller, ctx: &Ctx, id: Option<&Value>) -> Value {
     let (uid, pid) = (caller.uid, caller.pid.unwrap_or(0));
     if !ctx.may_change(&caller) {
-        warn!(uid, pid, %request, "local request refused: the caller may only read");
+        if ctx.log_refusal(uid) {
+            warn!(uid, pid, %request, "local request refused: the caller may only read (further refusals of this uid are not logged for a minute)");
+        }
         return refusal(
             id,
             "forbidden",
@@ -261,7 +296,11 @@ async fn change(request: Request, caller: Caller, ctx: &Ctx, id: Option<&Value>)
         }
         Err(why) => {
             warn!(uid, pid, request = name, %why, "local request not answered");
-            refusal(id, "unavailable", why)
+            refusal(
+                id,
+                "unavailable",
+                format!("{why}; the request may still be applied when the loop goes on"),
+            )
         }
     }
 }

@@ -15,6 +15,9 @@ pub mod view;
 
 /// Events kept for the view, newest last.
 const EVENTS: usize = 200;
+/// Nodes kept at most (a broker that lets anyone publish under the root must not grow
+/// the view without bound).
+const MAX_NODES: usize = 100_000;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct NodeRow {
@@ -120,6 +123,9 @@ pub struct Fleet {
 #[derive(Deserialize)]
 struct Telemetry<'a> {
     ts_ms: u64,
+    /// Replayed after an outage: older than what the node sends live.
+    #[serde(default)]
+    historical: bool,
     power_w: f64,
     budget_w: Option<f64>,
     #[serde(borrow)]
@@ -162,14 +168,22 @@ impl Fleet {
         if self.filter.as_ref().is_some_and(|f| !f.matches(node)) || payload.is_empty() {
             return;
         }
+        // A node id is printed to the terminal: nothing that could be an escape sequence.
+        if node.is_empty() || node.len() > 128 || !node.chars().all(crate::control::id_char) {
+            return;
+        }
+        if self.nodes.len() >= MAX_NODES && !self.nodes.contains_key(node) {
+            return;
+        }
         self.messages += 1;
         let row = || NodeRow { node: node.to_owned(), ..NodeRow::default() };
         match what {
             "telemetry" => {
                 let Ok(t) = serde_json::from_slice::<Telemetry<'_>>(payload) else { return };
                 let r = self.nodes.entry(node.to_owned()).or_insert_with(row);
-                // Records replayed after an outage are older than what is shown.
-                if r.last_ts_ms.is_some_and(|l| l > t.ts_ms) {
+                // Records replayed after an outage are older than what is shown. (By the
+                // flag, not the clock: a node whose clock stepped back still updates.)
+                if t.historical && r.last_ts_ms.is_some() {
                     return;
                 }
                 r.last_ts_ms = Some(t.ts_ms);
@@ -310,7 +324,9 @@ mod tests {
         f.apply("gpulet/v1/n1/status", br#"{"state":"online","inc":1,"ts_ms":1}"#);
         f.apply("gpulet/v1/n1/telemetry", tel(10, 900.0, 70.0, "ok").as_bytes());
         f.apply("gpulet/v1/n2/telemetry", tel(10, 500.0, 90.0, "degraded").as_bytes());
-        f.apply("gpulet/v1/n2/telemetry", tel(5, 1.0, 1.0, "ok").as_bytes()); // older: ignored
+        let old = tel(5, 1.0, 1.0, "ok").replacen('{', r#"{"historical":true,"#, 1);
+        f.apply("gpulet/v1/n2/telemetry", old.as_bytes()); // replayed: ignored
+        f.apply("gpulet/v1/n\u{1b}[2J/telemetry", tel(10, 5.0, 5.0, "ok").as_bytes()); // escape
         f.apply("gpulet/v1/n1/telemetry", b"{not json");
         f.apply("gpulet/v1/x9/telemetry", tel(10, 5.0, 5.0, "ok").as_bytes()); // filtered
         f.apply("other/n1/telemetry", tel(10, 5.0, 5.0, "ok").as_bytes());

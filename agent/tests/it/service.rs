@@ -161,7 +161,10 @@ fn the_unit_verifies_and_its_exposure_is_at_most_2_0() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
-    assert!(score <= 2.0, "exposure {score}; the unit's header says 2.0 (the issue's target)\n{text}");
+    assert!(
+        score <= 2.0,
+        "exposure {score}; the unit's header says 2.0 (the issue's target)\n{text}"
+    );
 
     // `verify` checks that the commands exist: the built binary stands in for
     // /usr/bin/gpulet.
