@@ -204,6 +204,22 @@ impl Event {
     }
 }
 
+/// An event (as telemetry or MQTT carries it) in one line for people: its fields as
+/// `key=value`, but for its kind, its UUID and the envelope every event has.
+pub fn event_detail(event: &serde_json::Map<String, serde_json::Value>) -> String {
+    let fields: Vec<String> = event
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "kind" | "ts_ms" | "uuid" | "node" | "inc" | "seq" | "historical")
+        })
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            v => format!("{k}={v}"),
+        })
+        .collect();
+    fields.join(" ")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("cannot open telemetry file {path}: {error}")]

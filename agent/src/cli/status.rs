@@ -183,17 +183,9 @@ pub fn render(s: &Status, mqtt: Option<&MqttStats>) -> String {
     o
 }
 
-/// One event as a line: its kind, then its fields but the ones every event has.
+/// One event as a line: its kind, then its fields.
 fn event_line(e: &Value) -> String {
     let Value::Object(m) = e else { return e.to_string() };
     let kind = m.get("kind").and_then(Value::as_str).unwrap_or("event");
-    let fields: Vec<String> = m
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "kind" | "ts_ms" | "uuid"))
-        .map(|(k, v)| match v {
-            Value::String(s) => format!("{k}={s}"),
-            v => format!("{k}={v}"),
-        })
-        .collect();
-    format!("{kind} {}", fields.join(" "))
+    format!("{kind} {}", gpulet::telemetry::event_detail(m))
 }

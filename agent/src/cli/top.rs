@@ -72,19 +72,15 @@ pub fn run(args: Args) -> Result<(), Error> {
         if args.json {
             println!("{}", fleet.snapshot(args.sort));
         } else {
-            let s = fleet.summary();
-            println!(
-                "nodes {} ({} online, {} offline), GPUs {}, power {:.1} kW, unhealthy GPUs {}, plugin faults {}",
-                s.nodes,
-                s.online,
-                s.offline,
-                s.gpus,
-                s.power_w / 1000.0,
-                s.unhealthy_gpus,
-                s.plugin_faults
-            );
+            println!("{}", fleet.summary());
             for r in fleet.rows(args.sort) {
-                println!("{} {:?} {:?} W", r.node, r.online, r.power_w);
+                let state = match r.online {
+                    Some(true) => "online",
+                    Some(false) => "offline",
+                    None => "unknown",
+                };
+                let power = r.power_w.map_or("-".into(), |p| format!("{p:.0} W"));
+                println!("{:<24} {state:<8} {power:>9}", r.node);
             }
         }
         return Ok(());

@@ -109,6 +109,28 @@ pub struct Summary {
     pub messages: u64,
 }
 
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nodes {} ({} online, {} offline) · GPUs {} · power {:.1} kW",
+            self.nodes,
+            self.online,
+            self.offline,
+            self.gpus,
+            self.power_w / 1000.0
+        )?;
+        if self.budget_w > 0.0 {
+            write!(f, " of {:.1} kW budget", self.budget_w / 1000.0)?;
+        }
+        write!(
+            f,
+            " · unhealthy GPUs {} · plugin faults {}",
+            self.unhealthy_gpus, self.plugin_faults
+        )
+    }
+}
+
 /// The fleet as its topics describe it.
 #[derive(Debug)]
 pub struct Fleet {
@@ -223,19 +245,6 @@ impl Fleet {
                     return;
                 }
                 let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(payload) else { return };
-                let detail: Vec<String> = m
-                    .iter()
-                    .filter(|(k, _)| {
-                        !matches!(
-                            k.as_str(),
-                            "node" | "ts_ms" | "inc" | "seq" | "kind" | "uuid" | "historical"
-                        )
-                    })
-                    .map(|(k, v)| match v {
-                        Value::String(s) => format!("{k}={s}"),
-                        v => format!("{k}={v}"),
-                    })
-                    .collect();
                 if self.events.len() == EVENTS {
                     self.events.pop_front();
                 }
@@ -243,7 +252,7 @@ impl Fleet {
                     node: node.to_owned(),
                     kind: kind.to_owned(),
                     ts_ms: m.get("ts_ms").and_then(Value::as_u64).unwrap_or(0),
-                    detail: detail.join(" "),
+                    detail: crate::telemetry::event_detail(&m),
                 });
             }
             _ => {}

@@ -31,22 +31,7 @@ pub fn draw(f: &mut Frame<'_>, fleet: &Fleet, h: &Header) {
     } else {
         format!("{} NOT connected: {}", h.broker, h.error.as_deref().unwrap_or("connecting"))
     };
-    let budget = if s.budget_w > 0.0 {
-        format!(" of {:.1} kW budget", s.budget_w / 1000.0)
-    } else {
-        String::new()
-    };
-    let summary = Line::from(format!(
-        "nodes {} ({} online, {} offline) · GPUs {} · power {:.1} kW{budget} · unhealthy GPUs {} · plugin faults {} · sorted by {} (s: next, q: quit)",
-        s.nodes,
-        s.online,
-        s.offline,
-        s.gpus,
-        s.power_w / 1000.0,
-        s.unhealthy_gpus,
-        s.plugin_faults,
-        h.sort.name()
-    ));
+    let summary = Line::from(format!("{s} · sorted by {} (s: next, q: quit)", h.sort.name()));
     f.render_widget(
         Paragraph::new(vec![summary, Line::from(link)])
             .block(Block::default().borders(Borders::BOTTOM).title(" gpulet top ")),

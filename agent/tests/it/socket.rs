@@ -43,6 +43,13 @@ impl Agent {
             "node = \"sock-1\"\ntick = \"{tick}\"\n[telemetry]\nsink = \"none\"\n[power]\nbudget_w = 4000\n{metrics_toml}[socket]\npath = {:?}\n{extra}\n",
             socket.display().to_string()
         );
+        let a = Agent::spawn(dir, &toml, &socket, port);
+        a.wait_ready();
+        a
+    }
+
+    /// `gpulet run` with `toml` as its config, in `dir`.
+    fn spawn(dir: tempfile::TempDir, toml: &str, socket: &Path, metrics: Option<u16>) -> Agent {
         std::fs::write(dir.path().join("gpulet.toml"), toml).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_gpulet"))
             .args(["run", "--config", "gpulet.toml"])
@@ -51,9 +58,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let a = Agent { child, _dir: dir, socket, metrics: port };
-        a.wait_ready();
-        a
+        Agent { child, _dir: dir, socket: socket.to_path_buf(), metrics }
     }
 
     /// Until `status` answers with a tick run (10 s at most).
@@ -320,15 +325,7 @@ impl Agent {
             "node = \"sock-2\"\ntick = \"200ms\"\n[telemetry]\nsink = \"none\"\n[socket]\npath = {:?}\n",
             path.display().to_string()
         );
-        std::fs::write(dir.path().join("gpulet.toml"), toml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gpulet"))
-            .args(["run", "--config", "gpulet.toml"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Agent { child, _dir: dir, socket: path.to_path_buf(), metrics: None }
+        Agent::spawn(dir, &toml, path, None)
     }
 }
 
