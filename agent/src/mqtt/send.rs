@@ -30,6 +30,9 @@ pub struct SendOptions {
     pub retain: bool,
 }
 
+/// How long a retained `offline` is given to turn out stale before `cmd` says so.
+const OFFLINE_GRACE: Duration = Duration::from_secs(2);
+
 /// Every result received, in order, up to the final one (`rejected`, `succeeded`,
 /// `failed` or `expired`). Errors say why nothing final came.
 pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
@@ -61,23 +64,38 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
     // instead of waiting out the timeout like a lost reply.
     let status_topic = format!("{}/{}/status", o.root, o.node);
     let mut node_status: Option<Value> = None;
+    // A retained `offline` can be a moment stale (a node reconnecting, a Will published
+    // late): it is believed only if no result and no `online` follow within a grace.
+    let mut offline_until: Option<tokio::time::Instant> = None;
     let correlation = Bytes::from(id.to_string());
     let deadline = tokio::time::Instant::now() + o.timeout;
     let mut results = Vec::new();
     let mut sent = false;
     loop {
-        let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+        let until = offline_until.map_or(deadline, |t| t.min(deadline));
+        let ev = match tokio::time::timeout_at(until, eventloop.poll()).await {
             Err(_) => {
-                return Err(if sent && node_status.is_none() {
-                    format!(
-                        "no node {:?} ever reported to this broker (no retained status at {status_topic}): check --node and --root",
-                        o.node
-                    )
-                } else if sent {
-                    format!("no final result within {:?}; results so far: {results:?}", o.timeout)
-                } else {
-                    format!("could not reach the broker at {} within {:?}", o.url, o.timeout)
-                });
+                let _ = client.disconnect().await;
+                return Err(
+                    if let Some(v) = node_status.as_ref().filter(|v| v["state"] == "offline") {
+                        format!(
+                            "node {:?} is offline (its last status, at ts_ms {}): the command waits in its session until it expires in {:?}, and runs if the node is back by then",
+                            o.node, v["ts_ms"], o.timeout
+                        )
+                    } else if sent && node_status.is_none() {
+                        format!(
+                            "no node {:?} ever reported to this broker (no retained status at {status_topic}): check --node and --root",
+                            o.node
+                        )
+                    } else if sent {
+                        format!(
+                            "no final result within {:?}; results so far: {results:?}",
+                            o.timeout
+                        )
+                    } else {
+                        format!("could not reach the broker at {} within {:?}", o.url, o.timeout)
+                    },
+                );
             }
             Ok(Err(e)) => return Err(format!("MQTT connection to {}: {e}", o.url)),
             Ok(Ok(ev)) => ev,
@@ -113,13 +131,8 @@ pub async fn send(o: SendOptions) -> Result<Vec<Value>, String> {
                 if p.topic.as_ref() == status_topic.as_bytes() =>
             {
                 let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else { continue };
-                if v["state"] == "offline" {
-                    let _ = client.disconnect().await;
-                    return Err(format!(
-                        "node {:?} is offline (its last status, at ts_ms {}): the command waits in its session until it expires in {:?}, and runs if the node is back by then",
-                        o.node, v["ts_ms"], o.timeout
-                    ));
-                }
+                offline_until =
+                    (v["state"] == "offline").then(|| tokio::time::Instant::now() + OFFLINE_GRACE);
                 node_status = Some(v);
             }
             Event::Incoming(Incoming::Publish(p)) => {
