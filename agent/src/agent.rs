@@ -30,6 +30,7 @@ use crate::calibration::{Calibration, Curve};
 use crate::clock::{Clock, VirtualClock};
 use crate::gpu::{GpuBackend, GpuInfo, Health};
 use crate::guard::{Bounds, PowerGuard};
+use crate::jobs::{JobOp, Jobs, Submitter, Who};
 use crate::notify::Notifier;
 use crate::plugin::chain::{PluginSpec, PolicyChain};
 use crate::policy::PowerDecision;
@@ -76,6 +77,8 @@ pub enum Control {
     Describe { done: oneshot::Sender<Description> },
     /// What the agent is doing now (`gpulet status`, `/metrics`).
     Status { done: oneshot::Sender<Status> },
+    /// A local user's request about jobs (`docs/jobs.md`).
+    Jobs { op: JobOp, who: Who, done: oneshot::Sender<Result<Value, Refusal>> },
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +141,8 @@ pub struct Agent {
     /// The last tick's snapshot and events, for `status`.
     last: Option<NodeSnapshot>,
     recent: std::collections::VecDeque<Value>,
+    /// The job queue, when `[jobs]` is enabled.
+    jobs: Option<Jobs>,
 }
 
 /// A node under a budget changes limits every few seconds: each change is a
@@ -228,7 +233,24 @@ impl Agent {
             log_summary: LogSummary::default(),
             last: None,
             recent: Default::default(),
+            jobs: None,
         }
+    }
+
+    /// Run a job queue on this node.
+    pub fn set_jobs(&mut self, jobs: Jobs) {
+        self.jobs = Some(jobs);
+    }
+
+    /// The job queue, if this node has one.
+    pub fn jobs(&self) -> Option<&Jobs> {
+        self.jobs.as_ref()
+    }
+
+    fn queue(&mut self) -> Result<&mut Jobs, Refusal> {
+        self.jobs.as_mut().ok_or_else(|| {
+            Refusal::Rejected("this node runs no job queue ([jobs] enabled = false)".into())
+        })
     }
 
     pub fn node(&self) -> &str {
@@ -298,6 +320,12 @@ impl Agent {
             curves: self.curves.clone(),
         };
 
+        // The jobs: accounted, reaped, stopped, started (their GPUs then run them).
+        if let Some(jobs) = &mut self.jobs {
+            jobs.tick(&snapshot, &mut *self.backend);
+            events.extend(jobs.take_events());
+        }
+
         // 3. Decide, 4. check.
         let mut decisions = self.policy.decide(&snapshot, &mut events, &mut metrics);
         if !self.desired.limits_w.is_empty() {
@@ -309,6 +337,27 @@ impl Agent {
                 reason: "operator limit (set-power-limit command)".into(),
                 source: "operator".into(),
             }));
+        }
+        // A job's power cap bounds its GPUs from above, whatever decided them (the
+        // guard still checks it, and the budget still holds).
+        for (gpu, cap, job) in self.jobs.as_ref().map(Jobs::caps).unwrap_or_default() {
+            let current = snapshot.samples.get(gpu as usize).and_then(|s| s.power_limit_w.value());
+            match decisions.iter_mut().find(|d| d.gpu == gpu) {
+                Some(d) if d.limit_w <= cap => {}
+                Some(d) => {
+                    d.limit_w = cap;
+                    d.reason =
+                        format!("job {job}'s power cap ({cap} W) over {}: {}", d.source, d.reason);
+                    d.source = "job".into();
+                }
+                None if current.is_some_and(|c| c <= cap) => {}
+                None => decisions.push(PowerDecision {
+                    gpu,
+                    limit_w: cap,
+                    reason: format!("job {job}'s power cap"),
+                    source: "job".into(),
+                }),
+            }
         }
         if let Some(saved) = self.restore_limits.take() {
             // The limits from before an unclean stop, for the GPUs no one decides.
@@ -511,6 +560,17 @@ impl Agent {
                 info!(gpu, "GPU health cleared by command");
                 Ok(format!("GPU {gpu} health cleared"))
             }
+            Request::SubmitJob { user, job } => {
+                let sub = crate::jobs::spec::Submission::parse(job).map_err(Refusal::Rejected)?;
+                let id = self.queue()?.submit(sub, Submitter::Fleet { user })?;
+                self.schedule_now();
+                Ok(format!("job {id} queued"))
+            }
+            Request::CancelJob { id } => {
+                let detail = self.queue()?.cancel(id, Who::Fleet)?;
+                self.schedule_now();
+                Ok(detail)
+            }
             Request::ReloadPlugins => {
                 if self.reload.is_none() {
                     return Err(Refusal::Rejected(
@@ -634,7 +694,32 @@ impl Agent {
                 let _ = done.send(self.status());
                 false
             }
+            Control::Jobs { op, who, done } => {
+                let changes = matches!(op, JobOp::Submit(_) | JobOp::Cancel(_));
+                let mut answer = self.queue().and_then(|q| q.answer(op, who));
+                if changes && answer.is_ok() {
+                    self.schedule_now();
+                    // A submitted job is shown as it is after scheduling (started, or why
+                    // it waits).
+                    if let Ok(v) = &answer
+                        && let Some(id) = v["job"]["id"].as_u64()
+                    {
+                        answer = self.queue().and_then(|q| q.answer(JobOp::Get(id), who));
+                    }
+                }
+                let _ = done.send(answer);
+                false
+            }
         }
+    }
+
+    /// Schedule the queue now, on the last tick's picture (a job submitted to an idle
+    /// node starts at once, not at the next tick); what happened is reported with the
+    /// next tick.
+    fn schedule_now(&mut self) {
+        let (Some(jobs), Some(last)) = (&mut self.jobs, &self.last) else { return };
+        jobs.schedule(last, &mut *self.backend);
+        self.pending.extend(jobs.take_events());
     }
 
     /// Keep the limits the GPUs have now in `path`, to put back at [`Agent::stop`]. If
@@ -690,6 +775,10 @@ impl Agent {
     /// change.
     pub fn stop(&mut self) {
         self.control = None;
+        if let Some(jobs) = &mut self.jobs {
+            // Running jobs go on; the next start re-adopts them.
+            jobs.stop();
+        }
         for sink in &mut self.sinks {
             sink.close();
         }

@@ -70,6 +70,80 @@ pub struct Config {
     pub socket: SocketConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: the job queue (`docs/jobs.md`); off unless enabled.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// The queue file and the jobs' logs.
+    #[serde(default = "default_jobs_dir")]
+    pub dir: PathBuf,
+    /// Jobs queued at most (a submission beyond is refused).
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Ended jobs kept (for `gpulet jobs --all`, `wait` and `logs`), with their logs.
+    #[serde(default = "default_max_queue")]
+    pub keep_finished: usize,
+    /// From SIGTERM (cancel, time limit) to SIGKILL.
+    #[serde(default = "default_kill_grace", with = "humantime_serde")]
+    pub kill_grace: Duration,
+    /// Each of a job's stdout and stderr is rotated past this (one old file kept), KiB.
+    #[serde(default = "default_log_max_kib")]
+    pub log_max_kib: u64,
+    /// `"off"`, `"own"` (the agent's own cgroup v2, delegated by the unit:
+    /// `Delegate=yes`), or the absolute path of a cgroup v2 directory: where each job
+    /// gets a cgroup of its own.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+    /// Whether jobs may run as root (a root submitter, or a fleet command naming root).
+    #[serde(default)]
+    pub allow_root: bool,
+    /// Only members of this group (and root, and the agent's user) may submit locally.
+    /// Default: whoever can connect to the socket.
+    pub submit_group: Option<String>,
+    /// The scheduler plugin (a `job-scheduler` component); default: the built-in FIFO
+    /// bin-packer.
+    pub scheduler: Option<PluginConfig>,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            enabled: false,
+            dir: default_jobs_dir(),
+            max_queue: default_max_queue(),
+            keep_finished: default_max_queue(),
+            kill_grace: default_kill_grace(),
+            log_max_kib: default_log_max_kib(),
+            cgroup: default_cgroup(),
+            allow_root: false,
+            submit_group: None,
+            scheduler: None,
+        }
+    }
+}
+
+pub const DEFAULT_JOBS_DIR: &str = "/var/lib/gpulet/jobs";
+
+fn default_jobs_dir() -> PathBuf {
+    DEFAULT_JOBS_DIR.into()
+}
+fn default_max_queue() -> usize {
+    1000
+}
+fn default_kill_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_log_max_kib() -> u64 {
+    16 << 10
+}
+fn default_cgroup() -> String {
+    "off".into()
 }
 
 /// `[socket]`: the local control socket that `gpulet status`, `set-budget`, `set-limit`,
@@ -761,9 +835,11 @@ impl Config {
                 ),
             ),
         }
-        for (key, group) in
-            [("socket.group", &self.socket.group), ("socket.admin_group", &self.socket.admin_group)]
-        {
+        for (key, group) in [
+            ("socket.group", &self.socket.group),
+            ("socket.admin_group", &self.socket.admin_group),
+            ("jobs.submit_group", &self.jobs.submit_group),
+        ] {
             if let Some(g) = group
                 && (g.is_empty()
                     || g.len() > 64
@@ -772,6 +848,7 @@ impl Config {
                 v.err(key, format!("{g:?} is not a group name; accepted: 1 to 64 letters, digits, '.', '_' or '-'"));
             }
         }
+        v.jobs(&self.jobs);
         if self.health.xid_debounce > MAX_TICK {
             v.err(
                 "health.xid_debounce",
@@ -1066,6 +1143,19 @@ impl Validator {
         let mut names = HashSet::new();
         for (i, c) in list.iter().enumerate() {
             let key = |k: &str| format!("plugin[{i}].{k}");
+            if self.plugin_entry(&format!("plugin[{i}]"), c)
+                && (!names.insert(c.name.as_str()) || c.name == "static" || c.name == "guard")
+            {
+                self.err(key("name"), format!("{:?} is used twice or reserved; accepted: a unique name other than \"static\" and \"guard\"", c.name));
+            }
+        }
+    }
+
+    /// One plugin's entry (`[[plugin]]`, `[jobs.scheduler]`) under `at`; whether its name
+    /// is valid.
+    fn plugin_entry(&mut self, at: &str, c: &PluginConfig) -> bool {
+        {
+            let key = |k: &str| format!("{at}.{k}");
             let valid = !c.name.is_empty()
                 && c.name.len() <= 64
                 && c.name
@@ -1079,8 +1169,6 @@ impl Validator {
                         c.name
                     ),
                 );
-            } else if !names.insert(c.name.as_str()) || c.name == "static" || c.name == "guard" {
-                self.err(key("name"), format!("{:?} is used twice or reserved; accepted: a unique name other than \"static\" and \"guard\"", c.name));
             }
             if c.deadline < Duration::from_millis(1) || c.deadline > Duration::from_secs(1) {
                 self.err(
@@ -1104,6 +1192,46 @@ impl Validator {
                 self.err(
                     key("grants"),
                     "lists a grant twice; accepted: \"lower\" and \"raise\", each at most once",
+                );
+            }
+            valid
+        }
+    }
+
+    fn jobs(&mut self, j: &JobsConfig) {
+        if !(1..=100_000).contains(&j.max_queue) {
+            self.err(
+                "jobs.max_queue",
+                format!("{} is out of range; accepted: 1 to 100000", j.max_queue),
+            );
+        }
+        if j.keep_finished > 100_000 {
+            self.err(
+                "jobs.keep_finished",
+                format!("{} is out of range; accepted: 0 to 100000", j.keep_finished),
+            );
+        }
+        if j.kill_grace > Duration::from_secs(600) {
+            self.err(
+                "jobs.kill_grace",
+                format!("{} is out of range; accepted: 0s to 10min", show(j.kill_grace)),
+            );
+        }
+        if !(1..=(1 << 20)).contains(&j.log_max_kib) {
+            self.err(
+                "jobs.log_max_kib",
+                format!("{} is out of range; accepted: 1 to 1048576 (1 GiB)", j.log_max_kib),
+            );
+        }
+        if !(matches!(j.cgroup.as_str(), "off" | "own") || Path::new(&j.cgroup).is_absolute()) {
+            self.err("jobs.cgroup", format!("{:?} is not a cgroup setting; accepted: \"off\", \"own\" (the agent's cgroup, delegated by the unit) or the absolute path of a cgroup v2 directory", j.cgroup));
+        }
+        if let Some(s) = &j.scheduler {
+            self.plugin_entry("jobs.scheduler", s);
+            if !s.grants.is_empty() {
+                self.err(
+                    "jobs.scheduler.grants",
+                    "a scheduler sets no power limits; accepted: none",
                 );
             }
         }

@@ -23,10 +23,20 @@ pub enum Request {
     ClearHealth {
         gpu: u32,
     },
+    /// Queue a job (`docs/jobs.md`) that runs as `user`; `job` is checked by the queue.
+    SubmitJob {
+        user: String,
+        job: Value,
+    },
+    /// Cancel a job.
+    CancelJob {
+        id: u64,
+    },
 }
 
 /// The requests by name, as every transport spells them.
-pub const REQUEST_NAMES: &str = "set-power-budget, set-power-limit, reload-plugins, clear-health";
+pub const REQUEST_NAMES: &str =
+    "set-power-budget, set-power-limit, reload-plugins, clear-health, submit-job, cancel-job";
 
 impl Request {
     /// The request `name` with its arguments `args` (a JSON object), checked strictly: an
@@ -50,6 +60,18 @@ impl Request {
                 no_args(args)?;
                 Request::ReloadPlugins
             }
+            "submit-job" => {
+                let mut job = match args {
+                    Value::Object(m) => m,
+                    _ => return Err("arguments: a JSON object".into()),
+                };
+                let user = match job.remove("user") {
+                    Some(Value::String(u)) if !u.is_empty() => u,
+                    _ => return Err("user is missing or not a string; accepted: the name of the user the job runs as".into()),
+                };
+                Request::SubmitJob { user, job: Value::Object(job) }
+            }
+            "cancel-job" => Request::CancelJob { id: args_of::<JobArgs>(args)?.id },
             _ => return Ok(None),
         }))
     }
@@ -60,6 +82,8 @@ impl Request {
             Request::SetPowerLimit { .. } => "set-power-limit",
             Request::ReloadPlugins => "reload-plugins",
             Request::ClearHealth { .. } => "clear-health",
+            Request::SubmitJob { .. } => "submit-job",
+            Request::CancelJob { .. } => "cancel-job",
         }
     }
 }
@@ -85,6 +109,12 @@ struct NoArgs {}
 #[serde(deny_unknown_fields)]
 struct GpuArgs {
     gpu: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobArgs {
+    id: u64,
 }
 
 /// Check that a request that takes no arguments got none.
@@ -119,6 +149,8 @@ impl std::fmt::Display for Request {
             }
             Request::ReloadPlugins => f.write_str("reload-plugins"),
             Request::ClearHealth { gpu } => write!(f, "clear-health GPU {gpu}"),
+            Request::SubmitJob { user, .. } => write!(f, "submit-job as {user}"),
+            Request::CancelJob { id } => write!(f, "cancel-job {id}"),
         }
     }
 }

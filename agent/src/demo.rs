@@ -53,13 +53,29 @@ pub struct Options {
 pub fn agent(
     opts: &Options,
     out: Box<dyn Write + Send>,
-) -> Result<(setup::Node, VirtualClock, Option<tempfile::TempDir>), Error> {
+) -> Result<(setup::Node, VirtualClock, Vec<tempfile::TempDir>), Error> {
     let mut config = config();
+    let mut jobs_dir = None;
     if let Some(path) = &opts.socket {
         config.socket.enabled = true;
         config.socket.path = Some(path.clone());
         // The demo is its user's own: only they may connect.
         config.socket.mode = "0600".into();
+        // And it runs a job queue (`gpulet submit --socket PATH -- CMD`), kept in a
+        // temporary directory of its own, scheduled by the shipped fifo-binpack plugin
+        // where the package installed it (else the same algorithm, built in).
+        let dir = temp_dir("gpulet-demo-jobs-")?;
+        config.jobs.enabled = true;
+        config.jobs.dir = dir.path().to_path_buf();
+        config.jobs.allow_root = true;
+        let shipped = Path::new(SHIPPED_SCHEDULER);
+        if shipped.is_file() {
+            config.jobs.scheduler = Some(
+                toml::from_str(&format!("name = \"fifo-binpack\"\npath = {:?}", SHIPPED_SCHEDULER))
+                    .expect("a plugin entry"),
+            );
+        }
+        jobs_dir = Some(dir);
     }
     if let Some(addr) = opts.metrics {
         config.metrics.enabled = true;
@@ -70,11 +86,7 @@ pub fn agent(
         let mut m: crate::config::MqttConfig = toml::from_str(&format!("url = {url:?}"))
             .map_err(|e| crate::config::ConfigError::invalid("--mqtt", e.message().to_owned()))
             .map_err(crate::config::ConfigErrors::from)?;
-        let dir = tempfile::Builder::new().prefix("gpulet-demo-mqtt-").tempdir().map_err(|e| {
-            Error::Runtime(std::io::Error::other(format!(
-                "cannot make the demo's MQTT state directory: {e}"
-            )))
-        })?;
+        let dir = temp_dir("gpulet-demo-mqtt-")?;
         m.state_dir = dir.path().to_path_buf();
         state = Some(dir);
         config.mqtt = Some(m);
@@ -90,7 +102,18 @@ pub fn agent(
     };
     let node =
         setup::node(&config, Path::new("."), Arc::new(clock.clone()), Some(vec![sink]), None)?;
-    Ok((node, clock, state))
+    Ok((node, clock, vec![state, jobs_dir].into_iter().flatten().collect()))
+}
+
+/// Where the package installs the fifo-binpack scheduler plugin.
+pub const SHIPPED_SCHEDULER: &str = "/usr/lib/gpulet/plugins/fifo_binpack.wasm";
+
+fn temp_dir(prefix: &str) -> Result<tempfile::TempDir, Error> {
+    tempfile::Builder::new().prefix(prefix).tempdir().map_err(|e| {
+        Error::Runtime(std::io::Error::other(format!(
+            "cannot make the demo's state directory: {e}"
+        )))
+    })
 }
 
 /// Run the demo until `ticks`, Ctrl-C, or its output is closed (`gpulet demo | head`).
@@ -237,6 +260,19 @@ pub fn describe(e: &Event) -> String {
             format!(
                 "node budget {budget_w:.0} W is below the GPUs' minimum total {min_total_w:.0} W"
             )
+        }
+        Event::Job(j) => {
+            let mut line = format!("job {} ({}): {}", j.job, j.user, j.event);
+            if !j.gpus.is_empty() {
+                line.push_str(&format!(" on {} GPU(s)", j.gpus.len()));
+            }
+            if let Some(e) = j.energy_j {
+                line.push_str(&format!(", {e:.0} J"));
+            }
+            if let Some(r) = &j.reason {
+                line.push_str(&format!(": {r}"));
+            }
+            line
         }
     }
 }

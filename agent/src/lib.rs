@@ -13,6 +13,7 @@ pub mod error;
 pub mod fleet_sim;
 pub mod gpu;
 pub mod guard;
+pub mod jobs;
 pub mod mqtt;
 pub mod notify;
 pub mod plugin;

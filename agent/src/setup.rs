@@ -20,6 +20,7 @@ use crate::gpu::sim::workload::{TraceReplay, WorkloadKind};
 use crate::gpu::sim::{self, Fault, GpuSpec, ScheduledFault, SimBackend, SimHandle, SimNode};
 use crate::gpu::{Field, GpuBackend};
 use crate::guard::PowerGuard;
+use crate::jobs::{Jobs, Scheduler};
 use crate::mqtt::{Mqtt, Settings};
 use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
 use crate::plugin::engine::PluginEngine;
@@ -193,6 +194,14 @@ pub fn node(
     if let Some(path) = config_file {
         agent.set_reload(reloader(path));
     }
+    if config.jobs.enabled {
+        match jobs(config, base_dir, agent.inventory(), sim.is_some()) {
+            Ok(j) => agent.set_jobs(j),
+            Err(e) => {
+                tracing::error!(error = %e, "the job queue is not run (jobs cannot be submitted); the agent goes on")
+            }
+        }
+    }
     let mqtt = linked.map(|l| l.attach(&mut agent));
     if config.backend == BackendKind::Nvml && config.nvml.restore_limits {
         agent.keep_start_limits(base_dir.join(&config.nvml.state_dir).join("start-limits.json"));
@@ -317,18 +326,82 @@ pub fn policy_chain(config: &Config, base_dir: &Path, gpus: usize) -> Result<Pol
 
 /// The `[[plugin]]` entries, resolved: paths against `base_dir`, configs as JSON.
 pub fn plugin_specs(config: &Config, base_dir: &Path) -> Vec<PluginSpec> {
-    config
-        .plugin
-        .iter()
-        .map(|p| PluginSpec {
-            name: p.name.clone(),
-            path: base_dir.join(&p.path),
-            config: serde_json::to_string(&p.config).expect("a TOML table serialises as JSON"),
-            limits: Limits { deadline: p.deadline, memory_bytes: (p.memory_mib as usize) << 20 },
-            grants: p.grants.clone(),
-            state_bytes: (p.state_kib as usize) << 10,
-        })
-        .collect()
+    config.plugin.iter().map(|p| plugin_spec(p, base_dir)).collect()
+}
+
+fn plugin_spec(p: &crate::config::PluginConfig, base_dir: &Path) -> PluginSpec {
+    PluginSpec {
+        name: p.name.clone(),
+        path: base_dir.join(&p.path),
+        config: serde_json::to_string(&p.config).expect("a TOML table serialises as JSON"),
+        limits: Limits { deadline: p.deadline, memory_bytes: (p.memory_mib as usize) << 20 },
+        grants: p.grants.clone(),
+        state_bytes: (p.state_kib as usize) << 10,
+    }
+}
+
+/// The job queue `[jobs]` describes, with its scheduler. A scheduler plugin that does
+/// not load is reported and the built-in scheduler stands in; a cgroup that cannot be
+/// used costs the tracking of daemonising jobs (logged), not the queue.
+pub fn jobs(
+    config: &Config,
+    base_dir: &Path,
+    inventory: &[crate::gpu::GpuInfo],
+    sim: bool,
+) -> Result<Jobs, String> {
+    let j = &config.jobs;
+    let cgroup_root = match j.cgroup.as_str() {
+        "off" => None,
+        "own" => crate::jobs::launch::own_cgroup()
+            .inspect_err(|e| tracing::warn!(error = %e, "jobs.cgroup = \"own\", but the agent's cgroup cannot be found; jobs are tracked by process group only"))
+            .ok(),
+        path => Some(PathBuf::from(path)),
+    };
+    if let Some(dir) = &cgroup_root
+        && !dir.join("cgroup.procs").exists()
+    {
+        return Err(format!("jobs.cgroup: {} is not a cgroup v2 directory", dir.display()));
+    }
+    let submit_gid = j.submit_group.as_deref().map(crate::service::peer::group_id).transpose()?;
+    let settings = crate::jobs::Settings {
+        dir: base_dir.join(&j.dir),
+        max_queue: j.max_queue,
+        keep_finished: j.keep_finished,
+        kill_grace: j.kill_grace,
+        log_max_bytes: j.log_max_kib << 10,
+        cgroup_root,
+        allow_root: j.allow_root,
+        submit_gid,
+    };
+    let scheduler = match &j.scheduler {
+        None => Scheduler::builtin(),
+        Some(p) => {
+            let spec = plugin_spec(p, base_dir);
+            let started = PluginEngine::new(Some(&base_dir.join(&config.plugins.cache_dir)))
+                .map(Arc::new)
+                .and_then(|engine| {
+                    let kv = crate::plugin::kv::KvStore::open(
+                        &base_dir.join(&config.plugins.state_dir),
+                        &spec.name,
+                        spec.state_bytes,
+                    )
+                    .unwrap_or_else(|_| crate::plugin::kv::KvStore::in_memory(spec.state_bytes));
+                    Scheduler::plugin(
+                        engine,
+                        &spec,
+                        crate::plugin::gpu_infos(inventory),
+                        kv,
+                        config.plugins.max_failures,
+                        config.plugins.failure_window.as_millis() as u64,
+                    )
+                });
+            started.unwrap_or_else(|e| {
+                tracing::error!(plugin = %spec.name, error = %e, "the scheduler plugin did not load; the built-in FIFO bin-packer schedules instead");
+                Scheduler::builtin()
+            })
+        }
+    };
+    Jobs::open(settings, inventory.into(), sim, scheduler)
 }
 
 /// What SIGHUP runs: read and validate the config file again, and give its plugin list.

@@ -195,6 +195,28 @@ pub enum Event {
     /// A state file could not be read (empty, torn, not what it should hold); it was
     /// renamed to `moved_to` and the agent went on without it.
     StateSetAside { path: String, error: String, moved_to: String },
+    /// Something happened to a job of the queue (`docs/jobs.md`).
+    Job(JobEvent),
+}
+
+/// A job's event: `event` is `submitted`, `started`, `finished` (with its exit status),
+/// `cancelled`, `timed-out`, `failed-to-start`, `lost` or `placement-rejected`. Usage
+/// figures are the job's so far (final in the events that end it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobEvent {
+    pub job: u64,
+    pub event: &'static str,
+    pub user: String,
+    pub name: Option<String>,
+    /// Its GPUs' UUIDs (none while queued).
+    pub gpus: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Why, for a person: who cancelled, what failed, why a placement was refused.
+    pub reason: Option<String>,
+    pub energy_j: Option<f64>,
+    pub gpu_seconds: Option<f64>,
+    pub runtime_s: Option<f64>,
 }
 
 impl Event {

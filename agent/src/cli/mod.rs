@@ -19,6 +19,7 @@ mod demo;
 mod diag;
 mod fleet_sim;
 mod inventory;
+mod jobs;
 mod keygen;
 mod local;
 mod plugin;
@@ -92,6 +93,18 @@ pub enum Command {
     /// against budget, hottest and unhealthy GPUs, plugin faults, recent events. `s`
     /// changes the order, `q` quits; `--once --json` prints a snapshot for scripts.
     Top(top::Args),
+    /// Queue a job on this node's GPUs: `gpulet submit -g 2 --mem 20000 -- python
+    /// train.py`. It runs as you, with CUDA_VISIBLE_DEVICES set to its GPUs' UUIDs.
+    Submit(jobs::Submit),
+    /// Your queued and running jobs (`--all`: ended ones too): GPUs, run time, energy,
+    /// why a queued job waits.
+    Jobs(jobs::List),
+    /// Cancel a job (SIGTERM, then SIGKILL after the grace period).
+    Cancel(jobs::One),
+    /// A job's output (`--stderr`; `-f` to follow until it ends).
+    Logs(jobs::Logs),
+    /// Wait for a job to end; exit with its exit status.
+    Wait(jobs::One),
 }
 
 impl Command {
@@ -107,7 +120,12 @@ impl Command {
             | Command::SetLimit(_)
             | Command::Reload(_)
             | Command::ClearHealth(_)
-            | Command::Top(_) => tracing::Level::WARN,
+            | Command::Top(_)
+            | Command::Submit(_)
+            | Command::Jobs(_)
+            | Command::Cancel(_)
+            | Command::Logs(_)
+            | Command::Wait(_) => tracing::Level::WARN,
             _ => tracing::Level::INFO,
         }
     }
@@ -132,6 +150,11 @@ pub fn run(command: Command) -> Result<(), Error> {
         Command::Reload(a) => local::reload(a),
         Command::ClearHealth(a) => local::clear_health(a),
         Command::Top(a) => top::run(a),
+        Command::Submit(a) => jobs::submit(a),
+        Command::Jobs(a) => jobs::list(a),
+        Command::Cancel(a) => jobs::cancel(a),
+        Command::Logs(a) => jobs::logs(a),
+        Command::Wait(a) => jobs::wait(a),
     }
 }
 

@@ -426,6 +426,16 @@ pub trait GpuBackend: Send {
     fn driver(&self) -> Option<Driver> {
         None
     }
+    /// Make GPU `gpu` run a simulated workload (a job's, on the simulator); `None`
+    /// returns it to idle. Real GPUs run what their jobs run: unsupported.
+    fn run_workload(
+        &mut self,
+        gpu: u32,
+        workload: Option<sim::workload::WorkloadKind>,
+    ) -> Result<(), GpuError> {
+        let _ = workload;
+        Err(GpuError::NotSupported { gpu, what: "simulated workloads" })
+    }
 }
 
 /// What an XID code means for an operator: a severity and what to do. The common codes

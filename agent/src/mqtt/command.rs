@@ -31,36 +31,22 @@ use serde_json::{Map, Value};
 /// The commands, with their arguments checked.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// The node power budget, watts; `None` returns to the configured one.
-    SetPowerBudget {
-        watts: Option<f64>,
-    },
-    /// An operator's limit for one GPU, within its bounds; `None` removes it.
-    SetPowerLimit {
-        gpu: u32,
-        watts: Option<f64>,
-    },
-    ReloadPlugins,
+    /// What the loop carries out, as every transport asks it (`control::Request`).
+    Request(Request),
+    /// The link's own: publish the birth and state again.
     Rebirth,
+    /// The link's own: answer at once.
     Ping,
-    /// Clear a GPU's sticky `degraded` state.
-    ClearHealth {
-        gpu: u32,
-    },
 }
 
-pub const NAMES: &str =
-    "set-power-budget, set-power-limit, reload-plugins, rebirth, ping, clear-health";
+pub const NAMES: &str = "set-power-budget, set-power-limit, reload-plugins, rebirth, ping, clear-health, submit-job, cancel-job";
 
 impl Command {
     pub fn name(&self) -> &'static str {
         match self {
-            Command::SetPowerBudget { .. } => "set-power-budget",
-            Command::SetPowerLimit { .. } => "set-power-limit",
-            Command::ReloadPlugins => "reload-plugins",
+            Command::Request(r) => r.name(),
             Command::Rebirth => "rebirth",
             Command::Ping => "ping",
-            Command::ClearHealth { .. } => "clear-health",
         }
     }
 }
@@ -235,10 +221,7 @@ pub fn parse(msg: &Incoming<'_>, policy: &Policy) -> Result<Accepted, (Envelope,
             if msg.name == "rebirth" { Command::Rebirth } else { Command::Ping }
         }
         name => match Request::parse(name, args).map_err(|e| (env.clone(), e))? {
-            Some(Request::SetPowerBudget(watts)) => Command::SetPowerBudget { watts },
-            Some(Request::SetPowerLimit { gpu, watts }) => Command::SetPowerLimit { gpu, watts },
-            Some(Request::ReloadPlugins) => Command::ReloadPlugins,
-            Some(Request::ClearHealth { gpu }) => Command::ClearHealth { gpu },
+            Some(r) => Command::Request(r),
             None => return fail(&env, format!("{name:?} is not a command; accepted: {NAMES}")),
         },
     };
@@ -453,14 +436,17 @@ mod tests {
     #[test]
     fn good_commands_parse() {
         let a = run("set-power-budget", r#"{"id":"a","watts":4000}"#).unwrap();
-        assert_eq!(a.command, Command::SetPowerBudget { watts: Some(4000.0) });
+        assert_eq!(a.command, Command::Request(Request::SetPowerBudget(Some(4000.0))));
         let a = run("set-power-budget", r#"{"id":"a","watts":null,"reply_to":"x/y"}"#).unwrap();
         assert_eq!(
             (a.command, a.reply_to.as_deref()),
-            (Command::SetPowerBudget { watts: None }, Some("x/y"))
+            (Command::Request(Request::SetPowerBudget(None)), Some("x/y"))
         );
         let a = run("set-power-limit", r#"{"id":"a","gpu":3,"watts":300,"node":"n1"}"#).unwrap();
-        assert_eq!(a.command, Command::SetPowerLimit { gpu: 3, watts: Some(300.0) });
+        assert_eq!(
+            a.command,
+            Command::Request(Request::SetPowerLimit { gpu: 3, watts: Some(300.0) })
+        );
         assert_eq!(run("ping", r#"{"id":"p"}"#).unwrap().command, Command::Ping);
     }
 
@@ -557,7 +543,7 @@ mod tests {
             &p,
         )
         .unwrap();
-        assert_eq!(a.command, Command::SetPowerBudget { watts: Some(3999.9999999999995) });
+        assert_eq!(a.command, Command::Request(Request::SetPowerBudget(Some(3999.9999999999995))));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 use super::command::{self, Accepted, Command, Envelope, SeenIds};
 use super::outbox::Class;
 use super::{MAX_TOPIC, Shared, status_payload, valid_topic, wall_ms};
-use crate::agent::{Control, Description, Refusal, Request};
+use crate::agent::{Control, Description, Refusal};
 
 /// What a publish is, to the link task when its PUBACK comes.
 #[derive(Debug, Clone)]
@@ -735,10 +735,7 @@ impl Link {
                 self.result(&response, &env, "succeeded", None, None);
                 return;
             }
-            Command::SetPowerBudget { watts } => Request::SetPowerBudget(watts),
-            Command::SetPowerLimit { gpu, watts } => Request::SetPowerLimit { gpu, watts },
-            Command::ReloadPlugins => Request::ReloadPlugins,
-            Command::ClearHealth { gpu } => Request::ClearHealth { gpu },
+            Command::Request(r) => r,
         };
         let (done, answer) = oneshot::channel();
         let stopped = || Err(Refusal::Failed("the agent stopped".into()));

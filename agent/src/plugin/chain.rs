@@ -318,15 +318,7 @@ impl Chain {
             }),
             None => KvStore::in_memory(spec.state_bytes),
         };
-        let gpus = inventory
-            .iter()
-            .map(|g| wit::GpuInfo {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                name: g.name.clone(),
-                memory_total_mib: g.memory_total_mib,
-            })
-            .collect();
+        let gpus = super::gpu_infos(inventory);
         let plugin = PowerPlugin::start(
             &engine,
             &spec.name,

@@ -27,6 +27,7 @@ pub const EPOCH_PERIOD: Duration = Duration::from_millis(1);
 pub const ALLOWED_IMPORTS: &[&str] = &[
     "gpulet:policy/host",
     "gpulet:policy/types",
+    "gpulet:policy/scheduling",
     "wasi:cli/environment",
     "wasi:cli/exit",
     "wasi:cli/stdin",
@@ -105,6 +106,9 @@ impl PluginEngine {
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         refuse_blocking(&mut linker).map_err(|e| PluginError::Engine(e.to_string()))?;
         Power::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        // The scheduler world's own interface holds only types: an empty instance.
+        super::sched_wit::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
 
         let cache = cache_dir.and_then(|dir| match Cache::open(dir) {

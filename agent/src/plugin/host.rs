@@ -126,6 +126,7 @@ impl ResourceLimiter for MemoryCap {
 }
 
 impl types::Host for HostState {}
+impl super::sched_wit::Host for HostState {}
 
 impl HostState {
     /// Save what the call changed in the key-value store.

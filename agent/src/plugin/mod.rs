@@ -7,9 +7,11 @@
 //!   key-value store [`kv`], metrics), with the memory cap.
 //! - [`sandbox`]: what any plugin runs in, whatever its world: its limits, a store per
 //!   instance with the memory cap and deadline, one call timed and its fault classified.
-//! - [`power`]: the `power` world's binding: start a power plugin (instantiate, check
-//!   its API version, `validate-config`, `init`) and call `decide-power` in its sandbox,
+//! - [`world`]: what every world shares: start a plugin (instantiate, check its API
+//!   version, `validate-config`, `init`) and call its export in its sandbox,
 //!   re-instantiating after a fault.
+//! - [`power`], [`scheduler`]: the `power` and `job-scheduler` worlds' bindings: their
+//!   one export each, and what its results may be.
 //! - [`chain`]: the decision stage the agent calls: the static caps, then the power
 //!   plugins in configured order, with grants, fault counting, quarantine and fallback.
 //! - [`thread`]: the plugin thread, where every call into a plugin runs (never on the
@@ -26,23 +28,52 @@ pub mod host;
 pub mod kv;
 pub mod power;
 pub mod sandbox;
+pub mod scheduler;
 pub mod thread;
+pub mod world;
 
-/// Host bindings of the `power` world of `wit/v0.1.1`. Plugins built against 0.1.0 link
-/// to them too: 0.1.1 only adds, and the linker resolves a 0.1.0 import to its 0.1.1
-/// definition (semver-compatible).
+/// Host bindings of the `power` world of `wit/v0.1.2`. Plugins built against 0.1.0 or
+/// 0.1.1 link to them too: each patch version only adds, and the linker resolves an
+/// older import to its 0.1.2 definition (semver-compatible).
 pub mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit/v0.1.1",
+        path: "../wit/v0.1.2",
         world: "power",
     });
 }
 
+/// Host bindings of the `job-scheduler` world of `wit/v0.1.2`, sharing the `types` and
+/// `host` interfaces of [`bindings`] (one host implementation, one set of types).
+pub mod scheduler_bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.2",
+        world: "job-scheduler",
+        with: {
+            "gpulet:policy/types": super::bindings::gpulet::policy::types,
+            "gpulet:policy/host": super::bindings::gpulet::policy::host,
+        },
+    });
+}
+
 pub use bindings::gpulet::policy::types as wit;
+pub use scheduler_bindings::gpulet::policy::scheduling as sched_wit;
+
+/// The node's GPUs as `init` gets them.
+pub fn gpu_infos(inventory: &[crate::gpu::GpuInfo]) -> Vec<wit::GpuInfo> {
+    inventory
+        .iter()
+        .map(|g| wit::GpuInfo {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            memory_total_mib: g.memory_total_mib,
+        })
+        .collect()
+}
 
 /// The contract version this host implements; a plugin must report the same
 /// major.minor (`0.1`) in `info`.
-pub const API_VERSION: &str = "0.1.1";
+pub const API_VERSION: &str = "0.1.2";
 
 /// What can go wrong loading a plugin. Each message names the plugin file and what to do.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -60,9 +91,9 @@ pub enum PluginError {
     )]
     ForbiddenImport { path: String, import: String },
     #[error(
-        "{path} is not a power plugin: it does not export the `power` world of gpulet:policy@{API_VERSION} ({error})"
+        "{path} is not a {world} plugin: it does not export the `{world}` world of gpulet:policy@{API_VERSION} ({error})"
     )]
-    WrongWorld { path: String, error: String },
+    WrongWorld { path: String, world: &'static str, error: String },
     #[error(
         "plugin {plugin} was built for gpulet:policy@{found}; this gpulet implements {API_VERSION}: rebuild it against wit/v{API_VERSION}"
     )]

@@ -16,7 +16,7 @@ use crate::mqtt::StatsSource;
 
 pub mod client;
 pub mod metrics;
-mod peer;
+pub mod peer;
 pub mod socket;
 
 /// How long a request waits for the loop (which answers between ticks): longer means the

@@ -21,6 +21,7 @@ use super::{Handle, peer};
 use crate::agent::Control;
 use crate::config::SocketConfig;
 use crate::control::{REQUEST_NAMES, Refusal, Request};
+use crate::jobs::{JobOp, Who};
 
 /// The longest request line.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -227,12 +228,19 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
             return refusal(
                 id,
                 "bad-request",
-                format!("op is missing or not a string; accepted: status, {REQUEST_NAMES}"),
+                format!(
+                    "op is missing or not a string; accepted: status, {JOB_OPS}, {REQUEST_NAMES}"
+                ),
             );
         }
     };
     let args = Value::Object(map);
-    let reply = if op == "status" {
+    let reply = if let Some(parsed) = job_op(&op, args.clone()) {
+        match parsed {
+            Err(e) => refusal(id, "bad-request", e),
+            Ok(op) => jobs(op, caller, ctx, id).await,
+        }
+    } else if op == "status" {
         match crate::control::no_args(args) {
             Err(e) => refusal(id, "bad-request", e),
             Ok(()) => match ctx.handle.status().await {
@@ -250,7 +258,7 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
             Ok(None) => refusal(
                 id,
                 "bad-request",
-                format!("{op:?} is not an op; accepted: status, {REQUEST_NAMES}"),
+                format!("{op:?} is not an op; accepted: status, {JOB_OPS}, {REQUEST_NAMES}"),
             ),
             Ok(Some(request)) => change(request, caller, ctx, id).await,
         }
@@ -260,6 +268,78 @@ async fn answer(line: &[u8], caller: Caller, ctx: &Ctx) -> Value {
         reply["id"] = id.clone();
     }
     reply
+}
+
+/// The job ops, which any user who can connect may ask for their own jobs.
+const JOB_OPS: &str = "submit, jobs, job, cancel, logs";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListArgs {
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdArgs {
+    job: u64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogArgs {
+    job: u64,
+    #[serde(default = "stdout")]
+    stream: String,
+    #[serde(default)]
+    offset: u64,
+}
+
+fn stdout() -> String {
+    "stdout".into()
+}
+
+/// A job op and its arguments, checked; `None`: `op` is not one.
+fn job_op(op: &str, args: Value) -> Option<Result<JobOp, String>> {
+    let parse = |args: Value| -> Result<JobOp, String> {
+        let strict = |e: serde_json::Error| format!("arguments: {e}");
+        Ok(match op {
+            "submit" => JobOp::Submit(args),
+            "jobs" => {
+                JobOp::List { all: serde_json::from_value::<ListArgs>(args).map_err(strict)?.all }
+            }
+            "job" => JobOp::Get(serde_json::from_value::<IdArgs>(args).map_err(strict)?.job),
+            "cancel" => JobOp::Cancel(serde_json::from_value::<IdArgs>(args).map_err(strict)?.job),
+            _ => {
+                let a: LogArgs = serde_json::from_value(args).map_err(strict)?;
+                JobOp::Log { id: a.job, stream: a.stream, offset: a.offset }
+            }
+        })
+    };
+    matches!(op, "submit" | "jobs" | "job" | "cancel" | "logs").then(|| parse(args))
+}
+
+/// A job op for the caller (who sees and cancels their own jobs; root, the agent's user
+/// and `admin_group` all). Submissions and cancels are logged with the caller.
+async fn jobs(op: JobOp, caller: Caller, ctx: &Ctx, id: Option<&Value>) -> Value {
+    let who = Who::Local { uid: caller.uid, admin: ctx.may_change(&caller) };
+    let changes = matches!(op, JobOp::Submit(_) | JobOp::Cancel(_));
+    let (done, answer) = oneshot::channel();
+    let outcome = ctx.handle.ask(Control::Jobs { op, who, done }, answer).await;
+    let (uid, pid) = (caller.uid, caller.pid.unwrap_or(0));
+    match outcome {
+        Ok(Ok(mut v)) => {
+            if changes {
+                info!(uid, pid, job = %v["job"]["id"], detail = %v["detail"], "local job request done");
+            }
+            v["ok"] = json!(true);
+            v
+        }
+        Ok(Err(Refusal::Rejected(why))) => refusal(id, "rejected", why),
+        Ok(Err(Refusal::Failed(why))) => refusal(id, "failed", why),
+        Err(why) => refusal(id, "unavailable", why),
+    }
 }
 
 /// A change, if the caller may make it; audited either way.

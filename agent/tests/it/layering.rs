@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "policy",
     "plugin",
     "guard",
+    "jobs",
     "agent",
     "mqtt",
     "service",

@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod containment;
 mod docs;
+mod jobs;
 mod layering;
 mod mqtt;
 mod nvml;

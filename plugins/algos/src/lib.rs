@@ -1,11 +1,13 @@
 //! The algorithms of the shipped policy plugins, free of any Wasm or WIT types, so that
 //! the same code runs inside the plugins and natively (benchmarks, oracles, unit tests).
 //!
-//! Every function takes the node as a slice of [`Gpu`] and returns [`Action`]s with a
-//! reason a person can read; state that must persist between ticks is passed in.
+//! Every power policy takes the node as a slice of [`Gpu`] and returns [`Action`]s with a
+//! reason a person can read; state that must persist between ticks is passed in. The job
+//! schedulers, in [`sched`], have types of their own.
 
 pub mod idle_saver;
 pub mod power_budget;
+pub mod sched;
 pub mod thermal_guard;
 
 /// One GPU as a policy sees it.

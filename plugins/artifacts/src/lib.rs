@@ -8,6 +8,8 @@ pub const ALL: &[(&str, &str)] = &[
     ("power-budget", POWER_BUDGET),
     ("thermal-guard", THERMAL_GUARD),
     ("idle-saver", IDLE_SAVER),
+    ("fifo-binpack", FIFO_BINPACK),
+    ("priority-backfill", PRIORITY_BACKFILL),
     ("fixture", FIXTURE),
     ("fixture-forbidden-import", FIXTURE_FORBIDDEN_IMPORT),
     ("fixture-v010", FIXTURE_V010),

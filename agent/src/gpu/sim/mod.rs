@@ -251,6 +251,27 @@ impl SimNode {
         }
     }
 
+    /// Run `workload` on GPU `gpu` from now on (a job's, while it lives); `None`: idle.
+    /// A trace replays the built-in H100 training trace from its start.
+    pub fn set_workload(
+        &mut self,
+        gpu: u32,
+        workload: Option<WorkloadKind>,
+    ) -> Result<(), GpuError> {
+        let g = self.gpus.get_mut(gpu as usize).ok_or(GpuError::NoSuchGpu(gpu))?;
+        let kind = workload.unwrap_or(WorkloadKind::Idle);
+        let trace = (kind == WorkloadKind::Trace).then(|| {
+            let trace = Arc::new(
+                trace::Trace::parse(H100_TRAINING_TRACE).expect("the built-in trace parses"),
+            );
+            let n = trace.gpu_count().max(1);
+            TraceReplay { trace, gpu: gpu as usize % n, start_s: 0.0 }
+        });
+        let seed = self.now.as_nanos() as u64 ^ u64::from(gpu);
+        g.workload = Workload::new(kind, trace, seed, g.phys.preset);
+        Ok(())
+    }
+
     /// Replace every GPU's workload with a compute-bound full load (what `gpulet
     /// calibrate` runs).
     pub fn run_compute_load(&mut self) {
@@ -414,6 +435,13 @@ impl GpuBackend for SimBackend {
 
     fn clear_health(&mut self, gpu: u32) -> Result<(), GpuError> {
         self.node.lock().clear_degraded(gpu)
+    }
+
+    fn run_workload(&mut self, gpu: u32, workload: Option<WorkloadKind>) -> Result<(), GpuError> {
+        let mut node = self.node.lock();
+        // The workload changes now, not at the last sample.
+        node.advance_to(self.clock.elapsed());
+        node.set_workload(gpu, workload)
     }
 }
 

@@ -1,0 +1,194 @@
+//! The host's rules for a scheduler's decisions. Whatever a scheduler plugin returns,
+//! a job starts only if: it is queued and decided once; it gets exactly what it asked
+//! for (that many GPUs, or exactly the GPUs it named); each GPU exists, is healthy, is
+//! not given twice, is not held exclusively, is empty if the job is exclusive, and has
+//! the job's memory free **by reservation** (its memory less what running jobs and the
+//! starts before it in the same decision reserved), never by a memory reading. A refused
+//! start is audited (`placement-rejected`) and the job stays queued.
+
+use std::collections::{BTreeMap, HashSet};
+
+use gpulet_policy_algos::sched::{Decision, GpuRequest, Input, Node, Queued, Running, Slot};
+
+use super::spec::Want;
+use super::{Job, State};
+use crate::snapshot::NodeSnapshot;
+
+/// The GPUs as the running jobs hold them.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub slots: Vec<Slot>,
+}
+
+impl View {
+    pub fn new<'a>(snap: &NodeSnapshot, jobs: impl Iterator<Item = &'a Job>) -> View {
+        let mut slots: Vec<Slot> = snap
+            .gpus()
+            .map(|(info, s)| Slot {
+                index: info.index,
+                memory_total_mib: info.memory_total_mib,
+                reserved_mib: 0,
+                jobs: 0,
+                exclusive: false,
+                usable: super::usable(s.health),
+            })
+            .collect();
+        for j in jobs.filter(|j| j.state == State::Running) {
+            for &g in &j.gpus {
+                if let Some(s) = slots.get_mut(g as usize) {
+                    s.reserved_mib += j.spec.mem_mib;
+                    s.jobs += 1;
+                    s.exclusive |= j.spec.exclusive;
+                }
+            }
+        }
+        View { slots }
+    }
+
+    /// What the scheduler decides from: times on the snapshot's clock (`now_ms`), the
+    /// queue oldest first.
+    pub fn input<'a>(
+        &self,
+        snap: &NodeSnapshot,
+        jobs: impl Iterator<Item = &'a Job>,
+        unix_now: u64,
+    ) -> Input {
+        let on_clock = |unix: u64| snap.now_ms.saturating_sub(unix_now.saturating_sub(unix));
+        let mut running = Vec::new();
+        let mut queue = Vec::new();
+        for j in jobs {
+            match j.state {
+                State::Running => running.push(Running {
+                    id: j.id.to_string(),
+                    gpus: j.gpus.clone(),
+                    mem_mib: j.spec.mem_mib,
+                    exclusive: j.spec.exclusive,
+                    priority: j.spec.priority,
+                    started_ms: on_clock(j.started_ms.unwrap_or(unix_now)),
+                    time_limit_ms: j.spec.time_limit_ms,
+                }),
+                State::Queued => queue.push(queued(j, on_clock(j.submitted_ms))),
+                _ => {}
+            }
+        }
+        Input { now_ms: snap.now_ms, gpus: self.slots.clone(), running, queue }
+    }
+}
+
+/// A queued job as schedulers see it.
+pub fn queued(j: &Job, submitted_ms: u64) -> Queued {
+    Queued {
+        id: j.id.to_string(),
+        gpus: match &j.spec.gpus {
+            Want::Count(n) => GpuRequest::Count(*n),
+            Want::Specific(g) => GpuRequest::Specific(g.clone()),
+        },
+        mem_mib: j.spec.mem_mib,
+        exclusive: j.spec.exclusive,
+        priority: j.spec.priority,
+        submitted_ms,
+        time_limit_ms: j.spec.time_limit_ms,
+    }
+}
+
+/// A decision, checked.
+#[derive(Debug, Default, PartialEq)]
+pub struct Checked {
+    /// (job, GPUs, the scheduler's reason), in the scheduler's order.
+    pub starts: Vec<(u64, Vec<u32>, String)>,
+    /// (job, why it waits).
+    pub waits: Vec<(u64, String)>,
+    /// (job, the GPUs it was given, why the host refused).
+    pub rejected: Vec<(u64, Vec<u32>, String)>,
+}
+
+/// Check `decisions` against the rules (module docs) on the GPUs of `view`. A job the
+/// scheduler said nothing about waits.
+pub fn check(view: &View, jobs: &BTreeMap<u64, Job>, decisions: Vec<Decision>) -> Checked {
+    let mut node = Node::new(&view.slots);
+    let mut out = Checked::default();
+    let mut decided = HashSet::new();
+    for d in decisions {
+        let id = d
+            .job()
+            .parse::<u64>()
+            .ok()
+            .filter(|id| jobs.get(id).is_some_and(|j| j.state == State::Queued));
+        let Some(id) = id else {
+            tracing::warn!(
+                job = d.job(),
+                "the scheduler decided about a job that is not queued; ignored"
+            );
+            continue;
+        };
+        if !decided.insert(id) {
+            if let Decision::Start { gpus, .. } = d {
+                out.rejected.push((id, gpus, "a second decision about the same job".into()));
+            }
+            continue;
+        }
+        match d {
+            Decision::Wait { reason, .. } => out.waits.push((id, reason)),
+            Decision::Start { gpus, reason, .. } => {
+                let job = queued(&jobs[&id], 0);
+                match refuse(&node, &job, &gpus) {
+                    Some(why) => out.rejected.push((id, gpus, why)),
+                    None => {
+                        node.take(&job, &gpus);
+                        out.starts.push((id, gpus, reason));
+                    }
+                }
+            }
+        }
+    }
+    for (&id, j) in jobs {
+        if j.state == State::Queued && !decided.contains(&id) {
+            out.waits.push((id, "the scheduler did not place it this time".into()));
+        }
+    }
+    out
+}
+
+/// Why `job` may not start on `gpus` now; `None` if it may.
+fn refuse(node: &Node, job: &Queued, gpus: &[u32]) -> Option<String> {
+    match &job.gpus {
+        GpuRequest::Count(n) if gpus.len() != *n as usize => {
+            return Some(format!("it asked for {n} GPUs and was given {}", gpus.len()));
+        }
+        GpuRequest::Specific(want) => {
+            let mut a = want.clone();
+            let mut b = gpus.to_vec();
+            a.sort_unstable();
+            b.sort_unstable();
+            if a != b {
+                return Some(format!("it asked for GPUs {want:?}"));
+            }
+        }
+        _ => {}
+    }
+    for (k, &g) in gpus.iter().enumerate() {
+        if gpus[..k].contains(&g) {
+            return Some(format!("GPU {g} is given twice"));
+        }
+        let Some(slot) = node.slot(g) else {
+            return Some(format!("GPU {g} does not exist"));
+        };
+        if !slot.usable {
+            return Some(format!("GPU {g} is unhealthy"));
+        }
+        if slot.exclusive {
+            return Some(format!("GPU {g} is held exclusively by a running job"));
+        }
+        if job.exclusive && slot.jobs > 0 {
+            return Some(format!("the job is exclusive and GPU {g} runs {} jobs", slot.jobs));
+        }
+        if slot.free_mib() < job.mem_mib {
+            return Some(format!(
+                "GPU {g} has {} MiB free by reservation; the job reserves {} MiB",
+                slot.free_mib(),
+                job.mem_mib
+            ));
+        }
+    }
+    None
+}

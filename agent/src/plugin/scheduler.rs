@@ -1,0 +1,140 @@
+//! The `job-scheduler` world's binding: a scheduler plugin is an [`Instance`] of it; its
+//! export `schedule-jobs` gets the queue as `gpulet_policy_algos::sched` has it (what
+//! the built-in scheduler reads too), converted here and only here, and returns at most
+//! one decision per queued job.
+
+use std::collections::HashMap;
+
+use gpulet_policy_algos::sched;
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+
+use super::chain::to_wit;
+use super::host::HostState;
+use super::sandbox::{Fault, Side};
+use super::scheduler_bindings::{JobScheduler, JobSchedulerPre};
+use super::world::{Instance, World};
+use super::{sched_wit as w, wit};
+use crate::snapshot::NodeSnapshot;
+
+/// A scheduler plugin, started.
+pub type SchedulerPlugin = Instance<JobScheduler>;
+
+/// What the WIT has of a queued job that the algorithms do not read: its owner and
+/// labels, by job id.
+pub type JobInfo = HashMap<String, (String, Vec<(String, String)>)>;
+
+impl World for JobScheduler {
+    const NAME: &'static str = "job-scheduler";
+    type Pre = JobSchedulerPre<HostState>;
+    fn pre(linked: InstancePre<HostState>) -> wasmtime::Result<Self::Pre> {
+        JobSchedulerPre::new(linked)
+    }
+    fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
+        pre.instantiate(store)
+    }
+    fn info(&self, store: &mut Store<HostState>) -> wasmtime::Result<wit::PluginInfo> {
+        self.call_info(store)
+    }
+    fn validate_config(
+        &self,
+        store: &mut Store<HostState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), Vec<wit::ConfigError>>> {
+        self.call_validate_config(store, config)
+    }
+    fn init(
+        &self,
+        store: &mut Store<HostState>,
+        config: &str,
+        gpus: &[wit::GpuInfo],
+    ) -> wasmtime::Result<Result<(), String>> {
+        self.call_init(store, config, gpus)
+    }
+}
+
+impl Instance<JobScheduler> {
+    /// Call `schedule-jobs`. More decisions than queued jobs is a fault.
+    pub fn schedule(
+        &mut self,
+        snap: &NodeSnapshot,
+        input: &sched::Input,
+        info: &JobInfo,
+    ) -> Result<(Vec<sched::Decision>, Side), Fault> {
+        let arg = to_input(snap, input, info);
+        let max = input.queue.len();
+        let (decisions, side) = self.call(
+            &snap.curves,
+            |b, s| b.call_schedule_jobs(s, &arg),
+            |d: &Vec<w::Decision>| (d.len() > max).then_some((d.len(), max)),
+        )?;
+        let decisions = decisions
+            .into_iter()
+            .map(|d| match d {
+                w::Decision::Start(s) => {
+                    sched::Decision::Start { job: s.job, gpus: s.gpus, reason: s.reason }
+                }
+                w::Decision::Wait(x) => sched::Decision::Wait { job: x.job, reason: x.reason },
+            })
+            .collect();
+        Ok((decisions, side))
+    }
+}
+
+fn to_input(snap: &NodeSnapshot, input: &sched::Input, info: &JobInfo) -> w::ScheduleInput {
+    let about = |id: &str| info.get(id).cloned().unwrap_or_default();
+    w::ScheduleInput {
+        snapshot: to_wit(snap),
+        gpus: input
+            .gpus
+            .iter()
+            .map(|s| w::GpuSlot {
+                index: s.index,
+                uuid: snap
+                    .inventory
+                    .get(s.index as usize)
+                    .map_or(String::new(), |g| g.uuid.clone()),
+                memory_total_mib: s.memory_total_mib,
+                reserved_mib: s.reserved_mib,
+                jobs: s.jobs,
+                exclusive: s.exclusive,
+                usable: s.usable,
+            })
+            .collect(),
+        running: input
+            .running
+            .iter()
+            .map(|r| w::RunningJob {
+                id: r.id.clone(),
+                owner: about(&r.id).0,
+                gpus: r.gpus.clone(),
+                mem_mib: r.mem_mib,
+                exclusive: r.exclusive,
+                priority: r.priority,
+                started_ms: r.started_ms,
+                time_limit_ms: r.time_limit_ms,
+            })
+            .collect(),
+        queue: input
+            .queue
+            .iter()
+            .map(|q| {
+                let (owner, labels) = about(&q.id);
+                w::QueuedJob {
+                    id: q.id.clone(),
+                    owner,
+                    gpus: match &q.gpus {
+                        sched::GpuRequest::Count(n) => w::GpuRequest::Count(*n),
+                        sched::GpuRequest::Specific(g) => w::GpuRequest::Specific(g.clone()),
+                    },
+                    mem_mib: q.mem_mib,
+                    exclusive: q.exclusive,
+                    priority: q.priority,
+                    submitted_ms: q.submitted_ms,
+                    time_limit_ms: q.time_limit_ms,
+                    labels,
+                }
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,428 @@
+//! The job queue of the real binary (`gpulet run` on the simulator, `gpulet submit`,
+//! `jobs`, `wait`, `logs`, `cancel` as users run them): the environment a job sees and
+//! the user it runs as, the bad-input table, cancel and time limits, a job that
+//! daemonises (in a cgroup), restart with running and queued jobs after a crash, a torn
+//! queue file, and energy attribution against the integral of the GPUs' power.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const NOBODY: u32 = 65534;
+
+fn root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+}
+
+/// A config for a simulated node of 8 H100s with the queue in `dir/jobs`.
+fn config(dir: &Path, extra: &str) -> String {
+    format!(
+        "node = \"jobs-1\"\ntick = \"200ms\"\nbackend = \"sim\"\n[telemetry]\nsink = \"file\"\npath = \"telemetry.jsonl\"\n[socket]\npath = {:?}\nmode = \"0666\"\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n{extra}\n",
+        dir.join("gpulet.sock").display().to_string()
+    )
+}
+
+impl Agent {
+    fn start(dir: &Path, extra: &str) -> Agent {
+        std::fs::write(dir.join("gpulet.toml"), config(dir, extra)).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+            .args(["run", "--config", "gpulet.toml"])
+            .current_dir(dir)
+            // What the agent has in its environment, a job must not see.
+            .env("AGENT_SECRET", "s3cret")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let a = Agent { child, socket: dir.join("gpulet.sock") };
+        let t = Instant::now();
+        while !a.gpulet(&["jobs"], None).status.success() {
+            assert!(t.elapsed() < Duration::from_secs(15), "the agent never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    fn gpulet(&self, args: &[&str], uid: Option<u32>) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpulet"));
+        // `--socket` before the rest: after `submit`'s `--`, it would be the job's.
+        c.arg(args[0]).arg("--socket").arg(&self.socket).args(&args[1..]).current_dir("/tmp");
+        if let Some(uid) = uid {
+            c.uid(uid).gid(uid);
+        }
+        c.output().unwrap()
+    }
+
+    /// `gpulet jobs --all --json`, as root.
+    fn jobs(&self) -> Vec<Value> {
+        let o = self.gpulet(&["jobs", "--all", "--json"], None);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn job(&self, id: u64) -> Value {
+        self.jobs().into_iter().find(|j| j["id"] == json!(id)).expect("the job is listed")
+    }
+
+    fn wait_for(&self, id: u64, state: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let j = self.job(id);
+            if j["state"] == json!(state) {
+                return j;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "job {id} never became {state}: {j}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        err
+    }
+
+    fn stop(mut self) -> String {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(status.success(), "gpulet run did not stop cleanly: {err}");
+        err
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn submitted_id(o: &Output) -> u64 {
+    let t = text(o);
+    assert!(o.status.success(), "{t}");
+    t.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{t}"))
+}
+
+/// A directory others may traverse (jobs of `nobody` log nothing there; the socket is).
+fn dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+#[test]
+fn a_job_runs_as_its_submitter_on_its_gpus_by_uuid_and_sees_nothing_of_the_agent() {
+    assert!(root(), "the job tests run as root (as CI does): they submit as another user");
+    let d = dir();
+    let a = Agent::start(d.path(), "");
+    let script = "echo CVD=$CUDA_VISIBLE_DEVICES; echo ORDER=$CUDA_DEVICE_ORDER; echo ID=$GPULET_JOB_ID; echo UID=$(id -u) GID=$(id -g); echo SECRET=${AGENT_SECRET:-none}; echo MINE=$MINE";
+    let o = a.gpulet(
+        &["submit", "-g", "2", "--no-env", "--env", "MINE=yes", "--", "sh", "-c", script],
+        Some(NOBODY),
+    );
+    let id = submitted_id(&o);
+    let w = a.gpulet(&["wait", &id.to_string()], Some(NOBODY));
+    assert_eq!(w.status.code(), Some(0), "{}", text(&w));
+    let logs = text(&a.gpulet(&["logs", &id.to_string()], Some(NOBODY)));
+    let job = a.job(id);
+    let uuids: Vec<&str> =
+        job["uuids"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
+    assert_eq!(uuids.len(), 2);
+    assert!(uuids.iter().all(|u| u.starts_with("GPU-")), "{job}");
+    assert!(logs.contains(&format!("CVD={}", uuids.join(","))), "{logs}");
+    assert!(logs.contains("ORDER=PCI_BUS_ID"), "{logs}");
+    assert!(logs.contains(&format!("ID={id}")), "{logs}");
+    assert!(logs.contains(&format!("UID={NOBODY} GID={NOBODY}")), "{logs}");
+    assert!(logs.contains("SECRET=none") && logs.contains("MINE=yes"), "{logs}");
+    assert_eq!(job["owner"]["user"], json!("nobody"));
+
+    // A user sees and cancels only their own jobs.
+    // uid 1 (`daemon`): another user.
+    let mine = submitted_id(&a.gpulet(&["submit", "--", "sleep", "30"], Some(1)));
+    let theirs = a.gpulet(&["jobs", "--all", "--json"], Some(NOBODY));
+    let listed: Vec<Value> = serde_json::from_slice(&theirs.stdout).unwrap();
+    assert!(listed.iter().all(|j| j["owner"]["uid"] == json!(NOBODY)), "{listed:?}");
+    let c = a.gpulet(&["cancel", &mine.to_string()], Some(NOBODY));
+    assert!(
+        !c.status.success() && text(&c).contains(&format!("there is no job {mine} of yours")),
+        "{}",
+        text(&c)
+    );
+    // Jobs do not run as root unless the node allows it.
+    let r = a.gpulet(&["submit", "--", "true"], None);
+    assert!(!r.status.success() && text(&r).contains("jobs do not run as root"), "{}", text(&r));
+    a.stop();
+}
+
+#[test]
+fn bad_submissions_are_refused_naming_the_field_and_the_queue_is_untouched() {
+    let d = dir();
+    let a = Agent::start(d.path(), "max_queue = 2\nallow_root = true");
+    let hidden = d.path().join("hidden");
+    std::fs::create_dir(&hidden).unwrap();
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let base = json!({"op": "submit", "command": ["true"], "cwd": "/tmp"});
+    let with = |k: &str, v: Value| {
+        let mut r = base.clone();
+        r[k] = v;
+        r
+    };
+    // (request, as nobody?, what the refusal must say)
+    let table: Vec<(Value, bool, &str)> = vec![
+        (with("gpus", json!(9)), false, "gpus: 9 GPUs; this node has 8"),
+        (with("gpus", json!(0)), false, "gpus: 0 GPUs"),
+        (with("gpus", json!(["GPU-nope"])), false, "gpus: \"GPU-nope\" is not a GPU of this node"),
+        (with("gpus", json!([1, 1])), false, "gpus: GPU 1 is named twice"),
+        (with("mem_mib", json!(-5)), false, "mem_mib: -5 is out of range"),
+        (with("mem_mib", json!(10_000_000)), false, "mem_mib: 10000000 is out of range"),
+        (with("command", json!([])), false, "command: empty"),
+        (with("command", json!([""])), false, "command: empty"),
+        (with("command", json!(["a\u{0}b"])), false, "command: an argument contains a NUL byte"),
+        (with("cwd", json!("/no/such/dir")), false, "cwd: /no/such/dir"),
+        (with("cwd", json!("relative")), false, "cwd: relative is not an absolute path"),
+        (with("cwd", json!(hidden.display().to_string())), true, "cannot enter"),
+        (with("env", json!({"A=B": "x"})), false, "env: \"A=B\" is not a variable name"),
+        (with("env", json!({"A": "x\u{0}"})), false, "env.A: the value contains a NUL byte"),
+        (with("time_limit_s", json!(0)), false, "time_limit_s: 0 is out of range"),
+        (with("power_cap_w", json!(5)), false, "power_cap_w: 5 W is out of range"),
+        (with("labels", json!({"bad key": "v"})), false, "labels: \"bad key\" is not a label key"),
+        (with("unknown", json!(1)), false, "unknown field `unknown`"),
+        (with("workload", json!("mining")), false, "workload: unknown variant `mining`"),
+    ];
+    for (req, as_nobody, says) in &table {
+        let uid = as_nobody.then_some(NOBODY);
+        let reply = socket_request(&a.socket, req, uid);
+        assert_eq!(reply["ok"], json!(false), "{req} was accepted: {reply}");
+        let e = reply["error"].as_str().unwrap();
+        assert!(e.contains(says), "{req}: {e:?} does not say {says:?}");
+    }
+    assert!(a.jobs().is_empty(), "a refused submission left something in the queue");
+    // The queue's bound: two that wait (each wants all 8 GPUs and one holds them).
+    let all = with("gpus", json!(8));
+    let hold = with("command", json!(["sleep", "30"]));
+    let first = socket_request(
+        &a.socket,
+        &{
+            let mut h = hold.clone();
+            h["gpus"] = json!(8);
+            h
+        },
+        None,
+    );
+    assert_eq!(first["ok"], json!(true), "{first}");
+    assert_eq!(socket_request(&a.socket, &all, None)["ok"], json!(true));
+    assert_eq!(socket_request(&a.socket, &all, None)["ok"], json!(true));
+    let full = socket_request(&a.socket, &all, None);
+    assert!(full["error"].as_str().unwrap().contains("the queue is full"), "{full}");
+    a.stop();
+}
+
+/// One request on the socket, as `uid` when given (through a child process).
+fn socket_request(socket: &Path, req: &Value, uid: Option<u32>) -> Value {
+    let mut c = Command::new("python3");
+    c.args([
+        "-c",
+        "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode()+b'\\n'); print(s.makefile().readline())",
+    ])
+    .arg(socket)
+    .arg(req.to_string());
+    if let Some(uid) = uid {
+        c.uid(uid).gid(uid);
+    }
+    let o = c.output().unwrap();
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)))
+}
+
+/// A cgroup v2 directory this test may make jobs' cgroups in, if the machine has one.
+fn test_cgroup() -> Option<PathBuf> {
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let dir = Path::new(root).join(format!("gpulet-test-{}", std::process::id()));
+        if Path::new(root).join("cgroup.procs").exists() && std::fs::create_dir(&dir).is_ok() {
+            return Some(dir);
+        }
+    }
+    None
+}
+
+#[test]
+fn cancel_a_time_limit_and_a_job_that_daemonises_all_end_their_processes() {
+    let d = dir();
+    let cgroup = test_cgroup();
+    let extra = match &cgroup {
+        Some(c) => format!("cgroup = {:?}\nallow_root = true", c.display().to_string()),
+        None => {
+            eprintln!(
+                "\n*** NO WRITABLE CGROUP V2 ON THIS MACHINE: the daemonising job is tested by process group only ***\n"
+            );
+            "allow_root = true".into()
+        }
+    };
+    let a = Agent::start(d.path(), &extra);
+    // Cancel: a job that ignores SIGTERM gets SIGKILL after the grace period.
+    let stubborn =
+        submitted_id(&a.gpulet(&["submit", "--", "sh", "-c", "trap '' TERM; sleep 60"], None));
+    a.wait_for(stubborn, "running");
+    let c = a.gpulet(&["cancel", &stubborn.to_string()], None);
+    assert!(c.status.success(), "{}", text(&c));
+    let j = a.wait_for(stubborn, "cancelled");
+    assert_eq!(j["signal"], json!(9), "{j}");
+    assert!(j["why"].as_str().unwrap().contains("SIGKILL"), "{j}");
+    // A time limit.
+    let limited =
+        submitted_id(&a.gpulet(&["submit", "--time-limit", "1s", "--", "sleep", "60"], None));
+    let j = a.wait_for(limited, "timed-out");
+    assert_eq!(j["signal"], json!(15), "{j}");
+    assert_eq!(a.gpulet(&["wait", &limited.to_string()], None).status.code(), Some(1));
+    // A job that leaves a daemon behind in a session of its own.
+    let pidfile = d.path().join("daemon.pid");
+    let script =
+        format!("setsid sh -c 'echo $$ > {}; exec sleep 600' & sleep 0.5", pidfile.display());
+    let daemon_job = submitted_id(&a.gpulet(&["submit", "--", "sh", "-c", &script], None));
+    a.wait_for(daemon_job, "finished");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let alive = Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z");
+    if cgroup.is_some() {
+        assert!(!alive, "the daemon the job left is still running (pid {pid})");
+        assert!(a.job(daemon_job)["why"].as_str().unwrap().contains("left behind were killed"));
+    } else {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    a.stop();
+    if let Some(c) = cgroup {
+        let _ = std::fs::remove_dir(c);
+    }
+}
+
+#[test]
+fn a_crash_keeps_the_queue_and_running_jobs_are_readopted_or_reported_lost() {
+    let d = dir();
+    let extra = "allow_root = true";
+    let a = Agent::start(d.path(), extra);
+    let running = submitted_id(&a.gpulet(&["submit", "-g", "8", "--", "sleep", "600"], None));
+    let gone = {
+        let j = a.wait_for(running, "running");
+        j["process"]["pid"].as_i64().unwrap() as i32
+    };
+    let queued = submitted_id(&a.gpulet(&["submit", "-g", "8", "--", "true"], None));
+    assert_eq!(a.job(queued)["state"], json!("queued"));
+    a.kill9();
+    // The agent crashed; its job goes on.
+    assert!(Path::new(&format!("/proc/{gone}")).exists());
+    let a = Agent::start(d.path(), extra);
+    let j = a.job(running);
+    assert_eq!(j["state"], json!("running"), "re-adopted: {j}");
+    assert_eq!(a.job(queued)["state"], json!("queued"));
+    // Its process ends (not as the new agent's child): finished, status unknown; then
+    // the queued job starts.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(gone), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let j = a.wait_for(running, "finished");
+    assert!(j["why"].as_str().unwrap().contains("not known"), "{j}");
+    a.wait_for(queued, "finished");
+    // Crash again with a running job whose process then dies while no agent runs:
+    // reported lost at the next start.
+    let again = submitted_id(&a.gpulet(&["submit", "--", "sleep", "600"], None));
+    let pid = a.wait_for(again, "running")["process"]["pid"].as_i64().unwrap() as i32;
+    a.kill9();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let a = Agent::start(d.path(), extra);
+    assert_eq!(a.job(again)["state"], json!("lost"));
+    a.kill9();
+    // A torn queue file is set aside, reported, and ids are not reused.
+    let q = d.path().join("jobs/queue.json");
+    let bytes = std::fs::read(&q).unwrap();
+    std::fs::write(&q, &bytes[..bytes.len() / 2]).unwrap();
+    let a = Agent::start(d.path(), extra);
+    let set_aside = std::fs::read_dir(d.path().join("jobs"))
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("queue.json.bad-"));
+    assert!(set_aside, "the torn queue file was not set aside");
+    let next = submitted_id(&a.gpulet(&["submit", "--", "true"], None));
+    assert!(next > again, "job id {next} reused after a torn queue (last was {again})");
+    let err = a.stop();
+    assert!(err.contains("the job queue cannot be read"), "{err}");
+}
+
+#[test]
+fn a_jobs_energy_is_the_integral_of_its_gpus_power_within_one_percent() {
+    let d = dir();
+    let a = Agent::start(d.path(), "allow_root = true");
+    let id = submitted_id(
+        &a.gpulet(&["submit", "-g", "2", "--workload", "memory-bound", "--", "sleep", "4"], None),
+    );
+    let job = a.wait_for(id, "finished");
+    a.stop();
+    let gpus: Vec<u64> =
+        job["gpus"].as_array().unwrap().iter().map(|g| g.as_u64().unwrap()).collect();
+    // The records from the tick it started to the tick it ended: trapezoids of each
+    // GPU's power over the records' times.
+    let records: Vec<Value> = std::fs::read_to_string(d.path().join("telemetry.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let has =
+        |r: &Value, ev: &str| {
+            r["events"].as_array().into_iter().flatten().any(|e| {
+                e["kind"] == json!("job") && e["job"] == json!(id) && e["event"] == json!(ev)
+            })
+        };
+    let start = records.iter().position(|r| has(r, "started")).unwrap();
+    let end = records.iter().position(|r| has(r, "finished")).unwrap();
+    let mut integral = 0.0;
+    for w in records[start..=end].windows(2) {
+        let dt = (w[1]["ts_ms"].as_f64().unwrap() - w[0]["ts_ms"].as_f64().unwrap()) / 1000.0;
+        for &g in &gpus {
+            let p = |r: &Value| r["gpus"][g as usize]["power_w"].as_f64().unwrap();
+            integral += (p(&w[0]) + p(&w[1])) / 2.0 * dt;
+        }
+    }
+    let energy = job["usage"]["energy_j"].as_f64().unwrap();
+    assert!(integral > 1000.0, "the GPUs were not busy: {integral} J");
+    assert!((energy - integral).abs() <= 0.01 * integral, "job {energy} J, integral {integral} J");
+    assert_eq!(job["usage"]["shared"], json!(false));
+}
+
+#[test]
+fn the_shipped_scheduler_plugins_place_jobs_in_the_agent() {
+    for (name, path) in [
+        ("fifo-binpack", gpulet_plugin_artifacts::FIFO_BINPACK),
+        ("priority-backfill", gpulet_plugin_artifacts::PRIORITY_BACKFILL),
+    ] {
+        let d = dir();
+        let extra =
+            format!("allow_root = true\n[jobs.scheduler]\nname = {name:?}\npath = {path:?}\n");
+        let a = Agent::start(d.path(), &extra);
+        let listed = socket_request(&a.socket, &json!({"op": "jobs"}), None);
+        assert_eq!(listed["scheduler"], json!(name), "{listed}");
+        // Two shared jobs of 30 GiB pack onto one GPU; an exclusive one takes another.
+        let a1 = submitted_id(&a.gpulet(&["submit", "--mem", "30000", "--", "sleep", "5"], None));
+        let a2 = submitted_id(&a.gpulet(&["submit", "--mem", "30000", "--", "sleep", "5"], None));
+        let x = submitted_id(&a.gpulet(&["submit", "--", "sleep", "5"], None));
+        let (j1, j2, jx) =
+            (a.wait_for(a1, "running"), a.wait_for(a2, "running"), a.wait_for(x, "running"));
+        assert_eq!(j1["gpus"], j2["gpus"], "not packed: {j1} {j2}");
+        assert_ne!(jx["gpus"], j1["gpus"], "an exclusive job shares a GPU: {jx}");
+        let err = a.stop();
+        assert!(err.contains("scheduler plugin loaded"), "{err}");
+    }
+}

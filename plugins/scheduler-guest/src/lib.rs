@@ -1,0 +1,236 @@
+//! What a Rust job-scheduler plugin needs: the bindings of the `job-scheduler` world of
+//! `wit/v0.1.2` (generated here once, exported by each plugin with
+//! `gpulet_scheduler_guest::export_scheduler!(MyPlugin)`), the host imports, strict JSON
+//! config with paths in the errors, and conversions between the WIT types and the plain
+//! ones of `gpulet_policy_algos::sched`.
+//!
+//! Separate from `gpulet-guest` on purpose: a crate that links the `power` world's
+//! bindings would carry them into every scheduler component.
+
+#![allow(unsafe_code)] // the generated bindings are unsafe glue
+
+/// The `job-scheduler` world's bindings.
+#[allow(clippy::too_many_arguments)] // generated: the records' fields, flattened into calls
+pub mod scheduler {
+    wit_bindgen::generate!({
+        path: "../../wit/v0.1.2",
+        world: "job-scheduler",
+        pub_export_macro: true,
+        export_macro_name: "export_scheduler",
+        default_bindings_module: "gpulet_scheduler_guest::scheduler",
+    });
+}
+
+pub use scheduler::Guest as SchedulerGuest;
+pub use scheduler::export_scheduler;
+pub use scheduler::gpulet::policy::host;
+pub use scheduler::gpulet::policy::scheduling::{
+    Decision, GpuRequest, GpuSlot, QueuedJob, RunningJob, ScheduleInput, Start, Wait,
+};
+pub use scheduler::gpulet::policy::types::{ConfigError, GpuInfo, PluginInfo};
+
+use gpulet_policy_algos::sched;
+use serde::de::DeserializeOwned;
+
+/// The contract version this crate implements.
+pub const API_VERSION: &str = "0.1.2";
+
+/// Plugin info with this crate's API version.
+pub fn info(name: &str, version: &str) -> PluginInfo {
+    PluginInfo {
+        name: name.to_owned(),
+        version: version.to_owned(),
+        api_version: API_VERSION.to_owned(),
+    }
+}
+
+/// Parse a plugin's JSON config strictly into `T` (use `#[serde(deny_unknown_fields)]`);
+/// an error names the JSON path (`$.key`) and what is wrong. An empty config is `{}`.
+/// (As `gpulet_guest::parse_config`, whose `ConfigError` is the `power` world's type.)
+pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, Vec<ConfigError>> {
+    let json = if json.trim().is_empty() { "{}" } else { json };
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { "$".to_owned() } else { format!("$.{path}") };
+        vec![ConfigError { path, message: e.inner().to_string() }]
+    })
+}
+
+/// Check the config of a scheduler that takes no options: `{}` (or nothing). Each key
+/// is an error at its path; anything but an object is an error at `$`.
+pub fn no_options(json: &str) -> Result<(), Vec<ConfigError>> {
+    let map: serde_json::Map<String, serde_json::Value> = parse_config(json)?;
+    if map.is_empty() {
+        return Ok(());
+    }
+    Err(map
+        .keys()
+        .map(|k| ConfigError {
+            path: format!("$.{k}"),
+            message: "unknown option: this plugin takes none (its config is `{}`)".to_owned(),
+        })
+        .collect())
+}
+
+/// The input as the algorithms see it.
+pub fn input(i: ScheduleInput) -> sched::Input {
+    sched::Input {
+        now_ms: i.snapshot.now_ms,
+        gpus: i
+            .gpus
+            .into_iter()
+            .map(|g| sched::Slot {
+                index: g.index,
+                memory_total_mib: g.memory_total_mib,
+                reserved_mib: g.reserved_mib,
+                jobs: g.jobs,
+                exclusive: g.exclusive,
+                usable: g.usable,
+            })
+            .collect(),
+        running: i
+            .running
+            .into_iter()
+            .map(|r| sched::Running {
+                id: r.id,
+                gpus: r.gpus,
+                mem_mib: r.mem_mib,
+                exclusive: r.exclusive,
+                priority: r.priority,
+                started_ms: r.started_ms,
+                time_limit_ms: r.time_limit_ms,
+            })
+            .collect(),
+        queue: i
+            .queue
+            .into_iter()
+            .map(|q| sched::Queued {
+                id: q.id,
+                gpus: match q.gpus {
+                    GpuRequest::Count(n) => sched::GpuRequest::Count(n),
+                    GpuRequest::Specific(g) => sched::GpuRequest::Specific(g),
+                },
+                mem_mib: q.mem_mib,
+                exclusive: q.exclusive,
+                priority: q.priority,
+                submitted_ms: q.submitted_ms,
+                time_limit_ms: q.time_limit_ms,
+            })
+            .collect(),
+    }
+}
+
+/// The algorithms' decisions as WIT decisions.
+pub fn decisions(d: Vec<sched::Decision>) -> Vec<Decision> {
+    d.into_iter()
+        .map(|d| match d {
+            sched::Decision::Start { job, gpus, reason } => {
+                Decision::Start(Start { job, gpus, reason })
+            }
+            sched::Decision::Wait { job, reason } => Decision::Wait(Wait { job, reason }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scheduler::gpulet::policy::types::Snapshot;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // only deserialized
+    struct Options {
+        margin: Option<u32>,
+    }
+
+    #[test]
+    fn config_errors_name_the_path() {
+        assert!(parse_config::<Options>("").is_ok());
+        let e = parse_config::<Options>(r#"{"margin": -1}"#).unwrap_err();
+        assert_eq!(e[0].path, "$.margin", "{e:?}");
+        let e = parse_config::<Options>(r#"{"margni": 1}"#).unwrap_err();
+        assert_eq!(e[0].path, "$.margni", "{e:?}");
+        assert!(e[0].message.starts_with("unknown field `margni`"), "{e:?}");
+    }
+
+    #[test]
+    fn no_options_means_an_empty_object() {
+        assert!(no_options("").is_ok());
+        assert!(no_options(" {} ").is_ok());
+        let e = no_options(r#"{"backfill": true, "x": 1}"#).unwrap_err();
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["$.backfill", "$.x"]);
+        for bad in ["[]", "null", "3"] {
+            assert_eq!(no_options(bad).unwrap_err()[0].path, "$", "{bad}");
+        }
+        assert!(no_options("{").is_err());
+    }
+
+    #[test]
+    fn conversions_keep_every_field() {
+        let i = ScheduleInput {
+            snapshot: Snapshot { seq: 1, now_ms: 5_000, budget_w: None, gpus: vec![] },
+            gpus: vec![GpuSlot {
+                index: 1,
+                uuid: "GPU-x".into(),
+                memory_total_mib: 80_000,
+                reserved_mib: 10_000,
+                jobs: 1,
+                exclusive: false,
+                usable: true,
+            }],
+            running: vec![RunningJob {
+                id: "r".into(),
+                owner: "ann".into(),
+                gpus: vec![1],
+                mem_mib: 10_000,
+                exclusive: false,
+                priority: 3,
+                started_ms: 1_000,
+                time_limit_ms: Some(60_000),
+            }],
+            queue: vec![QueuedJob {
+                id: "q".into(),
+                owner: "bob".into(),
+                gpus: GpuRequest::Specific(vec![1]),
+                mem_mib: 20_000,
+                exclusive: true,
+                priority: -1,
+                submitted_ms: 4_000,
+                time_limit_ms: None,
+                labels: vec![],
+            }],
+        };
+        let s = input(i);
+        assert_eq!(s.now_ms, 5_000);
+        assert_eq!(
+            s.gpus[0],
+            sched::Slot {
+                index: 1,
+                memory_total_mib: 80_000,
+                reserved_mib: 10_000,
+                jobs: 1,
+                exclusive: false,
+                usable: true
+            }
+        );
+        assert_eq!(s.running[0].end_ms(), Some(61_000));
+        assert_eq!(s.running[0].priority, 3);
+        assert_eq!(s.queue[0].gpus, sched::GpuRequest::Specific(vec![1]));
+        assert_eq!(
+            (s.queue[0].mem_mib, s.queue[0].exclusive, s.queue[0].priority),
+            (20_000, true, -1)
+        );
+
+        let d = decisions(vec![
+            sched::Decision::Start { job: "q".into(), gpus: vec![1], reason: "r".into() },
+            sched::Decision::Wait { job: "p".into(), reason: "w".into() },
+        ]);
+        assert!(
+            matches!(&d[0], Decision::Start(s) if s.job == "q" && s.gpus == [1] && s.reason == "r")
+        );
+        assert!(matches!(&d[1], Decision::Wait(w) if w.job == "p" && w.reason == "w"));
+    }
+}
