@@ -48,7 +48,8 @@ dpkg_root --install "$v1"
 dpkg --root="$root" -s gpulet | grep -q '^Status: install ok installed' || fail "not installed"
 for f in usr/bin/gpulet usr/lib/systemd/system/gpulet.service etc/gpulet/gpulet.toml \
     usr/lib/gpulet/plugins/power-budget.wasm usr/lib/gpulet/plugins/thermal-guard.wasm \
-    usr/lib/gpulet/plugins/idle-saver.wasm usr/share/doc/gpulet/copyright \
+    usr/lib/gpulet/plugins/idle-saver.wasm usr/lib/gpulet/plugins/fifo-binpack.wasm \
+    usr/lib/gpulet/plugins/priority-backfill.wasm usr/share/doc/gpulet/copyright \
     usr/share/doc/gpulet/examples/gpulet.toml; do
     [ -e "$root/$f" ] || fail "$f is not installed"
 done
@@ -57,7 +58,7 @@ grep -qx '/etc/gpulet/gpulet.toml' "$root/var/lib/dpkg/info/gpulet.conffiles" ||
 "$root/usr/bin/gpulet" --version >/dev/null || fail "the installed binary does not run"
 "$root/usr/bin/gpulet" check-config "$root/etc/gpulet/gpulet.toml" >/dev/null || fail "the installed config is not valid"
 # The shipped plugins load (checked by the installed binary against the installed files).
-for p in power-budget thermal-guard idle-saver; do
+for p in power-budget thermal-guard idle-saver fifo-binpack priority-backfill; do
     "$root/usr/bin/gpulet" plugin check "$root/usr/lib/gpulet/plugins/$p.wasm" >/dev/null 2>&1 \
         || fail "the shipped plugin $p does not load"
 done

@@ -80,7 +80,7 @@ pub struct Config {
 pub struct JobsConfig {
     #[serde(default)]
     pub enabled: bool,
-    /// The queue file and the jobs' logs.
+    /// The jobs: a directory each, with its state and its logs.
     #[serde(default = "default_jobs_dir")]
     pub dir: PathBuf,
     /// Jobs queued at most (a submission beyond is refused).

@@ -71,7 +71,7 @@ impl Request {
                 };
                 Request::SubmitJob { user, job: Value::Object(job) }
             }
-            "cancel-job" => Request::CancelJob { id: args_of::<JobArgs>(args)?.id },
+            "cancel-job" => Request::CancelJob { id: args_of::<JobArgs>(args)?.job },
             _ => return Ok(None),
         }))
     }
@@ -114,7 +114,8 @@ struct GpuArgs {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobArgs {
-    id: u64,
+    /// Not `id`: every transport's envelope has an `id` of its own (the request's).
+    job: u64,
 }
 
 /// Check that a request that takes no arguments got none.

@@ -106,7 +106,7 @@ pub fn agent(
 }
 
 /// Where the package installs the fifo-binpack scheduler plugin.
-pub const SHIPPED_SCHEDULER: &str = "/usr/lib/gpulet/plugins/fifo_binpack.wasm";
+pub const SHIPPED_SCHEDULER: &str = "/usr/lib/gpulet/plugins/fifo-binpack.wasm";
 
 fn temp_dir(prefix: &str) -> Result<tempfile::TempDir, Error> {
     tempfile::Builder::new().prefix(prefix).tempdir().map_err(|e| {

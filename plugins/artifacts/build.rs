@@ -19,6 +19,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("fixture", "FIXTURE"),
     ("fixture-forbidden-import", "FIXTURE_FORBIDDEN_IMPORT"),
     ("fixture-v010", "FIXTURE_V010"),
+    ("fixture-scheduler", "FIXTURE_SCHEDULER"),
 ];
 
 fn main() {
@@ -47,6 +48,7 @@ fn main() {
         "fixture",
         "fixture-forbidden-import",
         "fixture-v010",
+        "fixture-scheduler",
     ] {
         println!("cargo:rerun-if-changed={}", plugins_dir.join(dir).display());
     }

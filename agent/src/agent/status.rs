@@ -43,6 +43,20 @@ pub struct Status {
     pub tick_us: u64,
     /// The last events (as in telemetry, with the `ts_ms` of their tick), newest last.
     pub recent_events: Vec<Value>,
+    /// The job queue, when the node runs one.
+    #[serde(default)]
+    pub jobs: Option<JobsStatus>,
+}
+
+/// The job queue in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsStatus {
+    pub queued: usize,
+    pub running: usize,
+    /// The scheduler plugin's name, or the built-in one's.
+    pub scheduler: String,
+    /// Whether the scheduler plugin decides (not faulting into quarantine).
+    pub plugin_running: bool,
 }
 
 /// The node budget and who set it.
@@ -184,6 +198,15 @@ impl Agent {
             plugin_faults: self.stats.plugin_faults,
             tick_us: self.stats.tick_us,
             recent_events: self.recent.iter().cloned().collect(),
+            jobs: self.jobs.as_ref().map(|j| {
+                let (queued, running) = j.counts();
+                JobsStatus {
+                    queued,
+                    running,
+                    scheduler: j.scheduler_name().to_owned(),
+                    plugin_running: j.scheduler_running(),
+                }
+            }),
         }
     }
 }

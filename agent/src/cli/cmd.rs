@@ -68,6 +68,8 @@ pub struct Args {
     ///   reload-plugins    {}                     reload the plugins from the config file
     ///   rebirth           {}                     publish the birth and state again
     ///   ping              {}                     answer, changing nothing
+    ///   submit-job        {"user": U, "command": [..], ...}  queue a job (docs/jobs.md)
+    ///   cancel-job        {"job": N}             cancel a job
     /// Results arrive on <ROOT>/_replies/<client id> (the ACL must let this client read
     /// there and the nodes write there; docs/mqtt.md).
     #[arg(value_name = "COMMAND", verbatim_doc_comment)]

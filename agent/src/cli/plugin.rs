@@ -38,7 +38,7 @@ pub enum PluginCommand {
 pub fn run(command: PluginCommand) -> Result<(), Error> {
     match command {
         PluginCommand::Check { file, config } => {
-            let (_, report) = dry_run::start(&file, &config, &[])?;
+            let report = dry_run::check(&file, &config)?;
             println!(
                 "{}: {} {} ({} plugin, API {})",
                 file.display(),

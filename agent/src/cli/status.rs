@@ -169,6 +169,18 @@ pub fn render(s: &Status, mqtt: Option<&MqttStats>) -> String {
     if let Some(r) = &s.reload_problem {
         let _ = writeln!(o, "reload: {r}");
     }
+    if let Some(j) = &s.jobs {
+        let how = if j.plugin_running || j.scheduler == "builtin-fifo-binpack" {
+            ""
+        } else {
+            ", built-in stands in"
+        };
+        let _ = writeln!(
+            o,
+            "jobs: {} running, {} queued (scheduler {}{how}; gpulet jobs)",
+            j.running, j.queued, j.scheduler
+        );
+    }
     if !s.xids.is_empty() {
         let xids: Vec<String> =
             s.xids.iter().map(|x| format!("GPU {} XID {} ×{}", x.gpu, x.code, x.count)).collect();

@@ -8,7 +8,8 @@
 //! - [`launch`]: the only code that spawns a process: as the submitter, in its own
 //!   process group and cgroup, with the environment it should see.
 //! - [`place`]: the host's rules for a scheduler's decisions.
-//! - [`store`]: the queue on disk, written before a submission is acknowledged.
+//! - [`store`]: each job on disk, written before a submission is acknowledged and at
+//!   every change.
 //! - [`scheduler`]: the scheduler plugin on its thread, with the built-in fallback.
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,7 +42,7 @@ use spec::{Account, Owner, Spec, Submission};
 /// What the queue is set up with (from `[jobs]`).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Where the queue file and the jobs' logs are kept.
+    /// Where the jobs (a directory each: its state and its logs) are kept.
     pub dir: PathBuf,
     pub max_queue: usize,
     pub keep_finished: usize,
@@ -207,8 +208,8 @@ pub struct Jobs {
     /// energy covers the ticks it ran through, whole; the resolution is one tick).
     fresh: std::collections::HashSet<u64>,
     events: Vec<Event>,
-    /// Whether the queue changed since it was last written.
-    dirty: bool,
+    /// The jobs changed since they were last written.
+    changed: std::collections::BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -224,8 +225,8 @@ pub fn unix_ms() -> u64 {
 
 impl Jobs {
     /// The queue kept in `settings.dir`, its running jobs re-adopted where their
-    /// processes still live and reported lost where not. A queue file that cannot be
-    /// read is set aside and reported (`state-set-aside`), never silently emptied.
+    /// processes still live and reported lost where not. A job file that cannot be
+    /// read is set aside and reported (`state-set-aside`); the others are kept.
     pub fn open(
         settings: Settings,
         inventory: Arc<[GpuInfo]>,
@@ -244,12 +245,10 @@ impl Jobs {
             last_energy: None,
             fresh: Default::default(),
             events: Vec::new(),
-            dirty: false,
+            changed: Default::default(),
         };
-        let (saved, problem) = store::load(&jobs.settings.dir);
-        if let Some(e) = problem {
-            jobs.events.push(e);
-        }
+        let (saved, problems) = store::load(&jobs.settings.dir);
+        jobs.events.extend(problems);
         jobs.next_id = saved.next_id;
         let now = unix_ms();
         for mut job in saved.jobs {
@@ -270,7 +269,7 @@ impl Jobs {
                     job.ended_ms = Some(now);
                     job.why = Some("its process was gone when the agent restarted".into());
                     jobs.events.push(job.event("lost", job.why.clone()));
-                    jobs.dirty = true;
+                    jobs.changed.insert(job.id);
                 }
             }
             jobs.jobs.insert(job.id, job);
@@ -292,6 +291,11 @@ impl Jobs {
 
     pub fn scheduler_name(&self) -> &str {
         self.scheduler.name()
+    }
+
+    /// Whether a scheduler plugin decides (configured, loaded, not quarantined).
+    pub fn scheduler_running(&self) -> bool {
+        self.scheduler.plugin_running()
     }
 
     /// Queue a job, on disk before the answer. The checks: the submission's own
@@ -334,14 +338,15 @@ impl Jobs {
             stopping: None,
             usage: Usage::default(),
         };
-        self.next_id += 1;
-        self.jobs.insert(id, job);
-        if let Err(e) = self.save() {
+        let kept = store::save_job(&self.settings.dir, &job)
+            .and_then(|()| store::save_next_id(&self.settings.dir, id + 1));
+        if let Err(e) = kept {
             // Not kept: not queued. The answer says so, and nothing runs.
-            self.jobs.remove(&id);
-            self.next_id -= 1;
+            let _ = std::fs::remove_dir_all(self.settings.dir.join(id.to_string()));
             return Err(Refusal::Failed(format!("the queue cannot be written: {e}")));
         }
+        self.next_id += 1;
+        self.jobs.insert(id, job);
         let job = &self.jobs[&id];
         info!(job = id, user = %job.owner.user, via, command = ?job.spec.command, "job submitted");
         self.events.push(job.event("submitted", None));
@@ -388,7 +393,7 @@ impl Jobs {
                 job.why = Some(by.clone());
                 let e = job.event("cancelled", Some(by));
                 self.events.push(e);
-                self.dirty = true;
+                self.changed.insert(id);
                 self.save_logged();
                 Ok(format!("job {id} cancelled (it had not started)"))
             }
@@ -397,7 +402,7 @@ impl Jobs {
             }
             State::Running => {
                 stop(job, State::Cancelled, by);
-                self.dirty = true;
+                self.changed.insert(id);
                 self.save_logged();
                 Ok(format!(
                     "job {id} is being stopped (SIGTERM; SIGKILL after {} s)",
@@ -453,9 +458,7 @@ impl Jobs {
         self.enforce_limits();
         self.rotate_logs();
         self.schedule(snap, backend);
-        if self.dirty {
-            self.save_logged();
-        }
+        self.save_logged();
     }
 
     /// Each running job's share of its GPUs' energy since the last tick: a GPU's energy
@@ -556,7 +559,7 @@ impl Jobs {
             }
             let e = job.event(event, Some(why));
             self.events.push(e);
-            self.dirty = true;
+            self.changed.insert(id);
         }
         self.prune();
     }
@@ -574,7 +577,7 @@ impl Jobs {
                     }
                     s.killed = true;
                     s.reason.push_str("; killed (SIGKILL) after the grace period");
-                    self.dirty = true;
+                    self.changed.insert(job.id);
                 }
                 continue;
             }
@@ -584,7 +587,7 @@ impl Jobs {
             if now.saturating_sub(start) >= limit {
                 let why = format!("ran past its time limit of {} s", limit as f64 / 1000.0);
                 stop(job, State::TimedOut, why);
-                self.dirty = true;
+                self.changed.insert(job.id);
             }
         }
     }
@@ -675,7 +678,7 @@ impl Jobs {
         });
         job.gpus = gpus;
         job.uuids = uuids;
-        self.dirty = true;
+        self.changed.insert(id);
         match started {
             Ok(s) => {
                 info!(job = id, pid = s.process.pid, gpus = ?job.gpus, user = %job.owner.user, %why, "job started");
@@ -714,19 +717,19 @@ impl Jobs {
         for id in &ended[..excess] {
             self.jobs.remove(id);
             let _ = std::fs::remove_dir_all(self.settings.dir.join(id.to_string()));
-            self.dirty = true;
         }
     }
 
-    fn save(&mut self) -> std::io::Result<()> {
-        store::save(&self.settings.dir, self.next_id, self.jobs.values())?;
-        self.dirty = false;
-        Ok(())
-    }
-
+    /// Write the jobs that changed; one that cannot be written is tried again at the
+    /// next tick.
     fn save_logged(&mut self) {
-        if let Err(e) = self.save() {
-            warn!(dir = %self.settings.dir.display(), error = %e, "cannot write the job queue; tried again next tick");
+        let changed = std::mem::take(&mut self.changed);
+        for id in changed {
+            let Some(job) = self.jobs.get(&id) else { continue };
+            if let Err(e) = store::save_job(&self.settings.dir, job) {
+                warn!(job = id, dir = %self.settings.dir.display(), error = %e, "cannot write a job's state; tried again next tick");
+                self.changed.insert(id);
+            }
         }
     }
 

@@ -43,8 +43,19 @@ impl Jobs {
                 Ok(json!({"job": self.view(id, now)}))
             }
             JobOp::List { all } => {
-                let jobs: Vec<Value> =
-                    self.list(who, all).into_iter().map(|j| self.view(j.id, now)).collect();
+                // Without their environments (the `job` op has them): a list of a
+                // thousand jobs stays small.
+                let jobs: Vec<Value> = self
+                    .list(who, all)
+                    .into_iter()
+                    .map(|j| {
+                        let mut v = self.view(j.id, now);
+                        if let Some(spec) = v["spec"].as_object_mut() {
+                            spec.remove("env");
+                        }
+                        v
+                    })
+                    .collect();
                 Ok(json!({"jobs": jobs, "scheduler": self.scheduler_name()}))
             }
             JobOp::Get(id) => {

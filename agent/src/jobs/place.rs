@@ -192,3 +192,108 @@ fn refuse(node: &Node, job: &Queued, gpus: &[u32]) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::spec::{Owner, Spec};
+    use crate::jobs::{State, Usage};
+
+    fn job(id: u64, want: Want, mem_mib: u64, exclusive: bool) -> Job {
+        Job {
+            id,
+            owner: Owner { user: "u".into(), uid: 1000, gid: 1000, via: "socket".into() },
+            spec: Spec {
+                name: None,
+                command: vec!["true".into()],
+                gpus: want,
+                mem_mib,
+                exclusive,
+                priority: 0,
+                labels: Default::default(),
+                cwd: "/".into(),
+                env: Default::default(),
+                time_limit_ms: None,
+                power_cap_w: None,
+                workload: None,
+            },
+            state: State::Queued,
+            submitted_ms: 0,
+            started_ms: None,
+            ended_ms: None,
+            gpus: Vec::new(),
+            uuids: Vec::new(),
+            process: None,
+            why: None,
+            exit_code: None,
+            signal: None,
+            stopping: None,
+            usage: Usage::default(),
+        }
+    }
+
+    fn view(usable: &[bool]) -> View {
+        View {
+            slots: usable
+                .iter()
+                .enumerate()
+                .map(|(i, &u)| Slot {
+                    index: i as u32,
+                    memory_total_mib: 1000,
+                    reserved_mib: 0,
+                    jobs: 0,
+                    exclusive: false,
+                    usable: u,
+                })
+                .collect(),
+        }
+    }
+
+    fn start(id: u64, gpus: Vec<u32>) -> Decision {
+        Decision::Start { job: id.to_string(), gpus, reason: "r".into() }
+    }
+
+    #[test]
+    fn the_host_refuses_what_breaks_a_rule_and_takes_the_rest() {
+        let jobs: BTreeMap<u64, Job> = [
+            (1, job(1, Want::Count(1), 0, true)),
+            (2, job(2, Want::Count(1), 0, true)),
+            (3, job(3, Want::Count(1), 600, false)),
+            (4, job(4, Want::Count(1), 600, false)),
+            (5, job(5, Want::Specific(vec![2]), 0, false)),
+            (6, job(6, Want::Count(2), 0, false)),
+        ]
+        .into();
+        let decisions = vec![
+            start(1, vec![0]),
+            // The same GPU to a second exclusive job in the same decision.
+            start(2, vec![0]),
+            start(3, vec![1]),
+            // Reservations add up within a decision: 600 + 600 > 1000.
+            start(4, vec![1]),
+            // Not the GPU it named.
+            start(5, vec![3]),
+            // Twice the same GPU in one start; then an unhealthy one; then one that does
+            // not exist.
+            start(6, vec![2, 2]),
+            start(6, vec![2, 3]),
+            Decision::Wait { job: "77".into(), reason: "not a job".into() },
+        ];
+        let c = check(&view(&[true, true, true, false]), &jobs, decisions);
+        let started: Vec<u64> = c.starts.iter().map(|s| s.0).collect();
+        assert_eq!(started, vec![1, 3]);
+        let why = |id: u64| c.rejected.iter().find(|r| r.0 == id).map(|r| r.2.clone());
+        assert_eq!(why(2).unwrap(), "GPU 0 is held exclusively by a running job");
+        assert!(why(4).unwrap().contains("GPU 1 has 400 MiB free by reservation"), "{c:?}");
+        assert!(why(5).unwrap().contains("it asked for GPUs [2]"), "{c:?}");
+        assert_eq!(why(6).unwrap(), "GPU 2 is given twice");
+        // The second decision about job 6 is refused as such.
+        assert!(c.rejected.iter().any(|r| r.0 == 6 && r.2.contains("second decision")), "{c:?}");
+        let missing = check(&view(&[true]), &jobs, vec![start(1, vec![9])]);
+        assert_eq!(missing.rejected[0].2, "GPU 9 does not exist");
+        let unhealthy = check(&view(&[false]), &jobs, vec![start(1, vec![0])]);
+        assert_eq!(unhealthy.rejected[0].2, "GPU 0 is unhealthy");
+        // Jobs the scheduler says nothing about wait, with a reason.
+        assert!(unhealthy.waits.iter().any(|w| w.0 == 2), "{unhealthy:?}");
+    }
+}

@@ -1,33 +1,18 @@
-//! The queue on disk: `queue.json` in the jobs directory, written whole through
-//! `state::atomic_write` (so a crash leaves the old queue or the new one). A file that
-//! cannot be read is set aside (`queue.json.bad-<ms>`) with a `state-set-aside` event,
-//! and the ids go on after the highest job directory found, so that no id is reused
-//! and no job's logs are taken over.
+//! The queue on disk: each job in `<dir>/<id>/job.json` (beside its logs), written whole
+//! through `state::atomic_write` when it changes, so that a change costs one small file
+//! whatever the queue's length, and a crash leaves each job as it was or as it became;
+//! and the next id in `<dir>/next-id`. A job file that cannot be read is set aside
+//! (`job.json.bad-<ms>`) with a `state-set-aside` event, never a reason to drop the rest;
+//! ids go on after the highest kept anywhere, never reused.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
-
-use serde::{Deserialize, Serialize};
 
 use super::Job;
 use crate::telemetry::Event;
 
-const FILE: &str = "queue.json";
-const VERSION: u32 = 1;
-
-#[derive(Serialize)]
-struct OnDiskRef<'a> {
-    version: u32,
-    next_id: u64,
-    jobs: Vec<&'a Job>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OnDisk {
-    version: u32,
-    next_id: u64,
-    jobs: Vec<Job>,
-}
+const JOB: &str = "job.json";
+const NEXT_ID: &str = "next-id";
 
 /// What was kept.
 #[derive(Debug, Default)]
@@ -36,54 +21,60 @@ pub struct Saved {
     pub jobs: Vec<Job>,
 }
 
-/// The queue in `dir`; an event when its file had to be set aside.
-pub fn load(dir: &Path) -> (Saved, Option<Event>) {
-    let path = dir.join(FILE);
-    let parsed = crate::state::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
-        let Some(bytes) = bytes else { return Ok(None) };
-        let d: OnDisk = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        if d.version != VERSION {
-            return Err(format!(
-                "version {} is not one this agent reads; accepted: {VERSION}",
-                d.version
-            ));
-        }
-        Ok(Some(d))
-    });
-    match parsed {
-        Ok(None) => (Saved { next_id: first_free_id(dir), jobs: Vec::new() }, None),
-        Ok(Some(d)) => {
-            let next_id = d.next_id.max(d.jobs.iter().map(|j| j.id + 1).max().unwrap_or(1));
-            (Saved { next_id, jobs: d.jobs }, None)
-        }
-        Err(error) => {
-            let moved_to = match crate::state::set_aside(&path) {
-                Ok(p) => p.display().to_string(),
-                Err(e) => format!("(could not be moved: {e})"),
-            };
-            tracing::error!(path = %path.display(), %error, %moved_to, "the job queue cannot be read; set aside, the queue starts empty (its jobs are in the file set aside)");
-            let event = Event::StateSetAside { path: path.display().to_string(), error, moved_to };
-            (Saved { next_id: first_free_id(dir), jobs: Vec::new() }, Some(event))
-        }
+/// The jobs kept in `dir`, and an event for each file that had to be set aside.
+pub fn load(dir: &Path) -> (Saved, Vec<Event>) {
+    let mut saved = Saved { next_id: 1, jobs: Vec::new() };
+    let mut events = Vec::new();
+    let mut set_aside = |path: &Path, error: String| {
+        let moved_to = match crate::state::set_aside(path) {
+            Ok(p) => p.display().to_string(),
+            Err(e) => format!("(could not be moved: {e})"),
+        };
+        tracing::error!(path = %path.display(), %error, %moved_to, "a job's state file cannot be read; set aside (the job is no longer managed: see the file)");
+        events.push(Event::StateSetAside { path: path.display().to_string(), error, moved_to });
+    };
+    let next = dir.join(NEXT_ID);
+    match crate::state::read(&next)
+        .map(|b| b.map(|b| String::from_utf8_lossy(&b).trim().parse::<u64>()))
+    {
+        Ok(None) => {}
+        Ok(Some(Ok(n))) => saved.next_id = n,
+        Ok(Some(Err(e))) => set_aside(&next, format!("not a job id: {e}")),
+        Err(e) => set_aside(&next, e.to_string()),
     }
-}
-
-/// After the highest job directory in `dir` (each job's logs are in `<dir>/<id>/`).
-fn first_free_id(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
+    let mut ids: Vec<u64> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-        .max()
-        .map_or(1, |m| m + 1)
+        .collect();
+    ids.sort_unstable();
+    for id in ids {
+        saved.next_id = saved.next_id.max(id + 1);
+        let path = dir.join(id.to_string()).join(JOB);
+        let parsed = crate::state::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+            b.map(|b| serde_json::from_slice::<Job>(&b).map_err(|e| e.to_string())).transpose()
+        });
+        match parsed {
+            Ok(Some(job)) if job.id == id => saved.jobs.push(job),
+            Ok(Some(job)) => {
+                set_aside(&path, format!("it holds job {} in the directory of job {id}", job.id))
+            }
+            // A directory without a job file: its logs, from a job set aside earlier.
+            Ok(None) => {}
+            Err(e) => set_aside(&path, e),
+        }
+    }
+    (saved, events)
 }
 
-/// Write the queue.
-pub fn save<'a>(
-    dir: &Path,
-    next_id: u64,
-    jobs: impl Iterator<Item = &'a Job>,
-) -> std::io::Result<()> {
-    let d = OnDiskRef { version: VERSION, next_id, jobs: jobs.collect() };
-    crate::state::atomic_write(&dir.join(FILE), &serde_json::to_vec(&d).expect("jobs serialise"))
+/// Keep `job`.
+pub fn save_job(dir: &Path, job: &Job) -> std::io::Result<()> {
+    let jdir = dir.join(job.id.to_string());
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&jdir)?;
+    crate::state::atomic_write(&jdir.join(JOB), &serde_json::to_vec(job).expect("jobs serialise"))
+}
+
+/// Keep the next id.
+pub fn save_next_id(dir: &Path, next: u64) -> std::io::Result<()> {
+    crate::state::atomic_write(&dir.join(NEXT_ID), next.to_string().as_bytes())
 }

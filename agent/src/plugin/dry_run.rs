@@ -26,8 +26,50 @@ pub struct Report {
     pub compile_ms: f64,
 }
 
-/// Load and start a plugin with `config` (JSON); `gpus` is the number of GPUs to tell it
-/// about in `init`.
+/// Load and start a plugin of any world the host runs (`power`, `job-scheduler`) with
+/// `config` (JSON), for `plugin check`.
+pub fn check(path: &Path, config: &str) -> Result<Report, PluginError> {
+    match start(path, config, &[]) {
+        Ok((_, report)) => Ok(report),
+        Err(PluginError::WrongWorld { .. }) => {
+            let engine = PluginEngine::new(None)?;
+            let loaded = engine.load(path)?;
+            let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
+            let plugin = super::scheduler::SchedulerPlugin::start(
+                &engine,
+                &name_of(path),
+                loaded.component,
+                config.to_owned(),
+                Vec::new(),
+                Limits::default(),
+                kv,
+            )
+            .map_err(|e| match e {
+                PluginError::WrongWorld { path, error, .. } => {
+                    PluginError::WrongWorld { path, world: "power or job-scheduler", error }
+                }
+                e => e,
+            })?;
+            let info = plugin.info().clone();
+            Ok(Report {
+                name: info.name,
+                version: info.version,
+                api_version: info.api_version,
+                kind: "job-scheduler",
+                imports: loaded.imports,
+                compile_ms: loaded.load_time.as_secs_f64() * 1000.0,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn name_of(path: &Path) -> String {
+    path.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"))
+}
+
+/// Load and start a power plugin with `config` (JSON); `gpus` is the number of GPUs to
+/// tell it about in `init`.
 pub fn start(
     path: &Path,
     config: &str,
@@ -35,7 +77,7 @@ pub fn start(
 ) -> Result<(PowerPlugin, Report), PluginError> {
     let engine = PluginEngine::new(None)?;
     let loaded = engine.load(path)?;
-    let name = path.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
+    let name = name_of(path);
     let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
     let plugin = PowerPlugin::start(
         &engine,

@@ -27,7 +27,7 @@ struct Agent {
 /// A config for a simulated node of 8 H100s with the queue in `dir/jobs`.
 fn config(dir: &Path, extra: &str) -> String {
     format!(
-        "node = \"jobs-1\"\ntick = \"200ms\"\nbackend = \"sim\"\n[telemetry]\nsink = \"file\"\npath = \"telemetry.jsonl\"\n[socket]\npath = {:?}\nmode = \"0666\"\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n{extra}\n",
+        "node = \"jobs-1\"\ntick = \"200ms\"\nbackend = \"sim\"\n[telemetry]\nsink = \"file\"\npath = \"telemetry.jsonl\"\n[plugins]\ncache_dir = \"cache\"\nstate_dir = \"plugin-state\"\n[socket]\npath = {:?}\nmode = \"0666\"\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n{extra}\n",
         dir.join("gpulet.sock").display().to_string()
     )
 }
@@ -172,52 +172,22 @@ fn bad_submissions_are_refused_naming_the_field_and_the_queue_is_untouched() {
     let hidden = d.path().join("hidden");
     std::fs::create_dir(&hidden).unwrap();
     std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let base = json!({"op": "submit", "command": ["true"], "cwd": "/tmp"});
-    let with = |k: &str, v: Value| {
-        let mut r = base.clone();
-        r[k] = v;
-        r
-    };
-    // (request, as nobody?, what the refusal must say)
-    let table: Vec<(Value, bool, &str)> = vec![
-        (with("gpus", json!(9)), false, "gpus: 9 GPUs; this node has 8"),
-        (with("gpus", json!(0)), false, "gpus: 0 GPUs"),
-        (with("gpus", json!(["GPU-nope"])), false, "gpus: \"GPU-nope\" is not a GPU of this node"),
-        (with("gpus", json!([1, 1])), false, "gpus: GPU 1 is named twice"),
-        (with("mem_mib", json!(-5)), false, "mem_mib: -5 is out of range"),
-        (with("mem_mib", json!(10_000_000)), false, "mem_mib: 10000000 is out of range"),
-        (with("command", json!([])), false, "command: empty"),
-        (with("command", json!([""])), false, "command: empty"),
-        (with("command", json!(["a\u{0}b"])), false, "command: an argument contains a NUL byte"),
-        (with("cwd", json!("/no/such/dir")), false, "cwd: /no/such/dir"),
-        (with("cwd", json!("relative")), false, "cwd: relative is not an absolute path"),
-        (with("cwd", json!(hidden.display().to_string())), true, "cannot enter"),
-        (with("env", json!({"A=B": "x"})), false, "env: \"A=B\" is not a variable name"),
-        (with("env", json!({"A": "x\u{0}"})), false, "env.A: the value contains a NUL byte"),
-        (with("time_limit_s", json!(0)), false, "time_limit_s: 0 is out of range"),
-        (with("power_cap_w", json!(5)), false, "power_cap_w: 5 W is out of range"),
-        (with("labels", json!({"bad key": "v"})), false, "labels: \"bad key\" is not a label key"),
-        (with("unknown", json!(1)), false, "unknown field `unknown`"),
-        (with("workload", json!("mining")), false, "workload: unknown variant `mining`"),
-    ];
-    for (req, as_nobody, says) in &table {
+    let table = bad_submissions(&hidden, 8);
+    for (job, as_nobody, says) in &table {
         let uid = as_nobody.then_some(NOBODY);
-        let reply = socket_request(&a.socket, req, uid);
+        let mut req = job.clone();
+        req["op"] = json!("submit");
+        let reply = socket_request(&a.socket, &req, uid);
         assert_eq!(reply["ok"], json!(false), "{req} was accepted: {reply}");
         let e = reply["error"].as_str().unwrap();
-        assert!(e.contains(says), "{req}: {e:?} does not say {says:?}");
+        assert!(e.contains(says.as_str()), "{req}: {e:?} does not say {says:?}");
     }
     assert!(a.jobs().is_empty(), "a refused submission left something in the queue");
     // The queue's bound: two that wait (each wants all 8 GPUs and one holds them).
-    let all = with("gpus", json!(8));
-    let hold = with("command", json!(["sleep", "30"]));
+    let all = json!({"op": "submit", "command": ["true"], "cwd": "/tmp", "gpus": 8});
     let first = socket_request(
         &a.socket,
-        &{
-            let mut h = hold.clone();
-            h["gpus"] = json!(8);
-            h
-        },
+        &json!({"op": "submit", "command": ["sleep", "30"], "cwd": "/tmp", "gpus": 8}),
         None,
     );
     assert_eq!(first["ok"], json!(true), "{first}");
@@ -226,6 +196,48 @@ fn bad_submissions_are_refused_naming_the_field_and_the_queue_is_untouched() {
     let full = socket_request(&a.socket, &all, None);
     assert!(full["error"].as_str().unwrap().contains("the queue is full"), "{full}");
     a.stop();
+}
+
+/// The bad-input table on a node of `n` GPUs: (a submission's fields, whether `nobody`
+/// submits it, what the refusal must say). `hidden` is a directory `nobody` cannot
+/// enter.
+fn bad_submissions(hidden: &Path, n: usize) -> Vec<(Value, bool, String)> {
+    let base = json!({"command": ["true"], "cwd": "/tmp"});
+    let with = |k: &str, v: Value| {
+        let mut r = base.clone();
+        r[k] = v;
+        r
+    };
+    let s = |x: &str| x.to_owned();
+    vec![
+        (with("gpus", json!(n + 1)), false, format!("gpus: {} GPUs; this node has {n}", n + 1)),
+        (with("gpus", json!(0)), false, s("gpus: 0 GPUs")),
+        (
+            with("gpus", json!(["GPU-nope"])),
+            false,
+            s("gpus: \"GPU-nope\" is not a GPU of this node"),
+        ),
+        (with("gpus", json!([1, 1])), false, s("gpus: GPU 1 is named twice")),
+        (with("mem_mib", json!(-5)), false, s("mem_mib: -5 is out of range")),
+        (with("mem_mib", json!(10_000_000)), false, s("mem_mib: 10000000 is out of range")),
+        (with("command", json!([])), false, s("command: empty")),
+        (with("command", json!([""])), false, s("command: empty")),
+        (with("command", json!(["a\u{0}b"])), false, s("command: an argument contains a NUL byte")),
+        (with("cwd", json!("/no/such/dir")), false, s("cwd: /no/such/dir")),
+        (with("cwd", json!("relative")), false, s("cwd: relative is not an absolute path")),
+        (with("cwd", json!(hidden.display().to_string())), true, s("cannot enter")),
+        (with("env", json!({"A=B": "x"})), false, s("env: \"A=B\" is not a variable name")),
+        (with("env", json!({"A": "x\u{0}"})), false, s("env.A: the value contains a NUL byte")),
+        (with("time_limit_s", json!(0)), false, s("time_limit_s: 0 is out of range")),
+        (with("power_cap_w", json!(5)), false, s("power_cap_w: 5 W is out of range")),
+        (
+            with("labels", json!({"bad key": "v"})),
+            false,
+            s("labels: \"bad key\" is not a label key"),
+        ),
+        (with("unknown", json!(1)), false, s("unknown field `unknown`")),
+        (with("workload", json!("mining")), false, s("workload: unknown variant `mining`")),
+    ]
 }
 
 /// One request on the socket, as `uid` when given (through a child process).
@@ -347,19 +359,21 @@ fn a_crash_keeps_the_queue_and_running_jobs_are_readopted_or_reported_lost() {
     let a = Agent::start(d.path(), extra);
     assert_eq!(a.job(again)["state"], json!("lost"));
     a.kill9();
-    // A torn queue file is set aside, reported, and ids are not reused.
-    let q = d.path().join("jobs/queue.json");
-    let bytes = std::fs::read(&q).unwrap();
-    std::fs::write(&q, &bytes[..bytes.len() / 2]).unwrap();
+    // A torn job file is set aside and reported; the other jobs are kept, and ids are
+    // not reused.
+    let f = d.path().join(format!("jobs/{again}/job.json"));
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let a = Agent::start(d.path(), extra);
-    let set_aside = std::fs::read_dir(d.path().join("jobs"))
+    let set_aside = std::fs::read_dir(d.path().join(format!("jobs/{again}")))
         .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("queue.json.bad-"));
-    assert!(set_aside, "the torn queue file was not set aside");
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("job.json.bad-"));
+    assert!(set_aside, "the torn job file was not set aside");
+    assert_eq!(a.job(running)["state"], json!("finished"), "the other jobs are kept");
     let next = submitted_id(&a.gpulet(&["submit", "--", "true"], None));
-    assert!(next > again, "job id {next} reused after a torn queue (last was {again})");
+    assert!(next > again, "job id {next} reused after a torn file (last was {again})");
     let err = a.stop();
-    assert!(err.contains("the job queue cannot be read"), "{err}");
+    assert!(err.contains("a job's state file cannot be read"), "{err}");
 }
 
 #[test]
@@ -425,4 +439,202 @@ fn the_shipped_scheduler_plugins_place_jobs_in_the_agent() {
         let err = a.stop();
         assert!(err.contains("scheduler plugin loaded"), "{err}");
     }
+}
+
+#[test]
+fn jobs_over_mqtt_submit_cancel_their_events_and_the_bad_input_table() {
+    use crate::broker::{AgentThread, Broker, Collector, node_config};
+    use gpulet::mqtt::send::{SendOptions, send};
+    let broker = Broker::start();
+    let mut c = Collector::start(broker.port, "gpulet/v1/#");
+    let dir = dir();
+    let hidden = dir.path().join("hidden");
+    std::fs::create_dir(&hidden).unwrap();
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let conf = node_config(
+        &broker.url(),
+        "[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n",
+    );
+    let agent = AgentThread::start(dir.path(), &conf);
+    c.wait(Duration::from_secs(15), "online", |g| {
+        g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
+    });
+    let cmd = |name: &str, args: Value| -> Value {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let shown = format!("{name} {args}");
+        rt.block_on(send(SendOptions {
+            url: broker.url(),
+            root: "gpulet/v1".into(),
+            node: "n1".into(),
+            command: name.into(),
+            args: args.as_object().unwrap().clone(),
+            key: None,
+            timeout: Duration::from_secs(10),
+            tls: None,
+            credentials: None,
+            retain: false,
+        }))
+        .unwrap_or_else(|e| panic!("{shown}: {e}"))
+        .pop()
+        .unwrap()
+    };
+    let r = cmd(
+        "submit-job",
+        json!({"user": "nobody", "command": ["sh", "-c", "id -u; exit 3"], "cwd": "/tmp"}),
+    );
+    assert_eq!(r["status"], json!("succeeded"), "{r}");
+    assert_eq!(r["detail"], json!("job 1 queued"), "{r}");
+    let ended =
+        c.next_on(0, "gpulet/v1/n1/events/job", |v| v["job"] == 1 && v["event"] == "finished");
+    assert_eq!(ended["exit_code"], json!(3), "{ended}");
+    assert_eq!(ended["user"], json!("nobody"));
+    assert!(ended["energy_j"].as_f64().is_some(), "{ended}");
+    // Root is refused unless the node allows it; a user that does not exist, too.
+    let r = cmd("submit-job", json!({"user": "root", "command": ["true"], "cwd": "/tmp"}));
+    assert!(r["reason"].as_str().unwrap().contains("jobs do not run as root"), "{r}");
+    let r =
+        cmd("submit-job", json!({"user": "no-such-user-x", "command": ["true"], "cwd": "/tmp"}));
+    assert!(r["reason"].as_str().unwrap().contains("there is no user \"no-such-user-x\""), "{r}");
+    let r = cmd("submit-job", json!({"command": ["true"]}));
+    assert!(r["reason"].as_str().unwrap().contains("user is missing"), "{r}");
+    // Cancel over MQTT.
+    let r = cmd("submit-job", json!({"user": "nobody", "command": ["sleep", "60"], "cwd": "/tmp"}));
+    assert_eq!(r["detail"], json!("job 2 queued"), "{r}");
+    c.next_on(0, "gpulet/v1/n1/events/job", |v| v["job"] == 2 && v["event"] == "started");
+    let r = cmd("cancel-job", json!({"job": 2}));
+    assert_eq!(r["status"], json!("succeeded"), "{r}");
+    c.next_on(0, "gpulet/v1/n1/events/job", |v| v["job"] == 2 && v["event"] == "cancelled");
+    // The table, with the node's 2 GPUs: each rejected, naming the field.
+    for (job, as_nobody, says) in bad_submissions(&hidden, 2) {
+        let mut args = job.clone();
+        // Over MQTT the command names the user; root is not allowed here, so the rows
+        // meant for root go as `daemon` (uid 1), who may enter /tmp too.
+        args["user"] = json!(if as_nobody { "nobody" } else { "daemon" });
+        let r = cmd("submit-job", args);
+        assert_eq!(r["status"], json!("rejected"), "{job} was accepted: {r}");
+        let why = r["reason"].as_str().unwrap();
+        assert!(why.contains(says.as_str()), "{job}: {why:?} does not say {says:?}");
+    }
+    let r = cmd("cancel-job", json!({"job": 99}));
+    assert!(r["reason"].as_str().unwrap().contains("there is no job 99"), "{r}");
+    agent.stop();
+}
+
+#[test]
+fn a_hostile_scheduler_is_refused_audited_and_its_jobs_stay_queued() {
+    let refused = [
+        ("twice", "GPU 0 is given twice", ""),
+        ("missing", "GPU 99 does not exist", ""),
+        (
+            "unhealthy",
+            "GPU 0 is unhealthy",
+            "[[sim.fault]]\nat = \"0s\"\ngpu = 0\nkind = \"xid\"\nxid = 48\n",
+        ),
+        ("memory", "MiB free by reservation", ""),
+        ("wrong-count", "it asked for 1 GPUs and was given 2", ""),
+        ("two-starts", "GPU 0 is held exclusively by a running job", ""),
+    ];
+    for (mode, says, sim) in refused {
+        let d = dir();
+        let extra = format!(
+            "allow_root = true\n[jobs.scheduler]\nname = \"hostile\"\npath = {:?}\nconfig = {{ mode = {mode:?} }}\n{sim}",
+            gpulet_plugin_artifacts::FIXTURE_SCHEDULER
+        );
+        let a = Agent::start(d.path(), &extra);
+        // For `memory`: a job that takes most of GPU 0 first (the fixture places it
+        // there, which is fine), then one that no longer fits there.
+        let (first, victim) = if mode == "memory" {
+            let big =
+                submitted_id(&a.gpulet(&["submit", "--mem", "80000", "--", "sleep", "30"], None));
+            a.wait_for(big, "running");
+            (Some(big), submitted_id(&a.gpulet(&["submit", "--mem", "20000", "--", "true"], None)))
+        } else if mode == "two-starts" {
+            let one = submitted_id(&a.gpulet(&["submit", "--", "sleep", "30"], None));
+            (Some(one), submitted_id(&a.gpulet(&["submit", "--", "true"], None)))
+        } else if mode == "twice" {
+            (None, submitted_id(&a.gpulet(&["submit", "-g", "2", "--", "true"], None)))
+        } else {
+            (None, submitted_id(&a.gpulet(&["submit", "--", "true"], None)))
+        };
+        std::thread::sleep(Duration::from_millis(800));
+        let j = a.job(victim);
+        assert_eq!(j["state"], json!("queued"), "{mode}: {j}");
+        if let Some(f) = first {
+            assert_eq!(a.job(f)["state"], json!("running"), "{mode}");
+        }
+        a.stop();
+        let events: Vec<Value> = std::fs::read_to_string(d.path().join("telemetry.jsonl"))
+            .unwrap()
+            .lines()
+            .flat_map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["events"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let audit = events
+            .iter()
+            .find(|e| {
+                e["kind"] == json!("job")
+                    && e["job"] == json!(victim)
+                    && e["event"] == json!("placement-rejected")
+            })
+            .unwrap_or_else(|| panic!("{mode}: no placement-rejected event: {events:?}"));
+        assert!(audit["reason"].as_str().unwrap().contains(says), "{mode}: {audit}");
+    }
+    // A scheduler that traps or floods faults: the built-in scheduler places the job
+    // instead, and after plugins.max_failures faults the plugin is quarantined.
+    for mode in ["trap", "flood"] {
+        let d = dir();
+        let extra = format!(
+            "allow_root = true\n[jobs.scheduler]\nname = \"hostile\"\npath = {:?}\nconfig = {{ mode = {mode:?} }}\n",
+            gpulet_plugin_artifacts::FIXTURE_SCHEDULER
+        );
+        let a = Agent::start(d.path(), &extra);
+        let ids: Vec<u64> = (0..4)
+            .map(|_| submitted_id(&a.gpulet(&["submit", "--", "sleep", "30"], None)))
+            .collect();
+        for id in &ids {
+            a.wait_for(*id, "running");
+        }
+        let err = a.stop();
+        assert!(err.contains("scheduler plugin fault"), "{mode}: {err}");
+        assert!(err.contains("scheduler plugin quarantined"), "{mode}: {err}");
+    }
+}
+
+#[test]
+fn a_jobs_power_cap_goes_through_the_guard_and_is_audited() {
+    let d = dir();
+    let a = Agent::start(d.path(), "allow_root = true");
+    let id = submitted_id(&a.gpulet(
+        &["submit", "--power-cap", "300", "--workload", "training", "--", "sleep", "3"],
+        None,
+    ));
+    let gpu = a.wait_for(id, "running")["gpus"][0].as_u64().unwrap() as usize;
+    let t = Instant::now();
+    loop {
+        let o = a.gpulet(&["status", "--json"], None);
+        let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let limit = s["status"]["gpus"][gpu]["limit_w"].as_f64().unwrap();
+        if limit <= 302.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "GPU {gpu} never capped: {limit} W");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.wait_for(id, "finished");
+    a.stop();
+    let audited =
+        std::fs::read_to_string(d.path().join("telemetry.jsonl")).unwrap().lines().any(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            r["events"].as_array().into_iter().flatten().any(|e| {
+                e["kind"] == json!("limit-changed")
+                    && e["gpu"] == json!(gpu)
+                    && e["source"] == json!("job")
+                    && e["to_w"].as_f64().is_some_and(|w| w <= 302.0)
+            })
+        });
+    assert!(audited, "no limit-changed event from the job's cap");
 }

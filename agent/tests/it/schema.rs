@@ -57,7 +57,7 @@ fn every_published_payload_and_every_example_follows_its_schema() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = gpulet_plugin_artifacts::POWER_BUDGET;
     let extra = format!(
-        "[power]\nbudget_w = 400\n[[plugin]]\nname = \"budget\"\npath = {plugins:?}\ngrants = [\"lower\", \"raise\"]\n[mqtt.commands]\nrequire_signed = false\n"
+        "[power]\nbudget_w = 400\n[[plugin]]\nname = \"budget\"\npath = {plugins:?}\ngrants = [\"lower\", \"raise\"]\n[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nallow_root = true\n"
     );
     let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), &extra));
     c.wait(Duration::from_secs(15), "online and birth", |g| {
@@ -68,6 +68,10 @@ fn every_published_payload_and_every_example_follows_its_schema() {
     for (name, body) in [
         ("ping", json!({"id": "s-1"})),
         ("set-power-limit", json!({"id": "s-2", "gpu": 7, "watts": 100})),
+        (
+            "submit-job",
+            json!({"id": "s-3", "user": "root", "command": ["true"], "cwd": "/", "name": "schema"}),
+        ),
     ] {
         client
             .publish(
@@ -78,6 +82,9 @@ fn every_published_payload_and_every_example_follows_its_schema() {
             )
             .unwrap();
     }
+    c.wait(Duration::from_secs(15), "the job's end", |g| {
+        g.iter().any(|m| m.topic.ends_with("/events/job") && m.text().contains("\"finished\""))
+    });
     c.wait(Duration::from_secs(15), "both commands' results", |g| {
         g.iter()
             .filter(|m| m.topic.contains("/cmd-result/") && m.text().contains("\"succeeded\""))
@@ -116,7 +123,9 @@ fn every_published_payload_and_every_example_follows_its_schema() {
     let kinds: Vec<String> =
         c.got.iter().filter_map(|m| m.topic.split("/events/").nth(1).map(str::to_owned)).collect();
     assert!(
-        kinds.iter().any(|k| k == "plugin-loaded") && kinds.iter().any(|k| k == "limit-changed"),
+        kinds.iter().any(|k| k == "plugin-loaded")
+            && kinds.iter().any(|k| k == "limit-changed")
+            && kinds.iter().any(|k| k == "job"),
         "{kinds:?}"
     );
 

@@ -233,7 +233,10 @@ fn hostile_requests_get_errors_and_the_agent_goes_on() {
         (b"not json\n", "not JSON"),
         (b"[1,2]\n", "a request is one JSON object"),
         (b"{\"op\":\"status\",\"op\":\"set-power-budget\"}\n", "appears twice"),
-        (b"{\"op\":\"rm -rf\"}\n", "is not an op; accepted: status, set-power-budget"),
+        (
+            b"{\"op\":\"rm -rf\"}\n",
+            "is not an op; accepted: status, submit, jobs, job, cancel, logs, set-power-budget",
+        ),
         (b"{\"id\":7}\n", "op is missing"),
         (b"{\"op\":\"status\",\"v\":2}\n", "accepted: 1"),
         (b"{\"op\":\"set-power-budget\",\"watts\":1e300}\n", "out of range"),

@@ -13,4 +13,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("fixture", FIXTURE),
     ("fixture-forbidden-import", FIXTURE_FORBIDDEN_IMPORT),
     ("fixture-v010", FIXTURE_V010),
+    ("fixture-scheduler", FIXTURE_SCHEDULER),
 ];
