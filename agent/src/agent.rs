@@ -340,6 +340,22 @@ impl Agent {
         }
         // A job's power cap bounds its GPUs from above, whatever decided them (the
         // guard still checks it, and the budget still holds).
+        // A cap that ended gives its GPUs back to their policy; where none decides, to
+        // their upper bound (the guard still fits the budget).
+        if let Some(jobs) = &mut self.jobs {
+            for (gpu, job) in jobs.take_released() {
+                if !decisions.iter().any(|d| d.gpu == gpu)
+                    && let Some(b) = self.bounds.get(gpu as usize)
+                {
+                    decisions.push(PowerDecision {
+                        gpu,
+                        limit_w: b.hi,
+                        reason: format!("job {job}'s power cap ended"),
+                        source: "job".into(),
+                    });
+                }
+            }
+        }
         for (gpu, cap, job) in self.jobs.as_ref().map(Jobs::caps).unwrap_or_default() {
             let current = snapshot.samples.get(gpu as usize).and_then(|s| s.power_limit_w.value());
             match decisions.iter_mut().find(|d| d.gpu == gpu) {
@@ -350,7 +366,9 @@ impl Agent {
                         format!("job {job}'s power cap ({cap} W) over {}: {}", d.source, d.reason);
                     d.source = "job".into();
                 }
-                None if current.is_some_and(|c| c <= cap) => {}
+                // Only ever lower: a limit at or below the cap already, or one that
+                // cannot be read, is left alone.
+                None if current.is_none_or(|c| c <= cap) => {}
                 None => decisions.push(PowerDecision {
                     gpu,
                     limit_w: cap,
@@ -718,7 +736,7 @@ impl Agent {
     /// next tick.
     fn schedule_now(&mut self) {
         let (Some(jobs), Some(last)) = (&mut self.jobs, &self.last) else { return };
-        jobs.schedule(last, &mut *self.backend);
+        jobs.schedule(last, &mut *self.backend, true);
         self.pending.extend(jobs.take_events());
     }
 

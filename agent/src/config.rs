@@ -103,9 +103,19 @@ pub struct JobsConfig {
     /// Whether jobs may run as root (a root submitter, or a fleet command naming root).
     #[serde(default)]
     pub allow_root: bool,
-    /// Only members of this group (and root, and the agent's user) may submit locally.
-    /// Default: whoever can connect to the socket.
+    /// Only members of this group may submit (locally: root and the agent's user
+    /// always may). Default: whoever can connect to the socket, and any user a fleet
+    /// command names.
     pub submit_group: Option<String>,
+    /// Users below this uid (system accounts: postgres, www-data…) may not run jobs.
+    #[serde(default = "default_min_uid")]
+    pub min_uid: u32,
+    /// Whether fleet commands (`submit-job` over MQTT) may queue jobs: `"off"`,
+    /// `"signed"` (only with `mqtt.commands.require_signed = true`) or `"unsigned"`
+    /// (anyone who may publish to the command topic runs code as any user: a lab's
+    /// private broker only).
+    #[serde(default = "default_fleet_submit")]
+    pub fleet_submit: String,
     /// The scheduler plugin (a `job-scheduler` component); default: the built-in FIFO
     /// bin-packer.
     pub scheduler: Option<PluginConfig>,
@@ -123,6 +133,8 @@ impl Default for JobsConfig {
             cgroup: default_cgroup(),
             allow_root: false,
             submit_group: None,
+            min_uid: default_min_uid(),
+            fleet_submit: default_fleet_submit(),
             scheduler: None,
         }
     }
@@ -143,6 +155,12 @@ fn default_log_max_kib() -> u64 {
     16 << 10
 }
 fn default_cgroup() -> String {
+    "off".into()
+}
+fn default_min_uid() -> u32 {
+    1000
+}
+fn default_fleet_submit() -> String {
     "off".into()
 }
 
@@ -849,6 +867,13 @@ impl Config {
             }
         }
         v.jobs(&self.jobs);
+        let signed = self.mqtt.as_ref().is_some_and(|m| m.commands.require_signed);
+        if self.jobs.fleet_submit == "signed" && !signed {
+            v.err(
+                "jobs.fleet_submit",
+                "is \"signed\" but mqtt.commands.require_signed is not true; accepted: require signed commands, or \"off\"",
+            );
+        }
         if self.health.xid_debounce > MAX_TICK {
             v.err(
                 "health.xid_debounce",
@@ -1225,6 +1250,12 @@ impl Validator {
         }
         if !(matches!(j.cgroup.as_str(), "off" | "own") || Path::new(&j.cgroup).is_absolute()) {
             self.err("jobs.cgroup", format!("{:?} is not a cgroup setting; accepted: \"off\", \"own\" (the agent's cgroup, delegated by the unit) or the absolute path of a cgroup v2 directory", j.cgroup));
+        }
+        if !matches!(j.fleet_submit.as_str(), "off" | "signed" | "unsigned") {
+            self.err(
+                "jobs.fleet_submit",
+                format!("{:?}; accepted: \"off\", \"signed\", \"unsigned\"", j.fleet_submit),
+            );
         }
         if let Some(s) = &j.scheduler {
             self.plugin_entry("jobs.scheduler", s);

@@ -372,6 +372,8 @@ pub fn jobs(
         cgroup_root,
         allow_root: j.allow_root,
         submit_gid,
+        min_uid: j.min_uid,
+        fleet_submit: j.fleet_submit != "off",
     };
     let scheduler = match &j.scheduler {
         None => Scheduler::builtin(),

@@ -92,17 +92,15 @@ pub fn start(l: &Launch<'_>) -> Result<Started, String> {
 
     let mut cmd = Command::new(&l.spec.command[0]);
     cmd.args(&l.spec.command[1..])
-        .current_dir(&l.spec.cwd)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0);
-    cmd.env("PATH", DEFAULT_PATH)
-        .env("HOME", &l.account.home)
-        .env("USER", &l.account.name)
-        .env("LOGNAME", &l.account.name);
+    cmd.env("PATH", DEFAULT_PATH);
     cmd.envs(&l.spec.env);
+    // Who the job runs as is gpulet's to say, not the submitted environment's.
+    cmd.env("HOME", &l.account.home).env("USER", &l.account.name).env("LOGNAME", &l.account.name);
     // What gpulet sets has the last word: CUDA's own order is fastest-first, which is
     // neither NVML's nor nvidia-smi's (task-spooler#73); UUIDs mean the same GPU whatever
     // the order.
@@ -117,10 +115,13 @@ pub fn start(l: &Launch<'_>) -> Result<Started, String> {
         let groups: Vec<Gid> = l.account.groups.iter().map(|&g| Gid::from_raw(g)).collect();
         (Uid::from_raw(l.account.uid), Gid::from_raw(l.account.gid), groups)
     });
+    let cwd = std::ffi::CString::new(l.spec.cwd.as_os_str().as_encoded_bytes())
+        .map_err(|_| "its working directory contains a NUL byte".to_owned())?;
     // Between fork and exec, in the child: join the cgroup (before anything can fork),
-    // then drop to the submitter. std's own `uid()` cannot be used: it drops the
-    // supplementary groups, and a closure runs only after it, no longer root enough to
-    // set them.
+    // drop to the submitter, and only then enter the working directory, with the
+    // submitter's own permissions (std's `current_dir` would enter it as root, before
+    // the closure). std's `uid()` cannot be used either: it drops the supplementary
+    // groups, and a closure runs after it, no longer root enough to set them.
     let child_setup = move || -> std::io::Result<()> {
         if let Some(f) = &procs {
             // "0": the writing process itself.
@@ -131,12 +132,14 @@ pub fn start(l: &Launch<'_>) -> Result<Started, String> {
             nix::unistd::setgid(*gid)?;
             nix::unistd::setuid(*uid)?;
         }
+        nix::unistd::chdir(cwd.as_c_str())?;
+        close_on_exec_from(3);
         Ok(())
     };
     #[allow(unsafe_code)]
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes three raw system calls through nix
-    // (write, setgroups, setgid, setuid) on values prepared before the fork, and
+    // async-signal-safe calls are allowed: it makes raw system calls (write, setgroups,
+    // setgid, setuid, chdir, close_range) on values prepared before the fork, and
     // allocates nothing.
     unsafe {
         cmd.pre_exec(child_setup);
@@ -151,6 +154,19 @@ pub fn start(l: &Launch<'_>) -> Result<Started, String> {
     let process =
         Process { pid, start_time: start_time(pid).unwrap_or(0), boot_id: boot_id(), cgroup };
     Ok(Started { child, process })
+}
+
+/// Mark every descriptor from `first` on close-on-exec: nothing the agent holds (a
+/// socket, a library's handle opened without `O_CLOEXEC`) reaches a job. std's own
+/// (its exec-error pipe) is close-on-exec already; the job's stdio are 0 to 2.
+fn close_on_exec_from(first: u32) {
+    #[allow(unsafe_code)]
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors of
+    // this process; it takes no pointers. Its failure (a kernel before 5.11) leaves the
+    // descriptors as they were, which std's own close-on-exec discipline covers.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+    }
 }
 
 /// A log file for a job's output: appended to (so that a rotation's truncation leaves
@@ -196,9 +212,11 @@ impl Process {
     }
 
     /// Send `signal` to the job: its process group, and every process of its cgroup
-    /// (which holds those that left the group). SIGKILL uses `cgroup.kill`.
-    pub fn signal(&self, signal: Signal) {
-        if self.alive() {
+    /// (which holds those that left the group). SIGKILL uses `cgroup.kill`. `child`: the
+    /// process is this agent's unreaped child, so its pid cannot have been reused;
+    /// otherwise the group is signalled only while the process is still the one started.
+    pub fn signal(&self, signal: Signal, child: bool) {
+        if child || self.alive() {
             let _ = killpg(Pid::from_raw(self.pid), signal);
         }
         let Some(dir) = &self.cgroup else { return };
@@ -231,7 +249,7 @@ impl Process {
         let Some(dir) = &self.cgroup else { return false };
         let left = !self.cgroup_pids().is_empty();
         if left {
-            self.signal(Signal::SIGKILL);
+            self.signal(Signal::SIGKILL, false);
             // The kernel empties the cgroup once the processes are gone; a cgroup with
             // processes cannot be removed, so wait a little for it.
             for _ in 0..50 {
@@ -264,4 +282,17 @@ pub fn own_cgroup() -> Result<PathBuf, String> {
         .and_then(|l| l.split_whitespace().nth(4))
         .ok_or("no cgroup2 file system is mounted")?;
     Ok(Path::new(mount).join(path.trim_start_matches('/')))
+}
+
+/// Kill whatever is in the cgroup `dir` and remove it (a job whose start was cut short).
+pub fn remove_cgroup(dir: &Path) {
+    if dir.is_dir() {
+        let p = Process {
+            pid: 0,
+            start_time: 0,
+            boot_id: String::new(),
+            cgroup: Some(dir.to_path_buf()),
+        };
+        p.clean_up();
+    }
 }

@@ -50,9 +50,13 @@ pub struct Settings {
     pub log_max_bytes: u64,
     pub cgroup_root: Option<PathBuf>,
     pub allow_root: bool,
-    /// Who may submit locally (root and the agent's user always may); `None`: anyone
-    /// who can connect.
+    /// Who may submit (locally, root and the agent's user always may); `None`: anyone
+    /// who can connect, and any user a fleet command names.
     pub submit_gid: Option<u32>,
+    /// Users below this uid may not run jobs.
+    pub min_uid: u32,
+    /// Whether fleet commands may queue jobs.
+    pub fleet_submit: bool,
 }
 
 /// Where a job is.
@@ -204,6 +208,8 @@ pub struct Jobs {
     scheduler: Scheduler,
     /// Each GPU's energy counter and the agent's clock at the last tick.
     last_energy: Option<(u64, Vec<Option<f64>>)>,
+    /// GPUs whose job's power cap ended, for the loop to release (`take_released`).
+    released: Vec<(u32, u64)>,
     /// Jobs started since the last tick: accounted from the next interval on (a job's
     /// energy covers the ticks it ran through, whole; the resolution is one tick).
     fresh: std::collections::HashSet<u64>,
@@ -244,6 +250,7 @@ impl Jobs {
             scheduler,
             last_energy: None,
             fresh: Default::default(),
+            released: Vec::new(),
             events: Vec::new(),
             changed: Default::default(),
         };
@@ -252,7 +259,22 @@ impl Jobs {
         jobs.next_id = saved.next_id;
         let now = unix_ms();
         for mut job in saved.jobs {
-            if job.state == State::Running {
+            if job.state == State::Running && job.process.is_none() {
+                // Written as starting, then the agent stopped: it may have run.
+                warn!(
+                    job = job.id,
+                    "a job was being started when the agent stopped; reported lost"
+                );
+                if let Some(root) = &jobs.settings.cgroup_root {
+                    launch::remove_cgroup(&root.join(format!("job-{}", job.id)));
+                }
+                job.state = State::Lost;
+                job.ended_ms = Some(now);
+                job.why =
+                    Some("the agent stopped while starting it (it may have run briefly)".into());
+                jobs.events.push(job.event("lost", job.why.clone()));
+                jobs.changed.insert(job.id);
+            } else if job.state == State::Running {
                 let alive = job.process.as_ref().is_some_and(Process::alive);
                 if alive {
                     info!(
@@ -355,6 +377,17 @@ impl Jobs {
 
     fn may_submit(&self, account: &Account, by: &Submitter) -> Result<(), String> {
         let me = crate::state::euid();
+        if matches!(by, Submitter::Fleet { .. }) && !self.settings.fleet_submit {
+            return Err(
+                "this node takes no jobs from fleet commands (jobs.fleet_submit = \"off\")".into(),
+            );
+        }
+        if account.uid != 0 && account.uid < self.settings.min_uid && account.uid != me {
+            return Err(format!(
+                "user {} (uid {}) is a system account; jobs run as users from uid {} (jobs.min_uid)",
+                account.name, account.uid, self.settings.min_uid
+            ));
+        }
         if account.uid == 0 && !self.settings.allow_root {
             return Err("jobs do not run as root on this node (jobs.allow_root = false); submit as another user".into());
         }
@@ -364,9 +397,9 @@ impl Jobs {
                 account.name
             ));
         }
-        if let (Submitter::Local { uid }, Some(g)) = (by, self.settings.submit_gid)
-            && *uid != 0
-            && *uid != me
+        let local_admin = matches!(by, Submitter::Local { uid } if *uid == 0 || *uid == me);
+        if let Some(g) = self.settings.submit_gid
+            && !local_admin
             && !account.groups.contains(&g)
         {
             return Err(format!(
@@ -381,6 +414,7 @@ impl Jobs {
     /// SIGKILL after the grace period.
     pub fn cancel(&mut self, id: u64, who: Who) -> Result<String, Refusal> {
         let grace = self.settings.kill_grace;
+        let child = self.children.contains_key(&id);
         let job = self.visible_mut(id, who)?;
         let by = match who {
             Who::Local { uid, .. } => format!("cancelled by uid {uid}"),
@@ -401,7 +435,7 @@ impl Jobs {
                 Ok(format!("job {id} is already being stopped"))
             }
             State::Running => {
-                stop(job, State::Cancelled, by);
+                stop(job, State::Cancelled, by, child);
                 self.changed.insert(id);
                 self.save_logged();
                 Ok(format!(
@@ -449,6 +483,11 @@ impl Jobs {
             .collect()
     }
 
+    /// The GPUs whose job's power cap ended since the last call, with the job.
+    pub fn take_released(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.released)
+    }
+
     /// The work of one tick, after the snapshot: account the running jobs' energy,
     /// reap those that ended, stop those past their time limit or grace period, rotate
     /// logs, then schedule and start. The queue is written if anything changed.
@@ -457,7 +496,7 @@ impl Jobs {
         self.reap(backend);
         self.enforce_limits();
         self.rotate_logs();
-        self.schedule(snap, backend);
+        self.schedule(snap, backend, false);
         self.save_logged();
     }
 
@@ -479,7 +518,8 @@ impl Jobs {
             }
             for &g in &j.gpus {
                 if let Some(v) = on.get_mut(g as usize) {
-                    v.push((j.id, j.spec.mem_mib as f64));
+                    // A job that reserved nothing counts as 1 MiB: it still gets a share.
+                    v.push((j.id, j.spec.mem_mib.max(1) as f64));
                 }
             }
         }
@@ -557,6 +597,9 @@ impl Jobs {
                     let _ = backend.run_workload(g, None);
                 }
             }
+            if job.spec.power_cap_w.is_some() {
+                self.released.extend(job.gpus.iter().map(|&g| (g, id)));
+            }
             let e = job.event(event, Some(why));
             self.events.push(e);
             self.changed.insert(id);
@@ -573,7 +616,7 @@ impl Jobs {
                 if !s.killed && now.saturating_sub(s.since_ms) >= grace {
                     warn!(job = job.id, "job still running after its grace period; SIGKILL");
                     if let Some(p) = &job.process {
-                        p.signal(Signal::SIGKILL);
+                        p.signal(Signal::SIGKILL, self.children.contains_key(&job.id));
                     }
                     s.killed = true;
                     s.reason.push_str("; killed (SIGKILL) after the grace period");
@@ -586,7 +629,7 @@ impl Jobs {
             };
             if now.saturating_sub(start) >= limit {
                 let why = format!("ran past its time limit of {} s", limit as f64 / 1000.0);
-                stop(job, State::TimedOut, why);
+                stop(job, State::TimedOut, why, self.children.contains_key(&job.id));
                 self.changed.insert(job.id);
             }
         }
@@ -615,7 +658,13 @@ impl Jobs {
 
     /// Ask the scheduler what starts now, check it, start it. With nothing queued, the
     /// scheduler is not called.
-    pub fn schedule(&mut self, snap: &NodeSnapshot, backend: &mut dyn GpuBackend) {
+    /// `between_ticks`: called between two ticks (a submission), not by the tick.
+    pub fn schedule(
+        &mut self,
+        snap: &NodeSnapshot,
+        backend: &mut dyn GpuBackend,
+        between_ticks: bool,
+    ) {
         if !self.jobs.values().any(|j| j.state == State::Queued) {
             return;
         }
@@ -641,6 +690,10 @@ impl Jobs {
                 j.why = Some(why);
             }
         }
+        if !checked.rejected.is_empty() {
+            let mut e = self.scheduler.refused(snap.now_ms, checked.rejected.len());
+            self.events.append(&mut e);
+        }
         for (id, gpus, why) in checked.rejected {
             let job = &self.jobs[&id];
             warn!(job = id, scheduler = self.scheduler.name(), ?gpus, %why, "placement refused; the job stays queued");
@@ -649,7 +702,7 @@ impl Jobs {
         }
         let started = !checked.starts.is_empty();
         for (id, gpus, why) in checked.starts {
-            self.start(id, gpus, why, backend);
+            self.start(id, gpus, why, backend, between_ticks);
         }
         // On disk at once: a restart must find a started job running (to re-adopt it),
         // never queued (to start it twice).
@@ -658,12 +711,36 @@ impl Jobs {
         }
     }
 
-    fn start(&mut self, id: u64, gpus: Vec<u32>, why: String, backend: &mut dyn GpuBackend) {
+    /// Start job `id` on `gpus`. It is written as running (without a process yet)
+    /// before anything is spawned: after a crash in between, the next start finds it
+    /// running without a process and reports it lost, and never starts it twice.
+    fn start(
+        &mut self,
+        id: u64,
+        gpus: Vec<u32>,
+        why: String,
+        backend: &mut dyn GpuBackend,
+        between_ticks: bool,
+    ) {
         let uuids: Vec<String> =
             gpus.iter().map(|&g| self.inventory[g as usize].uuid.clone()).collect();
         let log_dir = self.settings.dir.join(id.to_string());
         let job = self.jobs.get_mut(&id).expect("checked");
         let now = unix_ms();
+        job.state = State::Running;
+        job.started_ms = Some(now);
+        job.gpus = gpus;
+        job.uuids = uuids.clone();
+        job.why = Some("starting".into());
+        if let Err(e) = store::save_job(&self.settings.dir, job) {
+            warn!(job = id, error = %e, "cannot write a job's state; it is not started (tried again at the next decision)");
+            job.state = State::Queued;
+            job.started_ms = None;
+            job.gpus.clear();
+            job.uuids.clear();
+            job.why = Some(format!("its state cannot be written: {e}"));
+            return;
+        }
         let account = Account::by_uid(job.owner.uid);
         let started = account.and_then(|account| {
             launch::start(&launch::Launch {
@@ -676,18 +753,18 @@ impl Jobs {
                 as_user: crate::state::euid() == 0,
             })
         });
-        job.gpus = gpus;
-        job.uuids = uuids;
         self.changed.insert(id);
         match started {
             Ok(s) => {
                 info!(job = id, pid = s.process.pid, gpus = ?job.gpus, user = %job.owner.user, %why, "job started");
-                job.state = State::Running;
-                job.started_ms = Some(now);
                 job.process = Some(s.process);
                 job.why = Some(why.clone());
                 self.children.insert(id, s.child);
-                self.fresh.insert(id);
+                // Started within a tick (after its accounting), a job runs through the
+                // whole next interval; started between ticks, only part of it.
+                if between_ticks {
+                    self.fresh.insert(id);
+                }
                 if let Some(w) = job.spec.workload {
                     for &g in &job.gpus {
                         if let Err(e) = backend.run_workload(g, Some(w)) {
@@ -711,8 +788,15 @@ impl Jobs {
 
     /// Drop the oldest ended jobs past `keep_finished`, with their logs.
     fn prune(&mut self) {
-        let ended: Vec<u64> =
-            self.jobs.values().filter(|j| j.state.ended()).map(|j| j.id).collect();
+        // The longest ended first (not the lowest id: a long job that just ended stays).
+        let mut ended: Vec<(u64, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state.ended())
+            .map(|j| (j.ended_ms.unwrap_or(0), j.id))
+            .collect();
+        ended.sort_unstable();
+        let ended: Vec<u64> = ended.into_iter().map(|(_, id)| id).collect();
         let excess = ended.len().saturating_sub(self.settings.keep_finished);
         for id in &ended[..excess] {
             self.jobs.remove(id);
@@ -740,11 +824,12 @@ impl Jobs {
     }
 }
 
-/// Begin stopping a running job: SIGTERM to it now.
-fn stop(job: &mut Job, to: State, reason: String) {
+/// Begin stopping a running job: SIGTERM to it now. `child`: its process is this
+/// agent's child (see `Process::signal`).
+fn stop(job: &mut Job, to: State, reason: String, child: bool) {
     info!(job = job.id, state = to.name(), %reason, "stopping a job (SIGTERM)");
     if let Some(p) = &job.process {
-        p.signal(Signal::SIGTERM);
+        p.signal(Signal::SIGTERM, child);
     }
     job.stopping = Some(Stopping { since_ms: unix_ms(), to, reason, killed: false });
 }

@@ -121,13 +121,27 @@ impl Scheduler {
             Ok(Err(fault)) => (fault.kind(), fault.to_string()),
             Err(panic) => ("host-panic", format!("the plugin host panicked: {panic}")),
         };
-        tracing::warn!(plugin = %self.name, fault = fault.0, message = %fault.1, "scheduler plugin fault; the built-in scheduler decides this time");
-        events.push(Event::PluginFault {
-            plugin: self.name.clone(),
-            fault: fault.0,
-            message: fault.1,
-        });
-        let now = snap.now_ms;
+        self.fault(snap.now_ms, fault.0, fault.1, &mut events);
+        (fifo_binpack::decide(input), events)
+    }
+
+    /// The host refused `n` of the plugin's placements (`jobs/place.rs`): a fault, counted
+    /// toward quarantine like a trap, so that a plugin that breaks the rules every tick
+    /// does not fill the outbox with refusals for ever.
+    pub fn refused(&mut self, now_ms: u64, n: usize) -> Vec<Event> {
+        let mut events = Vec::new();
+        if self.plugin_running() {
+            let message =
+                format!("{n} of its placements broke the host's rules (placement-rejected events)");
+            self.fault(now_ms, "output", message, &mut events);
+        }
+        events
+    }
+
+    /// Count a fault; quarantine after `max_failures` within the window.
+    fn fault(&mut self, now: u64, kind: &'static str, message: String, events: &mut Vec<Event>) {
+        tracing::warn!(plugin = %self.name, fault = kind, %message, "scheduler plugin fault; the built-in scheduler decides this time");
+        events.push(Event::PluginFault { plugin: self.name.clone(), fault: kind, message });
         self.faults.push_back(now);
         while self.faults.front().is_some_and(|&t| now.saturating_sub(t) > self.window_ms) {
             self.faults.pop_front();
@@ -142,6 +156,5 @@ impl Scheduler {
                 fallback: BUILTIN,
             });
         }
-        (fifo_binpack::decide(input), events)
     }
 }

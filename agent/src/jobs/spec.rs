@@ -225,6 +225,12 @@ impl Submission {
             }
         };
         let power_cap_w = self.power_cap_w.map(|w| cap(w, &want, gpus)).transpose()?;
+        if power_cap_w.is_some() && !exclusive {
+            return Err(bad(
+                "power_cap_w",
+                "only an exclusive job may cap its GPUs (on shared GPUs the cap would hold other users' jobs too); accepted: with exclusive, or no cap",
+            ));
+        }
         if self.workload.is_some() && !sim {
             return Err(bad(
                 "workload",

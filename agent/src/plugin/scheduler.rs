@@ -17,6 +17,9 @@ use super::world::{Instance, World};
 use super::{sched_wit as w, wit};
 use crate::snapshot::NodeSnapshot;
 
+/// Longest reason kept from a scheduler plugin.
+const MAX_REASON: usize = 300;
+
 /// A scheduler plugin, started.
 pub type SchedulerPlugin = Instance<JobScheduler>;
 
@@ -68,13 +71,24 @@ impl Instance<JobScheduler> {
             |b, s| b.call_schedule_jobs(s, &arg),
             |d: &Vec<w::Decision>| (d.len() > max).then_some((d.len(), max)),
         )?;
+        // Reasons end up in events and in `gpulet jobs`: kept short, whatever the plugin
+        // returned.
+        let short = |mut r: String| {
+            if r.len() > MAX_REASON {
+                let cut = (0..=MAX_REASON).rev().find(|&i| r.is_char_boundary(i)).unwrap_or(0);
+                r.truncate(cut);
+            }
+            r
+        };
         let decisions = decisions
             .into_iter()
             .map(|d| match d {
                 w::Decision::Start(s) => {
-                    sched::Decision::Start { job: s.job, gpus: s.gpus, reason: s.reason }
+                    sched::Decision::Start { job: s.job, gpus: s.gpus, reason: short(s.reason) }
                 }
-                w::Decision::Wait(x) => sched::Decision::Wait { job: x.job, reason: x.reason },
+                w::Decision::Wait(x) => {
+                    sched::Decision::Wait { job: x.job, reason: short(x.reason) }
+                }
             })
             .collect();
         Ok((decisions, side))

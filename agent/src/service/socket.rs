@@ -24,7 +24,7 @@ use crate::control::{REQUEST_NAMES, Refusal, Request};
 use crate::jobs::{JobOp, Who};
 
 /// The longest request line.
-pub const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 256 * 1024;
 /// Connections served at once; more wait in the kernel's backlog. (Each costs a task
 /// and a 8 KiB buffer; a local user holding them all is closed out within `LIFETIME`.)
 const MAX_CONNECTIONS: usize = 64;

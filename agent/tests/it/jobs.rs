@@ -24,17 +24,22 @@ struct Agent {
     socket: PathBuf,
 }
 
-/// A config for a simulated node of 8 H100s with the queue in `dir/jobs`.
-fn config(dir: &Path, extra: &str) -> String {
+/// A config for a simulated node of 8 H100s with the queue in `dir/jobs`; `plugins`
+/// goes into `[plugins]`, `extra` into `[jobs]`.
+fn config(dir: &Path, plugins: &str, extra: &str) -> String {
     format!(
-        "node = \"jobs-1\"\ntick = \"200ms\"\nbackend = \"sim\"\n[telemetry]\nsink = \"file\"\npath = \"telemetry.jsonl\"\n[plugins]\ncache_dir = \"cache\"\nstate_dir = \"plugin-state\"\n[socket]\npath = {:?}\nmode = \"0666\"\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n{extra}\n",
+        "node = \"jobs-1\"\ntick = \"200ms\"\nbackend = \"sim\"\n[telemetry]\nsink = \"file\"\npath = \"telemetry.jsonl\"\n[plugins]\ncache_dir = \"cache\"\nstate_dir = \"plugin-state\"\n{plugins}\n[socket]\npath = {:?}\nmode = \"0666\"\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n{extra}\n",
         dir.join("gpulet.sock").display().to_string()
     )
 }
 
 impl Agent {
     fn start(dir: &Path, extra: &str) -> Agent {
-        std::fs::write(dir.join("gpulet.toml"), config(dir, extra)).unwrap();
+        Agent::start_with(dir, "", extra)
+    }
+
+    fn start_with(dir: &Path, plugins: &str, extra: &str) -> Agent {
+        std::fs::write(dir.join("gpulet.toml"), config(dir, plugins, extra)).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_gpulet"))
             .args(["run", "--config", "gpulet.toml"])
             .current_dir(dir)
@@ -125,10 +130,23 @@ fn dir() -> tempfile::TempDir {
 fn a_job_runs_as_its_submitter_on_its_gpus_by_uuid_and_sees_nothing_of_the_agent() {
     assert!(root(), "the job tests run as root (as CI does): they submit as another user");
     let d = dir();
-    let a = Agent::start(d.path(), "");
-    let script = "echo CVD=$CUDA_VISIBLE_DEVICES; echo ORDER=$CUDA_DEVICE_ORDER; echo ID=$GPULET_JOB_ID; echo UID=$(id -u) GID=$(id -g); echo SECRET=${AGENT_SECRET:-none}; echo MINE=$MINE";
+    let a = Agent::start(d.path(), "min_uid = 1");
+    let script = "echo CVD=$CUDA_VISIBLE_DEVICES; echo ORDER=$CUDA_DEVICE_ORDER; echo ID=$GPULET_JOB_ID; echo UID=$(id -u) GID=$(id -g); echo SECRET=${AGENT_SECRET:-none}; echo MINE=$MINE USER=$USER; python3 -c 'import os; print(\"FDS\", sorted(os.listdir(\"/proc/self/fd\")))'";
     let o = a.gpulet(
-        &["submit", "-g", "2", "--no-env", "--env", "MINE=yes", "--", "sh", "-c", script],
+        &[
+            "submit",
+            "-g",
+            "2",
+            "--no-env",
+            "--env",
+            "MINE=yes",
+            "--env",
+            "USER=root",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
         Some(NOBODY),
     );
     let id = submitted_id(&o);
@@ -144,11 +162,14 @@ fn a_job_runs_as_its_submitter_on_its_gpus_by_uuid_and_sees_nothing_of_the_agent
     assert!(logs.contains("ORDER=PCI_BUS_ID"), "{logs}");
     assert!(logs.contains(&format!("ID={id}")), "{logs}");
     assert!(logs.contains(&format!("UID={NOBODY} GID={NOBODY}")), "{logs}");
-    assert!(logs.contains("SECRET=none") && logs.contains("MINE=yes"), "{logs}");
+    assert!(logs.contains("SECRET=none") && logs.contains("MINE=yes USER=nobody"), "{logs}");
+    // Nothing the agent holds open reaches the job: its stdio, and the one descriptor
+    // python opens to list them.
+    assert!(logs.contains("FDS ['0', '1', '2', '3']"), "{logs}");
     assert_eq!(job["owner"]["user"], json!("nobody"));
 
     // A user sees and cancels only their own jobs.
-    // uid 1 (`daemon`): another user.
+    // uid 1 (`daemon`, admitted by this node's jobs.min_uid = 1): another user.
     let mine = submitted_id(&a.gpulet(&["submit", "--", "sleep", "30"], Some(1)));
     let theirs = a.gpulet(&["jobs", "--all", "--json"], Some(NOBODY));
     let listed: Vec<Value> = serde_json::from_slice(&theirs.stdout).unwrap();
@@ -453,7 +474,7 @@ fn jobs_over_mqtt_submit_cancel_their_events_and_the_bad_input_table() {
     std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
     let conf = node_config(
         &broker.url(),
-        "[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\n",
+        "[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nkill_grace = \"1s\"\nfleet_submit = \"unsigned\"\n",
     );
     let agent = AgentThread::start(dir.path(), &conf);
     c.wait(Duration::from_secs(15), "online", |g| {
@@ -495,6 +516,8 @@ fn jobs_over_mqtt_submit_cancel_their_events_and_the_bad_input_table() {
     let r =
         cmd("submit-job", json!({"user": "no-such-user-x", "command": ["true"], "cwd": "/tmp"}));
     assert!(r["reason"].as_str().unwrap().contains("there is no user \"no-such-user-x\""), "{r}");
+    let r = cmd("submit-job", json!({"user": "daemon", "command": ["true"], "cwd": "/tmp"}));
+    assert!(r["reason"].as_str().unwrap().contains("is a system account"), "{r}");
     let r = cmd("submit-job", json!({"command": ["true"]}));
     assert!(r["reason"].as_str().unwrap().contains("user is missing"), "{r}");
     // Cancel over MQTT.
@@ -507,9 +530,9 @@ fn jobs_over_mqtt_submit_cancel_their_events_and_the_bad_input_table() {
     // The table, with the node's 2 GPUs: each rejected, naming the field.
     for (job, as_nobody, says) in bad_submissions(&hidden, 2) {
         let mut args = job.clone();
-        // Over MQTT the command names the user; root is not allowed here, so the rows
-        // meant for root go as `daemon` (uid 1), who may enter /tmp too.
-        args["user"] = json!(if as_nobody { "nobody" } else { "daemon" });
+        // Over MQTT the command names the user; root is not allowed here.
+        let _ = as_nobody;
+        args["user"] = json!("nobody");
         let r = cmd("submit-job", args);
         assert_eq!(r["status"], json!("rejected"), "{job} was accepted: {r}");
         let why = r["reason"].as_str().unwrap();
@@ -540,7 +563,7 @@ fn a_hostile_scheduler_is_refused_audited_and_its_jobs_stay_queued() {
             "allow_root = true\n[jobs.scheduler]\nname = \"hostile\"\npath = {:?}\nconfig = {{ mode = {mode:?} }}\n{sim}",
             gpulet_plugin_artifacts::FIXTURE_SCHEDULER
         );
-        let a = Agent::start(d.path(), &extra);
+        let a = Agent::start_with(d.path(), "max_failures = 100", &extra);
         // For `memory`: a job that takes most of GPU 0 first (the fixture places it
         // there, which is fine), then one that no longer fits there.
         let (first, victim) = if mode == "memory" {
@@ -583,9 +606,10 @@ fn a_hostile_scheduler_is_refused_audited_and_its_jobs_stay_queued() {
             .unwrap_or_else(|| panic!("{mode}: no placement-rejected event: {events:?}"));
         assert!(audit["reason"].as_str().unwrap().contains(says), "{mode}: {audit}");
     }
-    // A scheduler that traps or floods faults: the built-in scheduler places the job
-    // instead, and after plugins.max_failures faults the plugin is quarantined.
-    for mode in ["trap", "flood"] {
+    // A scheduler that traps, floods or keeps breaking the rules faults: the built-in
+    // scheduler places the job instead, and after plugins.max_failures faults the plugin
+    // is quarantined.
+    for mode in ["trap", "flood", "missing"] {
         let d = dir();
         let extra = format!(
             "allow_root = true\n[jobs.scheduler]\nname = \"hostile\"\npath = {:?}\nconfig = {{ mode = {mode:?} }}\n",

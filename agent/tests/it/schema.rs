@@ -57,7 +57,7 @@ fn every_published_payload_and_every_example_follows_its_schema() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = gpulet_plugin_artifacts::POWER_BUDGET;
     let extra = format!(
-        "[power]\nbudget_w = 400\n[[plugin]]\nname = \"budget\"\npath = {plugins:?}\ngrants = [\"lower\", \"raise\"]\n[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nallow_root = true\n"
+        "[power]\nbudget_w = 400\n[[plugin]]\nname = \"budget\"\npath = {plugins:?}\ngrants = [\"lower\", \"raise\"]\n[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nallow_root = true\nfleet_submit = \"unsigned\"\n"
     );
     let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), &extra));
     c.wait(Duration::from_secs(15), "online and birth", |g| {

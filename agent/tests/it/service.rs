@@ -180,6 +180,40 @@ fn the_unit_verifies_and_its_exposure_is_at_most_2_0() {
 }
 
 #[test]
+fn the_jobs_drop_in_costs_the_documented_exposure_and_keeps_what_it_says() {
+    // The unit with the jobs drop-in, as an operator installs it.
+    let root = tempfile::tempdir().unwrap();
+    let units = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(units.join("gpulet.service.d")).unwrap();
+    std::fs::copy(crate::repo().join("packaging/gpulet.service"), units.join("gpulet.service"))
+        .unwrap();
+    let drop_in = crate::repo().join("packaging/gpulet-jobs.conf");
+    std::fs::copy(&drop_in, units.join("gpulet.service.d/jobs.conf")).unwrap();
+    let out = systemd_analyze(&[
+        "security",
+        "--offline=true",
+        &format!("--root={}", root.path().display()),
+        "gpulet.service",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for gpulet.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
+    assert!(score <= 6.2, "exposure {score} with the jobs drop-in; docs/jobs.md says 6.2\n{text}");
+    // What jobs need is there; what they do not need stays shut.
+    let conf = std::fs::read_to_string(&drop_in).unwrap();
+    for line in ["Delegate=yes", "KillMode=process", "ProtectProc=default", "MemoryMax=infinity"] {
+        assert!(conf.lines().any(|l| l == line), "the drop-in lacks {line}");
+    }
+    for kept in ["NoNewPrivileges=", "RestrictSUIDSGID="] {
+        assert!(!conf.lines().any(|l| l.starts_with(kept)), "the drop-in changes {kept}");
+    }
+}
+
+#[test]
 fn logs_are_plain_text_off_a_terminal_and_a_steady_node_logs_changes_once() {
     // Stderr is a pipe here: no colour escapes. A node under a budget changes limits at
     // its first tick; the log says so once (each change is a telemetry event), not once

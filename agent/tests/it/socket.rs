@@ -261,13 +261,14 @@ fn hostile_requests_get_errors_and_the_agent_goes_on() {
     // The id is echoed, on errors too.
     let v = a.request(&json!({"op": "nope", "id": "r-1"})).unwrap();
     assert_eq!(v["id"], json!("r-1"));
-    // A line longer than 64 KiB is refused and the connection closed.
+    // A line longer than 256 KiB (room for a job's whole environment) is refused and the
+    // connection closed.
     let mut s = UnixStream::connect(&a.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(&vec![b' '; 70 * 1024]);
+    let _ = s.write_all(&vec![b' '; 260 * 1024]);
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).unwrap();
-    assert!(line.contains("longer than 65536 bytes"), "{line}");
+    assert!(line.contains("longer than 262144 bytes"), "{line}");
     // More connections left open and idle than are served at once (64) keep the next
     // caller out only until they are closed for idling (10 s).
     let idle: Vec<UnixStream> = (0..70).map(|_| UnixStream::connect(&a.socket).unwrap()).collect();

@@ -139,26 +139,9 @@ fn gpu_ms(q: &Queued, run_ms: u64) -> f64 {
     n as f64 * share * run_ms as f64
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Sched {
-    FifoBinpack,
-    PriorityBackfill,
-    FifoOnePerGpu,
-    TaskSpooler,
-}
-
-impl Sched {
-    const ALL: [Sched; 4] =
-        [Sched::FifoBinpack, Sched::PriorityBackfill, Sched::FifoOnePerGpu, Sched::TaskSpooler];
-    fn name(self) -> &'static str {
-        match self {
-            Sched::FifoBinpack => "fifo-binpack",
-            Sched::PriorityBackfill => "priority-backfill",
-            Sched::FifoOnePerGpu => "fifo-one-per-gpu",
-            Sched::TaskSpooler => "task-spooler",
-        }
-    }
-}
+/// The shipped schedulers, then the baselines.
+const SCHEDULERS: [&str; 4] =
+    ["fifo-binpack", "priority-backfill", "fifo-one-per-gpu", "task-spooler"];
 
 /// A job running since `start`.
 struct Run {
@@ -190,18 +173,15 @@ struct Stats {
 
 /// The GPUs as `running` holds them.
 fn slots(jobs: &[Job], running: &[Run]) -> Vec<Slot> {
-    let mut node = Node::new(
-        &(0..GPUS)
-            .map(|index| Slot {
-                index,
-                memory_total_mib: GPU_MIB,
-                reserved_mib: 0,
-                jobs: 0,
-                exclusive: false,
-                usable: true,
-            })
-            .collect::<Vec<_>>(),
-    );
+    let idle = |index| Slot {
+        index,
+        memory_total_mib: GPU_MIB,
+        reserved_mib: 0,
+        jobs: 0,
+        exclusive: false,
+        usable: true,
+    };
+    let mut node = Node { slots: (0..GPUS).map(idle).collect() };
     for r in running {
         node.take(&jobs[r.job].q, &r.gpus);
     }
@@ -238,7 +218,7 @@ fn allowed(node: &Node, job: &Queued, gpus: &[u32], by_reservation: bool) -> boo
         })
 }
 
-fn simulate(jobs: &[Job], sched: Sched) -> Stats {
+fn simulate(jobs: &[Job], sched: &str) -> Stats {
     let mut st = Stats::default();
     let (mut queue, mut running) = (Vec::<usize>::new(), Vec::<Run>::new());
     let (mut next, mut now) = (0, 0);
@@ -287,15 +267,15 @@ fn simulate(jobs: &[Job], sched: Sched) -> Stats {
         let free = readings(jobs, &running, now);
         let t0 = Instant::now();
         let decisions = match sched {
-            Sched::FifoBinpack => fifo_binpack::decide(&input),
-            Sched::PriorityBackfill => priority_backfill::decide(&input),
-            Sched::FifoOnePerGpu => baseline::fifo_one_per_gpu(&input),
-            Sched::TaskSpooler => baseline::task_spooler(&input, &free),
+            "fifo-binpack" => fifo_binpack::decide(&input),
+            "priority-backfill" => priority_backfill::decide(&input),
+            "fifo-one-per-gpu" => baseline::fifo_one_per_gpu(&input),
+            _ => baseline::task_spooler(&input, &free),
         };
         st.decide_time += t0.elapsed();
         st.calls += 1;
         // Apply the starts in order, on a working copy of the GPUs, as the host does.
-        let trusted = sched == Sched::TaskSpooler;
+        let trusted = sched == "task-spooler";
         let mut node = Node::new(&input.gpus);
         let mut decided = HashSet::new();
         for d in decisions {
@@ -355,7 +335,7 @@ fn main() {
          | µs/call |"
     );
     println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for sched in Sched::ALL {
+    for sched in SCHEDULERS {
         let st = simulate(&jobs, sched);
         let mut w: Vec<u64> = st.waits.iter().map(|&(w, _)| w).collect();
         w.sort_unstable();
@@ -365,7 +345,7 @@ fn main() {
         let span = st.makespan_ms.max(1) as f64;
         println!(
             "| {} | {:.1} | {:.0} | {:.0} | {hi:.0} / {lo:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {:.1} |",
-            sched.name(),
+            sched,
             st.makespan_ms as f64 / HOUR as f64,
             mean_min(w.iter().copied()),
             p95 as f64 / MIN as f64,
@@ -378,7 +358,7 @@ fn main() {
             st.decide_time.as_secs_f64() * 1e6 / f64::from(st.calls.max(1)),
         );
         if st.unfinished > 0 {
-            println!("\n{}: {} jobs never started", sched.name(), st.unfinished);
+            println!("\n{}: {} jobs never started", sched, st.unfinished);
         }
     }
     println!(
