@@ -8,7 +8,7 @@ use super::bindings::{Power, PowerPre};
 use super::host::{Curves, HostState, PluginMetric};
 pub use super::sandbox::{Fault, Limits};
 use super::wit;
-use super::world::{Instance, World};
+use super::world::Instance;
 
 /// Most actions one `decide-power` call may return (a node has at most a few dozen
 /// GPUs; more is a plugin out of control, and each action may become an audit event).
@@ -26,34 +26,7 @@ pub struct CallOutput {
 /// A power plugin, started.
 pub type PowerPlugin = Instance<Power>;
 
-impl World for Power {
-    const NAME: &'static str = "power";
-    type Pre = PowerPre<HostState>;
-    fn pre(linked: InstancePre<HostState>) -> wasmtime::Result<Self::Pre> {
-        PowerPre::new(linked)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
-        pre.instantiate(store)
-    }
-    fn info(&self, store: &mut Store<HostState>) -> wasmtime::Result<wit::PluginInfo> {
-        self.call_info(store)
-    }
-    fn validate_config(
-        &self,
-        store: &mut Store<HostState>,
-        config: &str,
-    ) -> wasmtime::Result<Result<(), Vec<wit::ConfigError>>> {
-        self.call_validate_config(store, config)
-    }
-    fn init(
-        &self,
-        store: &mut Store<HostState>,
-        config: &str,
-        gpus: &[wit::GpuInfo],
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.call_init(store, config, gpus)
-    }
-}
+super::world::impl_world!(Power, PowerPre, "power");
 
 impl Instance<Power> {
     /// Call `decide-power` on `snapshot`, whose GPUs' curves are `curves` (what

@@ -13,7 +13,7 @@ use super::chain::to_wit;
 use super::host::HostState;
 use super::sandbox::{Fault, Side};
 use super::scheduler_bindings::{JobScheduler, JobSchedulerPre};
-use super::world::{Instance, World};
+use super::world::Instance;
 use super::{sched_wit as w, wit};
 use crate::snapshot::NodeSnapshot;
 
@@ -27,34 +27,7 @@ pub type SchedulerPlugin = Instance<JobScheduler>;
 /// labels, by job id.
 pub type JobInfo = HashMap<String, (String, Vec<(String, String)>)>;
 
-impl World for JobScheduler {
-    const NAME: &'static str = "job-scheduler";
-    type Pre = JobSchedulerPre<HostState>;
-    fn pre(linked: InstancePre<HostState>) -> wasmtime::Result<Self::Pre> {
-        JobSchedulerPre::new(linked)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
-        pre.instantiate(store)
-    }
-    fn info(&self, store: &mut Store<HostState>) -> wasmtime::Result<wit::PluginInfo> {
-        self.call_info(store)
-    }
-    fn validate_config(
-        &self,
-        store: &mut Store<HostState>,
-        config: &str,
-    ) -> wasmtime::Result<Result<(), Vec<wit::ConfigError>>> {
-        self.call_validate_config(store, config)
-    }
-    fn init(
-        &self,
-        store: &mut Store<HostState>,
-        config: &str,
-        gpus: &[wit::GpuInfo],
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.call_init(store, config, gpus)
-    }
-}
+super::world::impl_world!(JobScheduler, JobSchedulerPre, "job-scheduler");
 
 impl Instance<JobScheduler> {
     /// Call `schedule-jobs`. More decisions than queued jobs is a fault.

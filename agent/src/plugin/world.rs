@@ -39,6 +39,45 @@ pub trait World: Sized + Send + 'static {
     ) -> wasmtime::Result<Result<(), String>>;
 }
 
+/// `impl World` for a world's generated bindings `$world` (with `$pre`, its pre-linked
+/// form): the `base` world's calls are the same in every world.
+macro_rules! impl_world {
+    ($world:ty, $pre:ident, $name:literal) => {
+        impl $crate::plugin::world::World for $world {
+            const NAME: &'static str = $name;
+            type Pre = $pre<HostState>;
+            fn pre(linked: InstancePre<HostState>) -> wasmtime::Result<Self::Pre> {
+                $pre::new(linked)
+            }
+            fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<HostState>,
+            ) -> wasmtime::Result<Self> {
+                pre.instantiate(store)
+            }
+            fn info(&self, store: &mut Store<HostState>) -> wasmtime::Result<wit::PluginInfo> {
+                self.call_info(store)
+            }
+            fn validate_config(
+                &self,
+                store: &mut Store<HostState>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), Vec<wit::ConfigError>>> {
+                self.call_validate_config(store, config)
+            }
+            fn init(
+                &self,
+                store: &mut Store<HostState>,
+                config: &str,
+                gpus: &[wit::GpuInfo],
+            ) -> wasmtime::Result<Result<(), String>> {
+                self.call_init(store, config, gpus)
+            }
+        }
+    };
+}
+pub(crate) use impl_world;
+
 /// One plugin of world `W`, in its sandbox.
 pub struct Instance<W: World> {
     sandbox: Sandbox,

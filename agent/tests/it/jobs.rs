@@ -465,7 +465,6 @@ fn the_shipped_scheduler_plugins_place_jobs_in_the_agent() {
 #[test]
 fn jobs_over_mqtt_submit_cancel_their_events_and_the_bad_input_table() {
     use crate::broker::{AgentThread, Broker, Collector, node_config};
-    use gpulet::mqtt::send::{SendOptions, send};
     let broker = Broker::start();
     let mut c = Collector::start(broker.port, "gpulet/v1/#");
     let dir = dir();
@@ -481,23 +480,8 @@ fn jobs_over_mqtt_submit_cancel_their_events_and_the_bad_input_table() {
         g.iter().any(|m| m.topic.ends_with("/status") && m.text().contains("online"))
     });
     let cmd = |name: &str, args: Value| -> Value {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let shown = format!("{name} {args}");
-        rt.block_on(send(SendOptions {
-            url: broker.url(),
-            root: "gpulet/v1".into(),
-            node: "n1".into(),
-            command: name.into(),
-            args: args.as_object().unwrap().clone(),
-            key: None,
-            timeout: Duration::from_secs(10),
-            tls: None,
-            credentials: None,
-            retain: false,
-        }))
-        .unwrap_or_else(|e| panic!("{shown}: {e}"))
-        .pop()
-        .unwrap()
+        crate::mqtt::cmd(&broker, name, args).pop().unwrap_or_else(|| panic!("{shown}: no result"))
     };
     let r = cmd(
         "submit-job",

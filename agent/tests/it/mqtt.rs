@@ -14,7 +14,8 @@ use crate::broker::{AgentThread, Broker, Collector, contiguous_seqs, node_config
 
 const T: Duration = Duration::from_secs(15);
 
-fn cmd(broker: &Broker, name: &str, args: Value) -> Vec<Value> {
+/// A command to node `n1` through `broker`, unsigned; its results.
+pub fn cmd(broker: &Broker, name: &str, args: Value) -> Vec<Value> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(send(SendOptions {
         url: broker.url(),
