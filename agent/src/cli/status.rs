@@ -170,7 +170,7 @@ pub fn render(s: &Status, mqtt: Option<&MqttStats>) -> String {
         let _ = writeln!(o, "reload: {r}");
     }
     if let Some(j) = &s.jobs {
-        let how = if j.plugin_running || j.scheduler == "builtin-fifo-binpack" {
+        let how = if j.plugin_running || j.scheduler == gpulet::jobs::scheduler::BUILTIN {
             ""
         } else {
             ", built-in stands in"

@@ -646,3 +646,35 @@ fn a_jobs_power_cap_goes_through_the_guard_and_is_audited() {
         });
     assert!(audited, "no limit-changed event from the job's cap");
 }
+
+#[test]
+fn a_jobs_output_is_rotated_past_the_cap_and_read_back_by_its_owner_only() {
+    let d = dir();
+    // 1 KiB cap; the job writes 64 KiB at once, then waits to be rotated.
+    let a = Agent::start(d.path(), "allow_root = true\nlog_max_kib = 1");
+    let id = submitted_id(&a.gpulet(
+        &[
+            "submit",
+            "--",
+            "sh",
+            "-c",
+            "head -c 65536 /dev/zero | tr '\\0' x; echo; sleep 1; echo after",
+        ],
+        None,
+    ));
+    a.wait_for(id, "finished");
+    let dir = d.path().join(format!("jobs/{id}"));
+    let rotated = std::fs::metadata(dir.join("stdout.1")).map(|m| m.len()).unwrap_or(0);
+    let current = std::fs::read_to_string(dir.join("stdout")).unwrap();
+    assert!(rotated > 1024, "nothing was rotated ({rotated} bytes in stdout.1)");
+    assert!(current.trim_start_matches('\0').contains("after"), "{current:?}");
+    assert!(current.len() <= 1024 + 8, "stdout is {} bytes past a 1 KiB cap", current.len());
+    // Another user cannot read it through the socket.
+    let theirs = a.gpulet(&["logs", &id.to_string()], Some(NOBODY));
+    assert!(
+        !theirs.status.success() && text(&theirs).contains("there is no job"),
+        "{}",
+        text(&theirs)
+    );
+    a.stop();
+}

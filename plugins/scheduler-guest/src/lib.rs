@@ -121,6 +121,36 @@ pub fn input(i: ScheduleInput) -> sched::Input {
     }
 }
 
+/// Export a scheduler plugin named `$name` that takes no options and decides with
+/// `$decide` (a function of `gpulet_policy_algos::sched`, `&Input -> Vec<Decision>`):
+/// what each shipped scheduler is, so that each is its algorithm and nothing else.
+#[macro_export]
+macro_rules! export_algorithm {
+    ($name:literal, $decide:path) => {
+        struct Plugin;
+
+        impl $crate::SchedulerGuest for Plugin {
+            fn info() -> $crate::PluginInfo {
+                $crate::info($name, env!("CARGO_PKG_VERSION"))
+            }
+
+            fn validate_config(config: String) -> Result<(), Vec<$crate::ConfigError>> {
+                $crate::no_options(&config)
+            }
+
+            fn init(config: String, _gpus: Vec<$crate::GpuInfo>) -> Result<(), String> {
+                $crate::no_options(&config).map_err(|e| format!("{}: {}", e[0].path, e[0].message))
+            }
+
+            fn schedule_jobs(input: $crate::ScheduleInput) -> Vec<$crate::Decision> {
+                $crate::decisions($decide(&$crate::input(input)))
+            }
+        }
+
+        $crate::export_scheduler!(Plugin);
+    };
+}
+
 /// The algorithms' decisions as WIT decisions.
 pub fn decisions(d: Vec<sched::Decision>) -> Vec<Decision> {
     d.into_iter()
