@@ -670,16 +670,13 @@ impl Jobs {
         }
         let view = place::View::new(snap, self.jobs.values());
         let input = view.input(snap, self.jobs.values(), unix_ms());
-        let info = self
+        let labels = self
             .jobs
             .values()
-            .filter(|j| !j.state.ended())
-            .map(|j| {
-                let labels = j.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                (j.id.to_string(), (j.owner.user.clone(), labels))
-            })
+            .filter(|j| j.state == State::Queued)
+            .flat_map(|j| j.spec.labels.iter().map(|(k, v)| (j.id, k.clone(), v.clone())))
             .collect();
-        let (decisions, mut events) = self.scheduler.decide(snap, &input, &info);
+        let (decisions, mut events) = self.scheduler.decide(snap, &input, &labels);
         self.events.append(&mut events);
         let checked = place::check(&view, &self.jobs, decisions);
         for (id, why) in checked.waits {

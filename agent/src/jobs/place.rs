@@ -59,7 +59,8 @@ impl View {
         for j in jobs {
             match j.state {
                 State::Running => running.push(Running {
-                    id: j.id.to_string(),
+                    id: j.id,
+                    owner: j.owner.uid,
                     gpus: j.gpus.clone(),
                     mem_mib: j.spec.mem_mib,
                     exclusive: j.spec.exclusive,
@@ -78,7 +79,8 @@ impl View {
 /// A queued job as schedulers see it.
 pub fn queued(j: &Job, submitted_ms: u64) -> Queued {
     Queued {
-        id: j.id.to_string(),
+        id: j.id,
+        owner: j.owner.uid,
         gpus: match &j.spec.gpus {
             Want::Count(n) => GpuRequest::Count(*n),
             Want::Specific(g) => GpuRequest::Specific(g.clone()),
@@ -109,11 +111,7 @@ pub fn check(view: &View, jobs: &BTreeMap<u64, Job>, decisions: Vec<Decision>) -
     let mut out = Checked::default();
     let mut decided = HashSet::new();
     for d in decisions {
-        let id = d
-            .job()
-            .parse::<u64>()
-            .ok()
-            .filter(|id| jobs.get(id).is_some_and(|j| j.state == State::Queued));
+        let id = Some(d.job()).filter(|id| jobs.get(id).is_some_and(|j| j.state == State::Queued));
         let Some(id) = id else {
             tracing::warn!(
                 job = d.job(),
@@ -141,9 +139,16 @@ pub fn check(view: &View, jobs: &BTreeMap<u64, Job>, decisions: Vec<Decision>) -
             }
         }
     }
-    for (&id, j) in jobs {
-        if j.state == State::Queued && !decided.contains(&id) {
-            out.waits.push((id, "the scheduler did not place it this time".into()));
+    // Schedulers explain the front of a long queue only (`decision` in the WIT): the
+    // rest are shown by their place in it (ids are in submission order).
+    let queued = jobs.iter().filter(|(_, j)| j.state == State::Queued);
+    for (older, (&id, _)) in queued.enumerate() {
+        if !decided.contains(&id) {
+            let why = format!(
+                "waits; {older} older {} queued (the scheduler explains the front of the queue only)",
+                if older == 1 { "job is" } else { "jobs are" }
+            );
+            out.waits.push((id, why));
         }
     }
     out
@@ -250,7 +255,7 @@ mod tests {
     }
 
     fn start(id: u64, gpus: Vec<u32>) -> Decision {
-        Decision::Start { job: id.to_string(), gpus, reason: "r".into() }
+        Decision::Start { job: id, gpus, reason: "r".into() }
     }
 
     #[test]
@@ -277,7 +282,7 @@ mod tests {
             // not exist.
             start(6, vec![2, 2]),
             start(6, vec![2, 3]),
-            Decision::Wait { job: "77".into(), reason: "not a job".into() },
+            Decision::Wait { job: 77, reason: "not a job".into() },
         ];
         let c = check(&view(&[true, true, true, false]), &jobs, decisions);
         let started: Vec<u64> = c.starts.iter().map(|s| s.0).collect();
@@ -293,7 +298,8 @@ mod tests {
         assert_eq!(missing.rejected[0].2, "GPU 9 does not exist");
         let unhealthy = check(&view(&[false]), &jobs, vec![start(1, vec![0])]);
         assert_eq!(unhealthy.rejected[0].2, "GPU 0 is unhealthy");
-        // Jobs the scheduler says nothing about wait, with a reason.
-        assert!(unhealthy.waits.iter().any(|w| w.0 == 2), "{unhealthy:?}");
+        // Jobs the scheduler says nothing about wait, shown by their place in the queue.
+        let w = unhealthy.waits.iter().find(|w| w.0 == 2).unwrap();
+        assert!(w.1.starts_with("waits; 1 older job is queued"), "{unhealthy:?}");
     }
 }

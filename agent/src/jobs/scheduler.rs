@@ -14,7 +14,7 @@ use gpulet_policy_algos::sched::{Decision, Input, fifo_binpack};
 use crate::plugin::chain::PluginSpec;
 use crate::plugin::engine::PluginEngine;
 use crate::plugin::kv::KvStore;
-use crate::plugin::scheduler::{JobInfo, SchedulerPlugin};
+use crate::plugin::scheduler::{Labels, SchedulerPlugin};
 use crate::plugin::thread::PluginThread;
 use crate::plugin::{PluginError, wit};
 use crate::snapshot::NodeSnapshot;
@@ -106,16 +106,16 @@ impl Scheduler {
         &mut self,
         snap: &NodeSnapshot,
         input: &Input,
-        info: &JobInfo,
+        labels: &Labels,
     ) -> (Vec<Decision>, Vec<Event>) {
         let mut events = Vec::new();
         if !self.plugin_running() {
             return (fifo_binpack::decide(input), events);
         }
-        let (snap2, input2, info2) = (snap.clone(), input.clone(), info.clone());
+        let (snap2, input2, labels2) = (snap.clone(), input.clone(), labels.clone());
         let outcome = self
             .plugin
-            .call(move |p| p.as_mut().expect("running").schedule(&snap2, &input2, &info2));
+            .call(move |p| p.as_mut().expect("running").schedule(&snap2, &input2, &labels2));
         let fault = match outcome {
             Ok(Ok((decisions, _))) => return (decisions, events),
             Ok(Err(fault)) => (fault.kind(), fault.to_string()),

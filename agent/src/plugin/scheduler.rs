@@ -3,8 +3,6 @@
 //! the built-in scheduler reads too), converted here and only here, and returns at most
 //! one decision per queued job.
 
-use std::collections::HashMap;
-
 use gpulet_policy_algos::sched;
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
@@ -23,9 +21,9 @@ const MAX_REASON: usize = 300;
 /// A scheduler plugin, started.
 pub type SchedulerPlugin = Instance<JobScheduler>;
 
-/// What the WIT has of a queued job that the algorithms do not read: its owner and
-/// labels, by job id.
-pub type JobInfo = HashMap<String, (String, Vec<(String, String)>)>;
+/// What the WIT has of the queue that the algorithms do not read: the queued jobs'
+/// labels, (job id, key, value).
+pub type Labels = Vec<(u64, String, String)>;
 
 super::world::impl_world!(JobScheduler, JobSchedulerPre, "job-scheduler");
 
@@ -35,9 +33,9 @@ impl Instance<JobScheduler> {
         &mut self,
         snap: &NodeSnapshot,
         input: &sched::Input,
-        info: &JobInfo,
+        labels: &Labels,
     ) -> Result<(Vec<sched::Decision>, Side), Fault> {
-        let arg = to_input(snap, input, info);
+        let arg = to_input(snap, input, labels);
         let max = input.queue.len();
         let (decisions, side) = self.call(
             &snap.curves,
@@ -68,8 +66,7 @@ impl Instance<JobScheduler> {
     }
 }
 
-fn to_input(snap: &NodeSnapshot, input: &sched::Input, info: &JobInfo) -> w::ScheduleInput {
-    let about = |id: &str| info.get(id).cloned().unwrap_or_default();
+fn to_input(snap: &NodeSnapshot, input: &sched::Input, labels: &Labels) -> w::ScheduleInput {
     w::ScheduleInput {
         snapshot: to_wit(snap),
         gpus: input
@@ -92,8 +89,8 @@ fn to_input(snap: &NodeSnapshot, input: &sched::Input, info: &JobInfo) -> w::Sch
             .running
             .iter()
             .map(|r| w::RunningJob {
-                id: r.id.clone(),
-                owner: about(&r.id).0,
+                id: r.id,
+                owner: r.owner,
                 gpus: r.gpus.clone(),
                 mem_mib: r.mem_mib,
                 exclusive: r.exclusive,
@@ -105,22 +102,26 @@ fn to_input(snap: &NodeSnapshot, input: &sched::Input, info: &JobInfo) -> w::Sch
         queue: input
             .queue
             .iter()
-            .map(|q| {
-                let (owner, labels) = about(&q.id);
-                w::QueuedJob {
-                    id: q.id.clone(),
-                    owner,
-                    gpus: match &q.gpus {
-                        sched::GpuRequest::Count(n) => w::GpuRequest::Count(*n),
-                        sched::GpuRequest::Specific(g) => w::GpuRequest::Specific(g.clone()),
-                    },
-                    mem_mib: q.mem_mib,
-                    exclusive: q.exclusive,
-                    priority: q.priority,
-                    submitted_ms: q.submitted_ms,
-                    time_limit_ms: q.time_limit_ms,
-                    labels,
-                }
+            .map(|q| w::QueuedJob {
+                id: q.id,
+                owner: q.owner,
+                gpus: match &q.gpus {
+                    sched::GpuRequest::Count(n) => w::GpuRequest::Count(*n),
+                    sched::GpuRequest::Specific(g) => w::GpuRequest::Specific(g.clone()),
+                },
+                mem_mib: q.mem_mib,
+                exclusive: q.exclusive,
+                priority: q.priority,
+                submitted_ms: q.submitted_ms,
+                time_limit_ms: q.time_limit_ms,
+            })
+            .collect(),
+        labels: labels
+            .iter()
+            .map(|(job, key, value)| w::JobLabel {
+                job: *job,
+                key: key.clone(),
+                value: value.clone(),
             })
             .collect(),
     }

@@ -104,7 +104,8 @@ fn trace(n: usize, rng: &mut Rng) -> (Vec<Job>, String) {
         // shadow times are pessimistic, as on a real cluster.
         let limit = (run_ms as f64 * (1.0 + rng.unit())).ceil() as u64;
         let q = Queued {
-            id: k.to_string(),
+            id: k as u64,
+            owner: 1000,
             gpus: GpuRequest::Count(gpus),
             mem_mib: mem,
             exclusive,
@@ -178,7 +179,8 @@ fn slots(jobs: &[Job], running: &[Run]) -> Vec<Slot> {
         exclusive: false,
         usable: true,
     };
-    let mut node = Node { slots: (0..GPUS).map(idle).collect() };
+    let slots: Vec<Slot> = (0..GPUS).map(idle).collect();
+    let mut node = Node::new(&slots);
     for r in running {
         node.take(&jobs[r.job].q, &r.gpus);
     }
@@ -247,7 +249,8 @@ fn simulate(jobs: &[Job], sched: &str) -> Stats {
                 .map(|r| {
                     let q = &jobs[r.job].q;
                     Running {
-                        id: q.id.clone(),
+                        id: q.id,
+                        owner: q.owner,
                         gpus: r.gpus.clone(),
                         mem_mib: q.mem_mib,
                         exclusive: q.exclusive,
@@ -278,7 +281,7 @@ fn simulate(jobs: &[Job], sched: &str) -> Stats {
         let mut node = Node::new(&input.gpus);
         let mut decided = HashSet::new();
         for d in decisions {
-            let k = d.job().parse::<usize>().ok().filter(|k| queue.contains(k));
+            let k = Some(d.job() as usize).filter(|k| queue.contains(k));
             let Decision::Start { gpus, .. } = d else { continue };
             let Some(k) = k.filter(|&k| decided.insert(k)) else {
                 st.skipped += 1;

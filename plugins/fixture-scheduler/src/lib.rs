@@ -34,8 +34,8 @@ thread_local! {
 
 struct Plugin;
 
-fn start(job: &str, gpus: Vec<u32>) -> Decision {
-    Decision::Start(Start { job: job.to_owned(), gpus, reason: "fixture".into() })
+fn start(job: u64, gpus: Vec<u32>) -> Decision {
+    Decision::Start(Start { job, gpus, reason: "fixture".into() })
 }
 
 impl gpulet_scheduler_guest::SchedulerGuest for Plugin {
@@ -56,14 +56,14 @@ impl gpulet_scheduler_guest::SchedulerGuest for Plugin {
 
     fn schedule_jobs(input: ScheduleInput) -> Vec<Decision> {
         let Some(first) = input.queue.first() else { return Vec::new() };
-        let id = first.id.as_str();
+        let id = first.id;
         let want = match &first.gpus {
             gpulet_scheduler_guest::GpuRequest::Count(n) => *n as usize,
             gpulet_scheduler_guest::GpuRequest::Specific(g) => g.len(),
         };
         match MODE.with(|m| m.borrow().clone()).as_str() {
             "twice" => vec![start(id, vec![0, 0])],
-            "two-starts" => input.queue.iter().map(|j| start(&j.id, vec![0])).collect(),
+            "two-starts" => input.queue.iter().map(|j| start(j.id, vec![0])).collect(),
             "missing" => vec![start(id, vec![99])],
             "unhealthy" => {
                 let bad = input.gpus.iter().find(|g| !g.usable).map_or(0, |g| g.index);
@@ -79,7 +79,7 @@ impl gpulet_scheduler_guest::SchedulerGuest for Plugin {
             }
             "wrong-count" => vec![start(id, (0..want as u32 + 1).collect())],
             "flood" => (0..input.queue.len() + 100)
-                .map(|k| Decision::Wait(Wait { job: format!("{k}"), reason: "flood".into() }))
+                .map(|k| Decision::Wait(Wait { job: k as u64, reason: "flood".into() }))
                 .collect(),
             "trap" => panic!("the fixture scheduler traps on request"),
             _ => {

@@ -25,7 +25,7 @@ pub use scheduler::Guest as SchedulerGuest;
 pub use scheduler::export_scheduler;
 pub use scheduler::gpulet::policy::host;
 pub use scheduler::gpulet::policy::scheduling::{
-    Decision, GpuRequest, GpuSlot, QueuedJob, RunningJob, ScheduleInput, Start, Wait,
+    Decision, GpuRequest, GpuSlot, JobLabel, QueuedJob, RunningJob, ScheduleInput, Start, Wait,
 };
 pub use scheduler::gpulet::policy::types::{ConfigError, GpuInfo, PluginInfo};
 
@@ -73,7 +73,7 @@ pub fn no_options(json: &str) -> Result<(), Vec<ConfigError>> {
         .collect())
 }
 
-/// The input as the algorithms see it.
+/// The input as the algorithms see it (labels dropped: no shipped algorithm reads them).
 pub fn input(i: ScheduleInput) -> sched::Input {
     sched::Input {
         now_ms: i.snapshot.now_ms,
@@ -94,6 +94,7 @@ pub fn input(i: ScheduleInput) -> sched::Input {
             .into_iter()
             .map(|r| sched::Running {
                 id: r.id,
+                owner: r.owner,
                 gpus: r.gpus,
                 mem_mib: r.mem_mib,
                 exclusive: r.exclusive,
@@ -107,6 +108,7 @@ pub fn input(i: ScheduleInput) -> sched::Input {
             .into_iter()
             .map(|q| sched::Queued {
                 id: q.id,
+                owner: q.owner,
                 gpus: match q.gpus {
                     GpuRequest::Count(n) => sched::GpuRequest::Count(n),
                     GpuRequest::Specific(g) => sched::GpuRequest::Specific(g),
@@ -212,8 +214,8 @@ mod tests {
                 usable: true,
             }],
             running: vec![RunningJob {
-                id: "r".into(),
-                owner: "ann".into(),
+                id: 7,
+                owner: 1001,
                 gpus: vec![1],
                 mem_mib: 10_000,
                 exclusive: false,
@@ -222,16 +224,16 @@ mod tests {
                 time_limit_ms: Some(60_000),
             }],
             queue: vec![QueuedJob {
-                id: "q".into(),
-                owner: "bob".into(),
+                id: 8,
+                owner: 1002,
                 gpus: GpuRequest::Specific(vec![1]),
                 mem_mib: 20_000,
                 exclusive: true,
                 priority: -1,
                 submitted_ms: 4_000,
                 time_limit_ms: None,
-                labels: vec![],
             }],
+            labels: vec![JobLabel { job: 8, key: "team".into(), value: "a".into() }],
         };
         let s = input(i);
         assert_eq!(s.now_ms, 5_000);
@@ -247,7 +249,8 @@ mod tests {
             }
         );
         assert_eq!(s.running[0].end_ms(), Some(61_000));
-        assert_eq!(s.running[0].priority, 3);
+        assert_eq!((s.running[0].id, s.running[0].owner, s.running[0].priority), (7, 1001, 3));
+        assert_eq!((s.queue[0].id, s.queue[0].owner), (8, 1002));
         assert_eq!(s.queue[0].gpus, sched::GpuRequest::Specific(vec![1]));
         assert_eq!(
             (s.queue[0].mem_mib, s.queue[0].exclusive, s.queue[0].priority),
@@ -255,12 +258,12 @@ mod tests {
         );
 
         let d = decisions(vec![
-            sched::Decision::Start { job: "q".into(), gpus: vec![1], reason: "r".into() },
-            sched::Decision::Wait { job: "p".into(), reason: "w".into() },
+            sched::Decision::Start { job: 8, gpus: vec![1], reason: "r".into() },
+            sched::Decision::Wait { job: 9, reason: "w".into() },
         ]);
         assert!(
-            matches!(&d[0], Decision::Start(s) if s.job == "q" && s.gpus == [1] && s.reason == "r")
+            matches!(&d[0], Decision::Start(s) if s.job == 8 && s.gpus == [1] && s.reason == "r")
         );
-        assert!(matches!(&d[1], Decision::Wait(w) if w.job == "p" && w.reason == "w"));
+        assert!(matches!(&d[1], Decision::Wait(w) if w.job == 9 && w.reason == "w"));
     }
 }

@@ -65,7 +65,7 @@ pub fn task_spooler(input: &Input, free_mib_reading: &[u64]) -> Vec<Decision> {
             match gpus {
                 Some(gpus) => Decision::Start {
                     reason: format!("task-spooler: free memory read above {} MiB", job.mem_mib),
-                    job: job.id.clone(),
+                    job: job.id,
                     gpus,
                 },
                 None => Decision::wait(

@@ -7,7 +7,7 @@
 //! for exclusive and large jobs. A job that can never start on this node (see
 //! [`Node::never_fits`]) waits without holding up the others.
 
-use super::{Decision, Input, Node, Queued};
+use super::{Decision, EXPLAIN, Input, Node, Queued};
 
 /// The starts for this tick, in queue order, and why every other job waits.
 pub fn decide(input: &Input) -> Vec<Decision> {
@@ -15,30 +15,39 @@ pub fn decide(input: &Input) -> Vec<Decision> {
 }
 
 /// Strict first come, first served, with `place` choosing each job's GPUs (or saying
-/// why it cannot start): shared with the one-job-per-GPU baseline.
+/// why it cannot start): shared with the one-job-per-GPU baseline. Explains the first
+/// [`EXPLAIN`] jobs that wait.
 pub(crate) fn fifo(
     input: &Input,
     place: impl Fn(&Node, &Queued) -> Result<(Vec<u32>, String), String>,
 ) -> Vec<Decision> {
     let mut node = Node::new(&input.gpus);
-    let mut blocked_by: Option<&str> = None;
-    let mut out = Vec::with_capacity(input.queue.len());
+    let mut blocked_by: Option<u64> = None;
+    let mut explained = 0;
+    let mut out = Vec::new();
     for job in &input.queue {
         if let Some(why) = node.never_fits(job) {
             out.push(Decision::wait(job, why));
             continue;
         }
         if let Some(head) = blocked_by {
-            out.push(Decision::wait(job, format!("behind job {head} (first come, first served)")));
+            if explained < EXPLAIN {
+                explained += 1;
+                out.push(Decision::wait(
+                    job,
+                    format!("behind job {head} (first come, first served)"),
+                ));
+            }
             continue;
         }
         match place(&node, job) {
             Ok((gpus, reason)) => {
                 node.take(job, &gpus);
-                out.push(Decision::Start { job: job.id.clone(), gpus, reason });
+                out.push(Decision::Start { job: job.id, gpus, reason });
             }
             Err(why) => {
-                blocked_by = Some(&job.id);
+                blocked_by = Some(job.id);
+                explained += 1;
                 out.push(Decision::wait(job, why));
             }
         }

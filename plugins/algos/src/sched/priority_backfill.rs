@@ -13,9 +13,12 @@
 //! reserved for the head; and when such a job is in the head's way, the shadow time is
 //! unknown and only that rule applies.
 
-use super::{Decision, GpuRequest, Input, Node, Queued, Running, Slot, duration, gpu_list};
+use super::{
+    Decision, EXPLAIN, GpuRequest, Input, Node, Queued, Running, Slot, duration, gpu_list,
+};
 
-/// The starts for this tick, in priority order, and why every other job waits.
+/// The starts for this tick, in priority order, and why the first [`EXPLAIN`] jobs that
+/// wait do.
 pub fn decide(input: &Input) -> Vec<Decision> {
     let now = input.now_ms;
     let mut order: Vec<&Queued> = input.queue.iter().collect();
@@ -26,13 +29,15 @@ pub fn decide(input: &Input) -> Vec<Decision> {
     // started in this decision (from now, with its own time limit).
     let mut holders: Vec<Running> = input.running.clone();
     let mut head: Option<Reservation> = None;
-    let mut out = Vec::with_capacity(order.len());
+    let mut explained = 0;
+    let mut out = Vec::new();
     for job in order {
         if let Some(why) = node.never_fits(job) {
             // Reserving GPUs for a job that can never use them would only block others.
             out.push(Decision::wait(job, why));
             continue;
         }
+        node.explain = explained < EXPLAIN;
         let placed = match &head {
             None => node.best_fit(job, &[]),
             Some(r) => backfill(now, &node, r, job),
@@ -41,7 +46,8 @@ pub fn decide(input: &Input) -> Vec<Decision> {
             Ok((gpus, reason)) => {
                 node.take(job, &gpus);
                 holders.push(Running {
-                    id: job.id.clone(),
+                    id: job.id,
+                    owner: job.owner,
                     gpus: gpus.clone(),
                     mem_mib: job.mem_mib,
                     exclusive: job.exclusive,
@@ -49,14 +55,19 @@ pub fn decide(input: &Input) -> Vec<Decision> {
                     started_ms: now,
                     time_limit_ms: job.time_limit_ms,
                 });
-                out.push(Decision::Start { job: job.id.clone(), gpus, reason });
+                out.push(Decision::Start { job: job.id, gpus, reason });
             }
             Err(why) if head.is_none() => {
                 let r = reserve(now, &node, &holders, job);
                 out.push(Decision::wait(job, format!("{why}; {}", r.note)));
+                explained += 1;
                 head = Some(r);
             }
-            Err(why) => out.push(Decision::wait(job, why)),
+            Err(why) if node.explain => {
+                out.push(Decision::wait(job, why));
+                explained += 1;
+            }
+            Err(_) => {}
         }
     }
     out
@@ -134,6 +145,10 @@ fn backfill(
     }
     let (gpus, why) = node.best_fit(job, &[])?;
     // It fits now only on GPUs reserved for the head.
+    let fits_before = |at: u64| job.time_limit_ms.is_some_and(|l| now.saturating_add(l) <= at);
+    if !node.explain && !r.at_ms.is_some_and(fits_before) {
+        return Err(String::new());
+    }
     let first = if r.job.priority > job.priority {
         format!("priority {} goes first", r.job.priority)
     } else {
@@ -164,7 +179,7 @@ fn backfill(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sched::tests::{gpu, job, running, starts, waits};
+    use crate::sched::tests::{gpu, job, name, running, starts, waits};
 
     const MIN: u64 = 60_000;
 
@@ -189,7 +204,7 @@ mod tests {
         };
         let out = decide(&input);
         assert_eq!(starts(&out), [("late-high", vec![0])]);
-        assert_eq!(out[0].job(), "late-high", "starts come in priority order");
+        assert_eq!(name(out[0].job()), "late-high", "starts come in priority order");
     }
 
     /// Two GPUs, both busy: GPU 0 until 10 min, GPU 1 until 30 min. The head needs both.

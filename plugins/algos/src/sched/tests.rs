@@ -1,7 +1,47 @@
 //! Helpers for the schedulers' tests, and the property test: over seeded random nodes
 //! and queues, every start of every scheduler passes the host's rules.
 
+use std::cell::RefCell;
+
 use super::*;
+
+thread_local! {
+    /// Job names of this thread's tests: `id(name)` is `1000 + k` for the k-th.
+    static NAMES: RefCell<Vec<&'static str>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The id of the job the test calls `name`: the number itself for a numeric name (so a
+/// reason naming it reads as the test expects), else one from 1000 up.
+pub fn id(name: &str) -> u64 {
+    name.parse().unwrap_or_else(|_| {
+        NAMES.with_borrow_mut(|names| {
+            let k = names.iter().position(|&n| n == name).unwrap_or_else(|| {
+                names.push(name.to_owned().leak());
+                names.len() - 1
+            });
+            1000 + k as u64
+        })
+    })
+}
+
+/// The name a test gave job `id`.
+pub fn name(id: u64) -> &'static str {
+    NAMES.with_borrow(|names| match id.checked_sub(1000) {
+        Some(k) if (k as usize) < names.len() => names[k as usize],
+        _ => id.to_string().leak(),
+    })
+}
+
+/// `reason` with the ids of named jobs written as their names.
+fn named(reason: &str) -> &'static str {
+    let mut r = reason.to_owned();
+    NAMES.with_borrow(|names| {
+        for (k, n) in names.iter().enumerate().rev() {
+            r = r.replace(&format!("job {}", 1000 + k), &format!("job {n}"));
+        }
+    });
+    r.leak()
+}
 
 /// GPU `index` with `reserved` MiB held by one running job (none when 0).
 pub fn gpu(index: u32, total: u64, reserved: u64) -> Slot {
@@ -16,9 +56,10 @@ pub fn gpu(index: u32, total: u64, reserved: u64) -> Slot {
 }
 
 /// A shared job asking for any `n` GPUs with `mem` MiB each.
-pub fn job(id: &str, n: u32, mem: u64) -> Queued {
+pub fn job(name: &str, n: u32, mem: u64) -> Queued {
     Queued {
-        id: id.to_owned(),
+        id: id(name),
+        owner: 1000,
         gpus: GpuRequest::Count(n),
         mem_mib: mem,
         exclusive: false,
@@ -29,9 +70,10 @@ pub fn job(id: &str, n: u32, mem: u64) -> Queued {
 }
 
 /// A shared job running on `gpus` since 0.
-pub fn running(id: &str, gpus: &[u32], mem: u64, time_limit_ms: Option<u64>) -> Running {
+pub fn running(name: &str, gpus: &[u32], mem: u64, time_limit_ms: Option<u64>) -> Running {
     Running {
-        id: id.to_owned(),
+        id: id(name),
+        owner: 1000,
         gpus: gpus.to_vec(),
         mem_mib: mem,
         exclusive: false,
@@ -41,19 +83,19 @@ pub fn running(id: &str, gpus: &[u32], mem: u64, time_limit_ms: Option<u64>) -> 
     }
 }
 
-pub fn starts(out: &[Decision]) -> Vec<(&str, Vec<u32>)> {
+pub fn starts(out: &[Decision]) -> Vec<(&'static str, Vec<u32>)> {
     out.iter()
         .filter_map(|d| match d {
-            Decision::Start { job, gpus, .. } => Some((job.as_str(), gpus.clone())),
+            Decision::Start { job, gpus, .. } => Some((name(*job), gpus.clone())),
             Decision::Wait { .. } => None,
         })
         .collect()
 }
 
-pub fn waits(out: &[Decision]) -> Vec<(&str, &str)> {
+pub fn waits(out: &[Decision]) -> Vec<(&'static str, &'static str)> {
     out.iter()
         .filter_map(|d| match d {
-            Decision::Wait { job, reason } => Some((job.as_str(), reason.as_str())),
+            Decision::Wait { job, reason } => Some((name(*job), named(reason))),
             Decision::Start { .. } => None,
         })
         .collect()
@@ -135,7 +177,8 @@ fn random_input(rng: &mut Lcg) -> Input {
             continue;
         }
         let j = Running {
-            id: format!("r{r}"),
+            id: 10_000 + r,
+            owner: 1000,
             gpus: held.clone(),
             mem_mib: rng.below(min_free + 1),
             exclusive,
@@ -152,7 +195,8 @@ fn random_input(rng: &mut Lcg) -> Input {
     }
     let queue = (0..rng.below(12))
         .map(|q| Queued {
-            id: format!("q{q}"),
+            id: q,
+            owner: 1000,
             gpus: if rng.chance(80) {
                 GpuRequest::Count(rng.below(4) as u32 + 1)
             } else {
@@ -283,7 +327,7 @@ fn backfilling_never_delays_the_head() {
         let input = random_input(&mut rng);
         let node = Node::new(&input.gpus);
         let out = priority_backfill::decide(&input);
-        let job = |id: &str| input.queue.iter().find(|j| j.id == id).unwrap();
+        let job = |id: u64| input.queue.iter().find(|j| j.id == id).unwrap();
         let Some(h) = out.iter().position(|d| {
             matches!(d, Decision::Wait { .. }) && node.never_fits(job(d.job())).is_none()
         }) else {
@@ -292,13 +336,14 @@ fn backfilling_never_delays_the_head() {
         let head = job(out[h].job());
         let as_running = |d: &Decision| match d {
             Decision::Start { job: id, gpus, .. } => Some(Running {
-                id: id.clone(),
+                id: *id,
+                owner: 1000,
                 gpus: gpus.clone(),
-                mem_mib: job(id).mem_mib,
-                exclusive: job(id).exclusive,
-                priority: job(id).priority,
+                mem_mib: job(*id).mem_mib,
+                exclusive: job(*id).exclusive,
+                priority: job(*id).priority,
                 started_ms: input.now_ms,
-                time_limit_ms: job(id).time_limit_ms,
+                time_limit_ms: job(*id).time_limit_ms,
             }),
             Decision::Wait { .. } => None,
         };
@@ -311,4 +356,24 @@ fn backfilling_never_delays_the_head() {
         }
     }
     assert!(checked > 500, "enough heads with a known start ({checked})");
+}
+
+#[test]
+fn a_long_queue_is_explained_at_its_front_and_wherever_a_job_can_never_start() {
+    let mut queue: Vec<Queued> = (0..100).map(|k| job(&k.to_string(), 1, 50_000)).collect();
+    queue[70] = job("70", 3, 1_000); // can never start on 2 GPUs
+    let input =
+        Input { gpus: vec![gpu(0, 80_000, 0), gpu(1, 80_000, 0)], queue, ..Input::default() };
+    for (scheduler, out) in [
+        ("fifo-binpack", fifo_binpack::decide(&input)),
+        ("priority-backfill", priority_backfill::decide(&input)),
+    ] {
+        assert_eq!(starts(&out), [("0", vec![0]), ("1", vec![1])], "{scheduler}");
+        let waits = waits(&out);
+        let explained: Vec<&str> = waits.iter().map(|w| w.0).collect();
+        let mut expected: Vec<String> = (2..2 + EXPLAIN).map(|k| k.to_string()).collect();
+        expected.push("70".into());
+        assert_eq!(explained, expected, "{scheduler}");
+        assert!(waits.iter().all(|w| !w.1.is_empty()), "{scheduler}: {waits:?}");
+    }
 }
