@@ -49,7 +49,8 @@ dpkg --root="$root" -s gpulet | grep -q '^Status: install ok installed' || fail 
 for f in usr/bin/gpulet usr/lib/systemd/system/gpulet.service etc/gpulet/gpulet.toml \
     usr/lib/gpulet/plugins/power-budget.wasm usr/lib/gpulet/plugins/thermal-guard.wasm \
     usr/lib/gpulet/plugins/idle-saver.wasm usr/lib/gpulet/plugins/fifo-binpack.wasm \
-    usr/lib/gpulet/plugins/priority-backfill.wasm usr/share/doc/gpulet/copyright \
+    usr/lib/gpulet/plugins/priority-backfill.wasm usr/lib/gpulet/plugins/anomaly.wasm \
+    usr/share/doc/gpulet/copyright \
     usr/share/doc/gpulet/examples/gpulet.toml; do
     [ -e "$root/$f" ] || fail "$f is not installed"
 done

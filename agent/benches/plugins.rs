@@ -257,8 +257,11 @@ fn chain(c: &mut Criterion) {
             .unwrap();
     let snap = agent.tick().snapshot;
     let mut chain = gpulet::setup::policy_chain(&config, dir.path(), inventory.len()).unwrap();
-    let failed =
-        chain.load(&gpulet::setup::plugin_specs(&config, dir.path()), &inventory, &mut Vec::new());
+    let failed = chain.load(
+        &gpulet::setup::plugin_specs(&config, dir.path()).power,
+        &inventory,
+        &mut Vec::new(),
+    );
     assert!(failed.is_empty());
     let mut g = c.benchmark_group("chain_decide_8_gpus");
     g.bench_function("plugin_thread", |b| {

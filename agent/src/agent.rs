@@ -33,6 +33,7 @@ use crate::guard::{Bounds, PowerGuard};
 use crate::jobs::{JobOp, Jobs, Submitter, Who};
 use crate::notify::Notifier;
 use crate::plugin::chain::{PluginSpec, PolicyChain};
+use crate::plugin::reporters::Reporters;
 use crate::policy::PowerDecision;
 use crate::snapshot::NodeSnapshot;
 use crate::telemetry::{AgentStats, Event, Record, Sink};
@@ -49,6 +50,8 @@ pub struct Parts {
     pub tick: Duration,
     pub backend: Box<dyn GpuBackend>,
     pub policy: PolicyChain,
+    /// The reporting stage (`[[reporter]]`), loaded.
+    pub reporters: Reporters,
     pub guard: PowerGuard,
     pub sinks: Vec<Box<dyn Sink>>,
     pub clock: Arc<dyn Clock>,
@@ -61,8 +64,15 @@ pub struct Parts {
     pub calibration: Option<Calibration>,
 }
 
-/// Produces the current plugin list, or says why it cannot.
-pub type Reload = Box<dyn FnMut() -> Result<Vec<PluginSpec>, String> + Send>;
+/// Produces the current plugin lists, or says why it cannot.
+pub type Reload = Box<dyn FnMut() -> Result<PluginSpecs, String> + Send>;
+
+/// The plugins a config names: the power plugins in order, and the reporters.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSpecs {
+    pub power: Vec<PluginSpec>,
+    pub reporters: Vec<PluginSpec>,
+}
 
 /// A limit further than this from the one the agent set is a drift (NVML reports whole
 /// milliwatts; firmware may round to a few watts).
@@ -96,6 +106,7 @@ pub struct Agent {
     inventory: Arc<[GpuInfo]>,
     bounds: Arc<[Bounds]>,
     policy: PolicyChain,
+    reporters: Reporters,
     guard: PowerGuard,
     reload: Option<Reload>,
     /// Events that happened between ticks (a reload), reported with the next tick.
@@ -143,6 +154,8 @@ pub struct Agent {
     recent: std::collections::VecDeque<Value>,
     /// The job queue, when `[jobs]` is enabled.
     jobs: Option<Jobs>,
+    /// The plugins' metrics of the last tick (`/metrics` shows them).
+    plugin_metrics: Vec<crate::plugin::host::PluginMetric>,
 }
 
 /// A node under a budget changes limits every few seconds: each change is a
@@ -205,6 +218,7 @@ impl Agent {
             inventory,
             bounds: parts.guard.bounds().into(),
             policy: parts.policy,
+            reporters: parts.reporters,
             guard: parts.guard,
             reload: parts.reload,
             pending: Vec::new(),
@@ -234,6 +248,7 @@ impl Agent {
             last: None,
             recent: Default::default(),
             jobs: None,
+            plugin_metrics: Vec::new(),
         }
     }
 
@@ -393,6 +408,8 @@ impl Agent {
                 }
             }
         }
+        // The reporters: metrics and events from the same snapshot; they decide nothing.
+        self.reporters.report(&snapshot, &mut events, &mut metrics);
         self.stats.plugin_faults +=
             events.iter().filter(|e| matches!(e, Event::PluginFault { .. })).count() as u64;
         let changes = self.guard.check(&snapshot, decisions, &mut events);
@@ -488,6 +505,7 @@ impl Agent {
 
         self.seq += 1;
         self.stats.tick_us = started.elapsed().as_micros() as u64;
+        self.plugin_metrics.clone_from(&metrics);
         Tick { snapshot, events, metrics }
     }
 
@@ -501,17 +519,26 @@ impl Agent {
         };
         match reload() {
             Ok(specs) => {
-                info!(plugins = specs.len(), "reloading plugins");
-                let errors = self.policy.load(&specs, &self.inventory, &mut self.pending);
+                info!(
+                    plugins = specs.power.len(),
+                    reporters = specs.reporters.len(),
+                    "reloading plugins"
+                );
+                let mut errors = self.policy.load(&specs.power, &self.inventory, &mut self.pending);
+                errors.extend(self.reporters.load(
+                    &specs.reporters,
+                    &self.inventory,
+                    &mut self.pending,
+                ));
                 self.reload_problem = None;
                 if !errors.is_empty() {
                     warn!(
                         failed = errors.len(),
-                        "some plugins failed to reload; their previous versions go on"
+                        "some plugins failed to reload; a power plugin's previous version goes on, a reporter is off until fixed"
                     );
                     let names: Vec<&str> = errors.iter().map(|(n, _)| n.as_str()).collect();
                     self.reload_problem = Some(format!(
-                        "plugins that failed to reload (previous versions go on): {}",
+                        "plugins that failed to reload (a power plugin's previous version goes on, a reporter is off): {}",
                         names.join(", ")
                     ));
                 }

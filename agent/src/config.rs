@@ -58,6 +58,9 @@ pub struct Config {
     /// The power plugins, in the order they run (see `docs/plugins.md`).
     #[serde(default, rename = "plugin")]
     pub plugin: Vec<PluginConfig>,
+    /// The reporter plugins (`[[reporter]]`): metrics and events each tick, no limits.
+    #[serde(default)]
+    pub reporter: Vec<PluginConfig>,
     /// Fleet reporting and commands (see `docs/mqtt.md`); off when absent.
     pub mqtt: Option<MqttConfig>,
     #[serde(default)]
@@ -839,7 +842,7 @@ impl Config {
         v.power(&self.power);
         v.telemetry(&self.telemetry);
         v.sim(&self.sim);
-        v.plugins(&self.plugins, &self.plugin);
+        v.plugins(&self.plugins, &self.plugin, &self.reporter);
         if let Some(m) = &self.mqtt {
             v.mqtt(m);
         }
@@ -1150,7 +1153,7 @@ impl Validator {
 }
 
 impl Validator {
-    fn plugins(&mut self, p: &PluginsConfig, list: &[PluginConfig]) {
+    fn plugins(&mut self, p: &PluginsConfig, list: &[PluginConfig], reporters: &[PluginConfig]) {
         if !(1..=100).contains(&p.max_failures) {
             self.err(
                 "plugins.max_failures",
@@ -1165,13 +1168,19 @@ impl Validator {
                 format!("{} is out of range; accepted: 1s to 1day", show(p.failure_window)),
             );
         }
+        // Names are unique across power plugins and reporters: they tag metrics and
+        // events, and name each plugin's state file.
         let mut names = HashSet::new();
-        for (i, c) in list.iter().enumerate() {
-            let key = |k: &str| format!("plugin[{i}].{k}");
-            if self.plugin_entry(&format!("plugin[{i}]"), c)
+        let entries = list.iter().enumerate().map(|(i, c)| (format!("plugin[{i}]"), c));
+        let reporters = reporters.iter().enumerate().map(|(i, c)| (format!("reporter[{i}]"), c));
+        for (at, c) in entries.chain(reporters) {
+            if self.plugin_entry(&at, c)
                 && (!names.insert(c.name.as_str()) || c.name == "static" || c.name == "guard")
             {
-                self.err(key("name"), format!("{:?} is used twice or reserved; accepted: a unique name other than \"static\" and \"guard\"", c.name));
+                self.err(format!("{at}.name"), format!("{:?} is used twice or reserved; accepted: a name no other plugin or reporter has, other than \"static\" and \"guard\"", c.name));
+            }
+            if at.starts_with("reporter") && !c.grants.is_empty() {
+                self.err(format!("{at}.grants"), "a reporter sets no power limits; accepted: none");
             }
         }
     }

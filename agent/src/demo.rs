@@ -252,6 +252,10 @@ pub fn describe(e: &Event) -> String {
                 "plugin {plugin} quarantined after {failures} faults in {window_s} s; fallback: {fallback}"
             )
         }
+        Event::Plugin { plugin, report, message, .. } => format!("{plugin}: {report}: {message}"),
+        Event::PluginOutputRefused { plugin, reason, example, accepted } => {
+            format!("plugin {plugin}: output refused ({reason}): {example}; accepted: {accepted}")
+        }
         Event::ReloadFailed { error } => format!("reload failed: {error}"),
         Event::StateSetAside { path, error, moved_to } => {
             format!("state file {path} set aside as {moved_to}: {error}")

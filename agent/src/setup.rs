@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{Agent, Control, Desired, Parts, Reload};
+use crate::agent::{Agent, Control, Desired, Parts, PluginSpecs, Reload};
 use crate::calibration::Calibration;
 use crate::clock::Clock;
 use crate::config::{
@@ -24,6 +24,7 @@ use crate::jobs::{Jobs, Scheduler};
 use crate::mqtt::{Mqtt, Settings};
 use crate::plugin::chain::{ChainSettings, PluginSpec, PolicyChain};
 use crate::plugin::engine::PluginEngine;
+use crate::plugin::reporters::Reporters;
 use crate::plugin::sandbox::Limits;
 use crate::policy::StaticPolicy;
 use crate::service::{Handle, Service};
@@ -258,7 +259,7 @@ pub fn agent(
     let mut policy = policy_chain(config, base_dir, inventory.len())?;
     let mut events = Vec::new();
     let specs = plugin_specs(config, base_dir);
-    let failed = policy.load(&specs, &inventory, &mut events);
+    let failed = policy.load(&specs.power, &inventory, &mut events);
     if !failed.is_empty() {
         let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
         tracing::error!(
@@ -266,14 +267,17 @@ pub fn agent(
             fallback = ?config.plugins.fallback,
             "{} of {} plugins did not load; their fallback stands in for them (see the errors above)",
             failed.len(),
-            specs.len()
+            specs.power.len()
         );
     }
+    let mut reporters = Reporters::new(policy.settings(), policy.engine());
+    reporters.load(&specs.reporters, &inventory, &mut events);
     let mut agent = Agent::new(Parts {
         node: config.node_id(),
         tick: config.tick,
         backend: backend.backend,
         policy,
+        reporters,
         guard,
         sinks,
         clock,
@@ -307,7 +311,7 @@ fn calibration(config: &Config, base_dir: &Path) -> Option<Calibration> {
 pub fn policy_chain(config: &Config, base_dir: &Path, gpus: usize) -> Result<PolicyChain, Error> {
     // An engine that cannot be made costs the plugins (each fails to load, loudly, and
     // its fallback stands in), never the start.
-    let engine = if config.plugin.is_empty() {
+    let engine = if config.plugin.is_empty() && config.reporter.is_empty() {
         None
     } else {
         PluginEngine::new(Some(&base_dir.join(&config.plugins.cache_dir)))
@@ -324,9 +328,13 @@ pub fn policy_chain(config: &Config, base_dir: &Path, gpus: usize) -> Result<Pol
     Ok(PolicyChain::new(StaticPolicy::new(&config.power, gpus as u32), settings, engine))
 }
 
-/// The `[[plugin]]` entries, resolved: paths against `base_dir`, configs as JSON.
-pub fn plugin_specs(config: &Config, base_dir: &Path) -> Vec<PluginSpec> {
-    config.plugin.iter().map(|p| plugin_spec(p, base_dir)).collect()
+/// The `[[plugin]]` and `[[reporter]]` entries, resolved: paths against `base_dir`,
+/// configs as JSON.
+pub fn plugin_specs(config: &Config, base_dir: &Path) -> PluginSpecs {
+    let resolve = |list: &[crate::config::PluginConfig]| {
+        list.iter().map(|p| plugin_spec(p, base_dir)).collect()
+    };
+    PluginSpecs { power: resolve(&config.plugin), reporters: resolve(&config.reporter) }
 }
 
 fn plugin_spec(p: &crate::config::PluginConfig, base_dir: &Path) -> PluginSpec {

@@ -188,6 +188,18 @@ pub enum Event {
     },
     /// A plugin call was stopped: `fault` is `timeout`, `memory`, `trap` or `restart`.
     PluginFault { plugin: String, fault: &'static str, message: String },
+    /// A reporter plugin's event (`report` is the plugin's own kind of event).
+    Plugin {
+        plugin: String,
+        report: String,
+        message: String,
+        gpu: Option<u32>,
+        uuid: Option<String>,
+    },
+    /// A reporter returned something the host does not accept (`reason`: `metric-name`,
+    /// `event-kind`, `not-finite`, `no-such-gpu`, `too-many-items`, `event-rate`).
+    /// Reported the first time for each plugin and reason; all are counted.
+    PluginOutputRefused { plugin: String, reason: &'static str, example: String, accepted: String },
     /// A plugin faulted too often and is no longer called; `fallback` stands in.
     PluginQuarantined { plugin: String, failures: u32, window_s: u64, fallback: &'static str },
     /// Reloading the config on SIGHUP failed; everything goes on as before.
@@ -298,7 +310,7 @@ impl<W: Write + Send> Sink for JsonLines<W> {
 }
 
 /// A metric a plugin emitted during a call.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PluginMetric {
     pub plugin: String,
     pub name: String,

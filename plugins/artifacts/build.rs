@@ -20,6 +20,8 @@ const PLUGINS: &[(&str, &str)] = &[
     ("fixture-forbidden-import", "FIXTURE_FORBIDDEN_IMPORT"),
     ("fixture-v010", "FIXTURE_V010"),
     ("fixture-scheduler", "FIXTURE_SCHEDULER"),
+    ("fixture-reporter", "FIXTURE_REPORTER"),
+    ("anomaly", "ANOMALY"),
 ];
 
 fn main() {
@@ -49,6 +51,8 @@ fn main() {
         "fixture-forbidden-import",
         "fixture-v010",
         "fixture-scheduler",
+        "fixture-reporter",
+        "anomaly",
     ] {
         println!("cargo:rerun-if-changed={}", plugins_dir.join(dir).display());
     }

@@ -29,7 +29,11 @@ pub struct Status {
     /// The node's power at the last tick, the readable GPUs summed.
     pub power_w: Option<f64>,
     pub gpus: Vec<GpuStatus>,
+    /// The power plugins in order, then the reporters.
     pub plugins: Vec<PluginStatus>,
+    /// What the plugins reported at the last tick (`emit-metric`, reporters' metrics).
+    #[serde(default)]
+    pub plugin_metrics: Vec<crate::plugin::host::PluginMetric>,
     /// XIDs since start, by GPU and code.
     pub xids: Vec<XidCount>,
     /// Each link's state in a few words (the MQTT broker connected or not).
@@ -185,7 +189,12 @@ impl Agent {
             },
             power_w: last.map(|l| l.node_power_w()),
             gpus,
-            plugins: self.policy.plugins(),
+            plugins: {
+                let mut all = self.policy.plugins();
+                all.extend(self.reporters.plugins());
+                all
+            },
+            plugin_metrics: self.plugin_metrics.clone(),
             xids: self
                 .xid_counts
                 .iter()

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use gpulet::clock::SystemClock;
 use gpulet::config::{BackendKind, Config, ConfigError, ConfigErrors, Loaded};
 use gpulet::error::Error;
+use gpulet::plugin::reporters::Reporters;
 use gpulet::setup;
 
 mod calibrate;
@@ -213,12 +214,21 @@ pub fn check_deeper(loaded: &Loaded) -> Result<(), Error> {
         gpulet::guard::PowerGuard::new(&inventory, &config.power)?;
     }
     let mut chain = setup::policy_chain(config, base_dir, inventory.len())?;
-    let failed = chain.load(&setup::plugin_specs(config, base_dir), &inventory, &mut Vec::new());
+    let specs = setup::plugin_specs(config, base_dir);
+    let mut failed = chain.load(&specs.power, &inventory, &mut Vec::new());
+    let mut reporters = Reporters::new(chain.settings(), chain.engine());
+    failed.extend(reporters.load(&specs.reporters, &inventory, &mut Vec::new()));
     let errors: Vec<ConfigError> = failed
         .into_iter()
         .map(|(name, e)| {
-            let i = config.plugin.iter().position(|p| p.name == name).unwrap_or_default();
-            ConfigError::invalid(format!("plugin[{i}]"), e.to_string())
+            let at = match config.plugin.iter().position(|p| p.name == name) {
+                Some(i) => format!("plugin[{i}]"),
+                None => {
+                    let i = config.reporter.iter().position(|p| p.name == name);
+                    format!("reporter[{}]", i.unwrap_or_default())
+                }
+            };
+            ConfigError::invalid(at, e.to_string())
         })
         .collect();
     if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors).into()) }

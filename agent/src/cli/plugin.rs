@@ -47,7 +47,8 @@ pub fn run(command: PluginCommand) -> Result<(), Error> {
                 report.kind,
                 report.api_version
             );
-            println!("loaded in {:.1} ms; config valid", report.compile_ms);
+            let how = if report.cached { "from the compile cache" } else { "compiled" };
+            println!("loaded in {:.1} ms ({how}); config valid", report.compile_ms);
             println!("imports:");
             for i in &report.imports {
                 println!("  {i}");

@@ -88,6 +88,16 @@ pub struct PluginStatus {
     pub calls: u64,
     pub faults: u64,
     pub call_seconds: f64,
+    /// `power` or `reporter`.
+    #[serde(default = "power_kind")]
+    pub kind: String,
+    /// Reporter items refused since it was loaded (`plugin/reporters.rs`).
+    #[serde(default)]
+    pub refused: u64,
+}
+
+fn power_kind() -> String {
+    "power".into()
 }
 
 /// The decision stage. Its plugins are called on the plugin thread ([`PluginThread`]:
@@ -142,6 +152,16 @@ impl PolicyChain {
         }
     }
 
+    /// Its fault counting and state directory (the reporting stage shares them).
+    pub fn settings(&self) -> ChainSettings {
+        self.chain.get().settings.clone()
+    }
+
+    /// The plugin engine, if one was made (the reporting stage shares it).
+    pub fn engine(&self) -> Option<Arc<PluginEngine>> {
+        self.chain.get().engine.clone()
+    }
+
     /// Names of the plugins and whether each is active (not quarantined or failed).
     pub fn status(&self) -> Vec<(&str, bool)> {
         self.chain.get().status()
@@ -162,6 +182,8 @@ impl PolicyChain {
                 calls: s.calls,
                 faults: s.faults,
                 call_seconds: s.call_time.as_secs_f64(),
+                kind: power_kind(),
+                refused: 0,
             })
             .collect()
     }

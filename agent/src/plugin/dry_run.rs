@@ -24,48 +24,88 @@ pub struct Report {
     pub kind: &'static str,
     pub imports: Vec<String>,
     pub compile_ms: f64,
+    /// Loaded from the compile cache (not compiled now).
+    pub cached: bool,
 }
 
-/// Load and start a plugin of any world the host runs (`power`, `job-scheduler`) with
-/// `config` (JSON), for `plugin check`.
+/// Load and start a plugin of any world the host runs (`power`, `job-scheduler`,
+/// `reporter`) with `config` (JSON), for `plugin check`.
 pub fn check(path: &Path, config: &str) -> Result<Report, PluginError> {
-    match start(path, config, &[]) {
-        Ok((_, report)) => Ok(report),
-        Err(PluginError::WrongWorld { .. }) => {
-            let engine = PluginEngine::new(None)?;
-            let loaded = engine.load(path)?;
-            let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
-            let plugin = super::scheduler::SchedulerPlugin::start(
+    let engine = author_engine()?;
+    let loaded = engine.load(path)?;
+    let name = name_of(path);
+    let start = |kind: &'static str| -> Result<wit::PluginInfo, PluginError> {
+        let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
+        let (component, config) = (loaded.component.clone(), config.to_owned());
+        let limits = Limits::default();
+        match kind {
+            "power" => PowerPlugin::start(&engine, &name, component, config, vec![], limits, kv)
+                .map(|p| p.info().clone()),
+            "job-scheduler" => super::scheduler::SchedulerPlugin::start(
                 &engine,
-                &name_of(path),
-                loaded.component,
-                config.to_owned(),
-                Vec::new(),
-                Limits::default(),
+                &name,
+                component,
+                config,
+                vec![],
+                limits,
                 kv,
             )
-            .map_err(|e| match e {
-                PluginError::WrongWorld { path, error, .. } => {
-                    PluginError::WrongWorld { path, world: "power or job-scheduler", error }
-                }
-                e => e,
-            })?;
-            let info = plugin.info().clone();
-            Ok(Report {
-                name: info.name,
-                version: info.version,
-                api_version: info.api_version,
-                kind: "job-scheduler",
-                imports: loaded.imports,
-                compile_ms: loaded.load_time.as_secs_f64() * 1000.0,
-            })
+            .map(|p| p.info().clone()),
+            _ => super::reporter::ReporterPlugin::start(
+                &engine,
+                &name,
+                component,
+                config,
+                vec![],
+                limits,
+                kv,
+            )
+            .map(|p| p.info().clone()),
         }
-        Err(e) => Err(e),
+    };
+    let mut last = None;
+    for kind in ["power", "job-scheduler", "reporter"] {
+        match start(kind) {
+            Ok(info) => {
+                return Ok(Report {
+                    name: info.name,
+                    version: info.version,
+                    api_version: info.api_version,
+                    kind,
+                    imports: loaded.imports.clone(),
+                    compile_ms: loaded.load_time.as_secs_f64() * 1000.0,
+                    cached: loaded.source == super::cache::Source::Cached,
+                });
+            }
+            Err(PluginError::WrongWorld { path, error, .. }) => last = Some((path, error)),
+            Err(e) => return Err(e),
+        }
     }
+    let (path, error) = last.expect("three worlds tried");
+    Err(PluginError::WrongWorld { path, world: "power, job-scheduler or reporter", error })
 }
 
 fn name_of(path: &Path) -> String {
     path.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"))
+}
+
+/// The engine of the author's tools, with a compile cache of the user's own:
+/// `$XDG_CACHE_HOME/gpulet/plugins`, else `~/.cache/gpulet/plugins` (with the agent's
+/// checks: the folders must be the user's or root's and writable by no one else).
+/// Without it every `plugin check` or `run` of a large component (a Python or JavaScript
+/// policy embeds an interpreter) compiles it again, for seconds each time.
+pub fn author_engine() -> Result<PluginEngine, PluginError> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
+    let dir = base.map(|b| b.join("gpulet").join("plugins"));
+    if let Some(dir) = &dir
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "no plugin cache for this tool");
+    }
+    PluginEngine::new(dir.as_deref())
 }
 
 /// Load and start a power plugin with `config` (JSON); `gpus` is the number of GPUs to
@@ -75,7 +115,7 @@ pub fn start(
     config: &str,
     gpus: &[wit::GpuInfo],
 ) -> Result<(PowerPlugin, Report), PluginError> {
-    let engine = PluginEngine::new(None)?;
+    let engine = author_engine()?;
     let loaded = engine.load(path)?;
     let name = name_of(path);
     let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
@@ -94,8 +134,9 @@ pub fn start(
         version: info.version,
         api_version: info.api_version,
         kind: "power",
-        imports: loaded.imports,
         compile_ms: loaded.load_time.as_secs_f64() * 1000.0,
+        cached: loaded.source == super::cache::Source::Cached,
+        imports: loaded.imports,
     };
     Ok((plugin, report))
 }

@@ -10,10 +10,12 @@
 //! - [`world`]: what every world shares: start a plugin (instantiate, check its API
 //!   version, `validate-config`, `init`) and call its export in its sandbox,
 //!   re-instantiating after a fault.
-//! - [`power`], [`scheduler`]: the `power` and `job-scheduler` worlds' bindings: their
-//!   one export each, and what its results may be.
+//! - [`power`], [`scheduler`], [`reporter`]: the `power`, `job-scheduler` and `reporter`
+//!   worlds' bindings: their one export each, and what its results may be.
 //! - [`chain`]: the decision stage the agent calls: the static caps, then the power
 //!   plugins in configured order, with grants, fault counting, quarantine and fallback.
+//! - [`reporters`]: the reporting stage, after the decision: reporter plugins' metrics
+//!   and events, checked and bounded, into telemetry; they change no limit.
 //! - [`thread`]: the plugin thread, where every call into a plugin runs (never on the
 //!   agent's async runtime, where a plugin's blocking WASI call would panic).
 //!
@@ -27,6 +29,8 @@ pub mod engine;
 pub mod host;
 pub mod kv;
 pub mod power;
+pub mod reporter;
+pub mod reporters;
 pub mod sandbox;
 pub mod scheduler;
 pub mod thread;
@@ -48,6 +52,18 @@ pub mod scheduler_bindings {
     wasmtime::component::bindgen!({
         path: "../wit/v0.1.2",
         world: "job-scheduler",
+        with: {
+            "gpulet:policy/types": super::bindings::gpulet::policy::types,
+            "gpulet:policy/host": super::bindings::gpulet::policy::host,
+        },
+    });
+}
+
+/// Host bindings of the `reporter` world of `wit/v0.1.2`, on [`bindings`]' types and host.
+pub mod reporter_bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.2",
+        world: "reporter",
         with: {
             "gpulet:policy/types": super::bindings::gpulet::policy::types,
             "gpulet:policy/host": super::bindings::gpulet::policy::host,

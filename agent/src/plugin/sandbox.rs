@@ -192,3 +192,30 @@ impl Sandbox {
         }
     }
 }
+
+/// A plugin's recent faults, toward quarantine: `max` faults within a window.
+#[derive(Debug, Default)]
+pub struct FaultWindow {
+    times_ms: std::collections::VecDeque<u64>,
+}
+
+impl FaultWindow {
+    /// Count a fault at `now_ms` (a clock in ms); whether `max` faults (at least one) now
+    /// lie within the last `window_ms`.
+    pub fn record(&mut self, now_ms: u64, window_ms: u64, max: u32) -> bool {
+        self.times_ms.push_back(now_ms);
+        while self.times_ms.front().is_some_and(|&t| now_ms.saturating_sub(t) >= window_ms) {
+            self.times_ms.pop_front();
+        }
+        self.times_ms.len() as u32 >= max.max(1)
+    }
+
+    /// Faults within the window at the last count.
+    pub fn len(&self) -> usize {
+        self.times_ms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.times_ms.is_empty()
+    }
+}

@@ -210,6 +210,16 @@ pub fn render(s: &Status, mqtt: Option<&MqttStats>, p: &Process) -> String {
     );
     let quarantined =
         b.gauge("plugin_quarantined", "1 while the plugin is quarantined or failed to load", None);
+    let refused = b.counter(
+        "plugin_refused",
+        "Reporter items refused (bad name, not finite, over the caps) since it was loaded",
+        None,
+    );
+    let plugin_metric = b.gauge(
+        "plugin_metric",
+        "What a plugin reported at the last tick (its metric name in `name`)",
+        None,
+    );
     let ticks = b.counter("ticks", "Ticks run since start", None);
     let late = b.counter("ticks_late", "Ticks that started more than a tick late", None);
     let tick_time = b.gauge("tick_duration", "Time the last tick took", Some(Unit::Seconds));
@@ -263,6 +273,16 @@ pub fn render(s: &Status, mqtt: Option<&MqttStats>, p: &Process) -> String {
         count(&call_time, l(), Some(pl.call_seconds));
         count(&faults, l(), Some(pl.faults as f64));
         set(&quarantined, l(), Some(f64::from(u8::from(!pl.running))));
+        if pl.kind == "reporter" {
+            count(&refused, l(), Some(pl.refused as f64));
+        }
+    }
+    for m in &s.plugin_metrics {
+        let mut l = vec![("plugin", m.plugin.clone()), ("name", m.name.clone())];
+        if let Some(g) = m.gpu {
+            l.push(("gpu", g.to_string()));
+        }
+        set(&plugin_metric, l, Some(m.value));
     }
     count(&ticks, vec![], Some(s.ticks as f64));
     count(&late, vec![], Some(s.ticks_late as f64));

@@ -208,6 +208,22 @@ fn plugin_check_and_run_for_authors() {
         "{report}"
     );
 
+    // The author's tools keep compiled plugins in the user's cache: a second check of a
+    // component does not compile it again. Reporters are checked too.
+    let cache = tempfile::tempdir().unwrap();
+    for want in ["(compiled)", "(from the compile cache)"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpulet"))
+            .args(["plugin", "check", gpulet_plugin_artifacts::ANOMALY])
+            .env("XDG_CACHE_HOME", cache.path())
+            .output()
+            .unwrap();
+        let report = text(&out.stdout);
+        assert!(
+            report.contains("anomaly 0.1.0 (reporter plugin") && report.contains(want),
+            "{report}"
+        );
+    }
+
     let out = gpulet(&["plugin", "check", budget, "--config", r#"{"margin_w": -1}"#]);
     assert_eq!(out.status.code(), Some(2), "an invalid config is a config error");
     assert!(

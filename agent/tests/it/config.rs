@@ -223,6 +223,19 @@ const BAD: &[(&str, &str)] = &[
         "[mqtt]\nurl = \"mqtt://b\"\n[mqtt.commands]\nmax_validity = \"2days\"",
         "mqtt.commands.max_validity: \"2days\" is out of range; accepted: 1s up to id_window",
     ),
+    // Reporters: no grants, names unique across plugins and reporters.
+    (
+        "[[reporter]]\nname = \"r\"\npath = \"r.wasm\"\ngrants = [\"lower\"]",
+        "reporter[0].grants: a reporter sets no power limits; accepted: none",
+    ),
+    (
+        "[[plugin]]\nname = \"x\"\npath = \"x.wasm\"\n[[reporter]]\nname = \"x\"\npath = \"r.wasm\"",
+        "reporter[0].name: \"x\" is used twice or reserved; accepted: a name no other plugin or reporter has",
+    ),
+    (
+        "[[reporter]]\nname = \"R\"\npath = \"r.wasm\"",
+        "reporter[0].name: \"R\" is not a plugin name",
+    ),
 ];
 
 #[test]

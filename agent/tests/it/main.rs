@@ -15,6 +15,7 @@ mod mqtt;
 mod nvml;
 mod plugins;
 mod policies;
+mod reporters;
 mod schema;
 mod service;
 mod socket;

@@ -56,8 +56,9 @@ fn every_published_payload_and_every_example_follows_its_schema() {
     let mut c = Collector::start(broker.port, "gpulet/v1/#");
     let dir = tempfile::tempdir().unwrap();
     let plugins = gpulet_plugin_artifacts::POWER_BUDGET;
+    let reporter = gpulet_plugin_artifacts::FIXTURE_REPORTER;
     let extra = format!(
-        "[power]\nbudget_w = 400\n[[plugin]]\nname = \"budget\"\npath = {plugins:?}\ngrants = [\"lower\", \"raise\"]\n[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nallow_root = true\nfleet_submit = \"unsigned\"\n"
+        "[power]\nbudget_w = 400\n[[plugin]]\nname = \"budget\"\npath = {plugins:?}\ngrants = [\"lower\", \"raise\"]\n[[reporter]]\nname = \"fine\"\npath = {reporter:?}\nconfig = {{ mode = \"fine\" }}\n[[reporter]]\nname = \"bad\"\npath = {reporter:?}\nconfig = {{ mode = \"bad\" }}\n[mqtt.commands]\nrequire_signed = false\n[jobs]\nenabled = true\ndir = \"jobs\"\nallow_root = true\nfleet_submit = \"unsigned\"\n"
     );
     let agent = AgentThread::start(dir.path(), &node_config(&broker.url(), &extra));
     c.wait(Duration::from_secs(15), "online and birth", |g| {
@@ -125,7 +126,9 @@ fn every_published_payload_and_every_example_follows_its_schema() {
     assert!(
         kinds.iter().any(|k| k == "plugin-loaded")
             && kinds.iter().any(|k| k == "limit-changed")
-            && kinds.iter().any(|k| k == "job"),
+            && kinds.iter().any(|k| k == "job")
+            && kinds.iter().any(|k| k == "plugin")
+            && kinds.iter().any(|k| k == "plugin-output-refused"),
         "{kinds:?}"
     );
 

@@ -16,12 +16,12 @@ use serde_json::{Value, json};
 use crate::broker::free_port;
 
 /// `gpulet run` with a socket (and, with `metrics`, the endpoint) in `dir`.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
     // Holds the config; removed with the agent.
     _dir: tempfile::TempDir,
     socket: PathBuf,
-    metrics: Option<u16>,
+    pub(crate) metrics: Option<u16>,
 }
 
 impl Agent {
@@ -30,7 +30,7 @@ impl Agent {
     }
 
     /// With a tick period of `tick`.
-    fn start_ticking(tick: &str, extra: &str, metrics: bool) -> Agent {
+    pub(crate) fn start_ticking(tick: &str, extra: &str, metrics: bool) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         // Others may traverse the folder: the permission tests connect as another user.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -75,7 +75,7 @@ impl Agent {
         }
     }
 
-    fn request(&self, r: &Value) -> std::io::Result<Value> {
+    pub(crate) fn request(&self, r: &Value) -> std::io::Result<Value> {
         let mut s = UnixStream::connect(&self.socket)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         writeln!(s, "{r}")?;
@@ -94,7 +94,7 @@ impl Agent {
         c.output().unwrap()
     }
 
-    fn stop(mut self) -> String {
+    pub(crate) fn stop(mut self) -> String {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
         let status = self.child.wait().unwrap();
         let mut err = String::new();
@@ -333,7 +333,7 @@ impl Agent {
     }
 }
 
-fn http_get(port: u16, accept: Option<&str>) -> (String, String) {
+pub(crate) fn http_get(port: u16, accept: Option<&str>) -> (String, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n{accept}\r\n").unwrap();

@@ -3,8 +3,10 @@
 //!
 //! Every power policy takes the node as a slice of [`Gpu`] and returns [`Action`]s with a
 //! reason a person can read; state that must persist between ticks is passed in. The job
-//! schedulers, in [`sched`], have types of their own.
+//! schedulers, in [`sched`], and the anomaly reporter, in [`anomaly`], have types of their
+//! own.
 
+pub mod anomaly;
 pub mod idle_saver;
 pub mod power_budget;
 pub mod sched;

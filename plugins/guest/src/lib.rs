@@ -1,8 +1,9 @@
-//! What a Rust policy plugin needs: the bindings of the `power` world of
+//! What a Rust policy plugin needs: the bindings of the `power` and `reporter` worlds of
 //! `wit/v0.1.1` (generated here once, exported by each plugin with
-//! `gpulet_guest::export_power!(MyPlugin)`), the host imports, and helpers for the
-//! boring parts: strict JSON config with paths in the errors, and the snapshot's GPUs as
-//! the plain structs of `gpulet-policy-algos`.
+//! `gpulet_guest::export_power!(MyPlugin)` or `gpulet_guest::export_reporter!(MyPlugin)`;
+//! the two share one set of types), the host imports, and helpers for the boring parts:
+//! strict JSON config with paths in the errors, and the snapshot's GPUs as the plain
+//! structs of `gpulet-policy-algos`.
 
 #![allow(unsafe_code)] // the generated bindings are unsafe glue
 
@@ -17,12 +18,30 @@ pub mod power {
     });
 }
 
+/// The `reporter` world's bindings, on the `power` world's types and host imports.
+pub mod reporter {
+    wit_bindgen::generate!({
+        path: "../../wit/v0.1.1",
+        world: "reporter",
+        with: {
+            "gpulet:policy/types@0.1.1": crate::power::gpulet::policy::types,
+            "gpulet:policy/host@0.1.1": crate::power::gpulet::policy::host,
+        },
+        pub_export_macro: true,
+        export_macro_name: "export_reporter",
+        default_bindings_module: "gpulet_guest::reporter",
+    });
+}
+
 pub use power::Guest as PowerGuest;
 pub use power::export_power;
 pub use power::gpulet::policy::host;
 pub use power::gpulet::policy::types::{
-    ConfigError, CurvePoint, Gpu, GpuInfo, Health, PluginInfo, PowerAction, Snapshot, Throttle,
+    ConfigError, CurvePoint, Gpu, GpuInfo, Health, Metric, PluginInfo, PowerAction, ReportEvent,
+    ReportItem, Snapshot, Throttle,
 };
+pub use reporter::Guest as ReporterGuest;
+pub use reporter::export_reporter;
 
 use serde::de::DeserializeOwned;
 
