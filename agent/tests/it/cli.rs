@@ -212,7 +212,7 @@ fn plugin_check_and_run_for_authors() {
     // component does not compile it again. Reporters are checked too.
     let cache = tempfile::tempdir().unwrap();
     for want in ["(compiled)", "(from the compile cache)"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
             .args(["plugin", "check", gpulet_plugin_artifacts::ANOMALY])
             .env("XDG_CACHE_HOME", cache.path())
             .output()
