@@ -71,7 +71,14 @@ struct Slot {
     calls: u64,
     faults: u64,
     call_time: std::time::Duration,
+    /// Rejected actions not yet logged, and when they last were (the log gets one line
+    /// a minute at most; each rejection is an event anyway).
+    rejected_unlogged: u64,
+    rejected_logged_ms: Option<u64>,
 }
+
+/// How often a plugin's rejected decisions are logged at most.
+const REJECTION_LOG_EVERY_MS: u64 = 60_000;
 
 /// One plugin as `gpulet status` and `/metrics` show it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -98,6 +105,31 @@ pub struct PluginStatus {
 
 fn power_kind() -> String {
     "power".into()
+}
+
+impl Slot {
+    /// Log the rejections among `new` events: the first at once, then at most one line a
+    /// minute with the count since, so that a plugin that is refused every tick (no
+    /// grants, a GPU that does not exist) is in the log, not only in telemetry.
+    fn log_rejections(&mut self, new: &[Event], now_ms: u64) {
+        let mut last = None;
+        for e in new {
+            if let Event::DecisionRejected { reason, .. } = e {
+                self.rejected_unlogged += 1;
+                last = Some(reason);
+            }
+        }
+        let Some(reason) = last else { return };
+        if self
+            .rejected_logged_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < REJECTION_LOG_EVERY_MS)
+        {
+            return;
+        }
+        tracing::warn!(plugin = %self.spec.name, rejected = self.rejected_unlogged, last = %reason, "plugin decisions rejected (logged at most once a minute; each is a decision-rejected event)");
+        self.rejected_unlogged = 0;
+        self.rejected_logged_ms = Some(now_ms);
+    }
 }
 
 /// The decision stage. Its plugins are called on the plugin thread ([`PluginThread`]:
@@ -286,6 +318,8 @@ impl Chain {
                         calls: 0,
                         faults: 0,
                         call_time: std::time::Duration::ZERO,
+                        rejected_unlogged: 0,
+                        rejected_logged_ms: None,
                     });
                 }
                 Err(e) => {
@@ -309,6 +343,8 @@ impl Chain {
                             calls: 0,
                             faults: 0,
                             call_time: std::time::Duration::ZERO,
+                            rejected_unlogged: 0,
+                            rejected_logged_ms: None,
                         },
                     };
                     slot.error = Some(error);
@@ -419,9 +455,11 @@ impl Chain {
                             "plugin log lines or metrics over the per-call limit were dropped"
                         );
                     }
+                    let before = events.len();
                     for a in out.actions {
                         apply(name, &slot.spec.grants, a, snap, &mut proposal, events);
                     }
+                    slot.log_rejections(&events[before..], snap.now_ms);
                 }
                 Some(Err(fault)) => {
                     tracing::warn!(plugin = name, fault = fault.kind(), error = %fault, "plugin fault; a fresh instance will serve the next tick");

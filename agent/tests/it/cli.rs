@@ -62,6 +62,31 @@ fn check_config_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("cannot read no/such/file.toml"));
 
+    // Valid, but a plugin without grants can decide nothing: said, exit 0.
+    let ungranted = config_file(&format!(
+        "[[plugin]]\nname = \"budget\"\npath = {:?}\n",
+        gpulet_plugin_artifacts::POWER_BUDGET
+    ));
+    let out = gpulet(&["check-config", ungranted.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("warning: plugin[0] (budget) has no grants")
+            && text(&out.stderr).contains("it can decide nothing"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Running it, the rejections reach the log too: once, not once a tick.
+    let lowering = config_file(&format!(
+        "tick = \"20ms\"\n[telemetry]\nsink = \"none\"\n[[plugin]]\nname = \"low\"\npath = {:?}\nconfig = {{ mode = \"lower\" }}\n",
+        gpulet_plugin_artifacts::FIXTURE
+    ));
+    let out = gpulet(&["run", "--config", lowering.path().to_str().unwrap(), "--ticks", "10"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("plugin decisions rejected").count(), 1, "{err}");
+    assert!(err.contains("lacks the \"lower\" grant"), "{err}");
+
     let hw = config_file("[[power.gpu]]\nindex = 12\nlimit_w = 300\n");
     let out = gpulet(&["check-config", hw.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "checked against the simulated node's GPUs too");
