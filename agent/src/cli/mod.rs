@@ -24,6 +24,7 @@ mod jobs;
 mod keygen;
 mod local;
 mod plugin;
+mod plugin_new;
 mod run;
 mod status;
 mod top;

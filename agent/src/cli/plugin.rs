@@ -1,4 +1,5 @@
-//! `gpulet plugin check` and `gpulet plugin run`: tools for plugin authors.
+//! `gpulet plugin check`, `gpulet plugin run` and `gpulet plugin new`: tools for plugin
+//! authors.
 
 use std::path::PathBuf;
 
@@ -6,6 +7,8 @@ use clap::Subcommand;
 use gpulet::config::{ConfigError, ConfigErrors};
 use gpulet::error::Error;
 use gpulet::plugin::dry_run::{self, SnapshotFile};
+
+use super::plugin_new::{self, Kind, Lang};
 
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
@@ -33,10 +36,33 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a ready plugin project (outside any gpulet checkout): a policy that builds
+    /// into a component with one command, with a passing native test and gpulet's WIT
+    /// copied in. See its README.md.
+    New {
+        /// The plugin's name: 1 to 64 of a-z, 0-9 and '-'.
+        name: String,
+        #[arg(long, value_enum, default_value = "power")]
+        kind: Kind,
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Lang,
+        /// Where to write it (default: ./NAME); a new or empty folder.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: PluginCommand) -> Result<(), Error> {
     match command {
+        PluginCommand::New { name, kind, lang, dir } => {
+            let dir = plugin_new::create(&name, kind, lang, dir)?;
+            println!("wrote {}: a {kind:?} plugin in {lang:?}; see its README.md", dir.display());
+            println!(
+                "  cd {} && cargo test && cargo build --release --target wasm32-wasip2",
+                dir.display()
+            );
+            Ok(())
+        }
         PluginCommand::Check { file, config } => {
             let report = dry_run::check(&file, &config)?;
             println!(

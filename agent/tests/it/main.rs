@@ -3,6 +3,7 @@
 //! test binary (faster to link than one per file).
 
 mod agent_loop;
+mod authoring;
 mod broker;
 mod calibrate;
 mod cli;
