@@ -18,6 +18,7 @@ pub mod mqtt;
 pub mod notify;
 pub mod plugin;
 pub mod policy;
+pub mod record;
 pub mod service;
 pub mod setup;
 pub mod snapshot;

@@ -25,6 +25,7 @@ mod keygen;
 mod local;
 mod plugin;
 mod plugin_new;
+mod replay;
 mod run;
 mod status;
 mod top;
@@ -61,6 +62,9 @@ pub enum Command {
     /// with its own MQTT connection and outbox, publishing at 1 Hz; a consumer counts what
     /// arrives. Prints a JSON report. A load tool for sizing a broker's ingest.
     FleetSim(fleet_sim::Args),
+    /// Record a node's snapshots and the limits it set, tick by tick, to a trace file for
+    /// `gpulet plugin replay` and `plugin diff` (the demo node without --config).
+    Record(replay::Record),
     /// Tools for plugin authors.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
@@ -143,6 +147,7 @@ pub fn run(command: Command) -> Result<(), Error> {
         Command::Keygen(a) => keygen::run(a),
         Command::FleetSim(a) => fleet_sim::run(a),
         Command::Plugin(a) => plugin::run(a),
+        Command::Record(a) => replay::record(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Diag(a) => diag::run(a),
         Command::Inventory(a) => inventory::run(a),

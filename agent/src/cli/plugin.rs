@@ -1,5 +1,4 @@
-//! `gpulet plugin check`, `gpulet plugin run` and `gpulet plugin new`: tools for plugin
-//! authors.
+//! `gpulet plugin check`, `run`, `replay`, `diff` and `new`: tools for plugin authors.
 
 use std::path::PathBuf;
 
@@ -36,6 +35,39 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a power plugin over a recorded trace (`gpulet record`) and print what it would
+    /// have decided, tick by tick, with its reasons, and a summary. With --sim, on a
+    /// simulator recording, run the node again closed-loop with the plugin in charge and
+    /// compare useful work, energy and ticks over budget with the recorded config.
+    Replay {
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        /// The plugin's config, JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config: String,
+        #[arg(long)]
+        sim: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run two power plugins over a recorded trace and print the ticks where they decide
+    /// differently, and a summary of each.
+    Diff {
+        #[arg(value_name = "A.wasm")]
+        a: PathBuf,
+        #[arg(value_name = "B.wasm")]
+        b: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config_a: String,
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        config_b: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a ready plugin project (outside any gpulet checkout): a policy that builds
     /// into a component with one command, with a passing native test and gpulet's WIT
     /// copied in. See its README.md.
@@ -54,6 +86,12 @@ pub enum PluginCommand {
 
 pub fn run(command: PluginCommand) -> Result<(), Error> {
     match command {
+        PluginCommand::Replay { file, trace, config, sim, json } => {
+            super::replay::replay(&file, &trace, &config, json, sim)
+        }
+        PluginCommand::Diff { a, b, trace, config_a, config_b, json } => {
+            super::replay::diff(&a, &b, &trace, &config_a, &config_b, json)
+        }
         PluginCommand::New { name, kind, lang, dir } => {
             let dir = plugin_new::create(&name, kind, lang, dir)?;
             println!("wrote {}: a {kind:?} plugin in {lang:?}; see its README.md", dir.display());

@@ -144,7 +144,7 @@ pub fn start(
 /// A snapshot as a JSON file: the WIT `snapshot` record with snake_case keys; `throttle`
 /// is a list of reason names, `health` one of `ok`, `degraded`, `lost`. See
 /// `examples/snapshot.json`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotFile {
     #[serde(default)]
@@ -155,11 +155,11 @@ pub struct SnapshotFile {
     pub gpus: Vec<GpuFile>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuFile {
     pub index: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     pub power_w: Option<f64>,
     pub power_limit_w: Option<f64>,
@@ -175,14 +175,15 @@ pub struct GpuFile {
     pub min_limit_w: f64,
     pub max_limit_w: f64,
     pub default_limit_w: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proposed_limit_w: Option<f64>,
     /// The GPU's work-per-watt curve (what `gpu-curve` answers), highest limit first.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curve: Option<Vec<CurvePointFile>>,
 }
 
 /// A point of a curve in a snapshot file: the fields of WIT's `curve-point`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CurvePointFile {
     pub limit_w: f64,
@@ -195,7 +196,53 @@ fn ok() -> String {
     "ok".into()
 }
 
+/// The names of `t`'s reasons, as snapshot files write them.
+const THROTTLE_NAMES: [(wit::Throttle, &str); 6] = [
+    (wit::Throttle::GPU_IDLE, "gpu_idle"),
+    (wit::Throttle::SW_POWER_CAP, "sw_power_cap"),
+    (wit::Throttle::HW_SLOWDOWN, "hw_slowdown"),
+    (wit::Throttle::SW_THERMAL, "sw_thermal"),
+    (wit::Throttle::HW_THERMAL, "hw_thermal"),
+    (wit::Throttle::HW_POWER_BRAKE, "hw_power_brake"),
+];
+
 impl SnapshotFile {
+    /// The file form of a WIT snapshot (what `gpulet record` writes each tick).
+    pub fn from_wit(s: &wit::Snapshot) -> SnapshotFile {
+        let gpus = s
+            .gpus
+            .iter()
+            .map(|g| GpuFile {
+                index: g.index,
+                uuid: None,
+                power_w: g.power_w,
+                power_limit_w: g.power_limit_w,
+                energy_j: g.energy_j,
+                temp_c: g.temp_c,
+                util_pct: g.util_pct,
+                mem_used_mib: g.mem_used_mib,
+                sm_clock_mhz: g.sm_clock_mhz,
+                throttle: THROTTLE_NAMES
+                    .iter()
+                    .filter(|(bit, _)| g.throttle.contains(*bit))
+                    .map(|(_, name)| (*name).to_owned())
+                    .collect(),
+                health: match g.health {
+                    wit::Health::Ok => "ok",
+                    wit::Health::Degraded => "degraded",
+                    wit::Health::Lost => "lost",
+                }
+                .into(),
+                min_limit_w: g.min_limit_w,
+                max_limit_w: g.max_limit_w,
+                default_limit_w: g.default_limit_w,
+                proposed_limit_w: None,
+                curve: None,
+            })
+            .collect();
+        SnapshotFile { seq: s.seq, now_ms: s.now_ms, budget_w: s.budget_w, gpus }
+    }
+
     pub fn read(path: &Path) -> Result<SnapshotFile, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -213,14 +260,9 @@ impl SnapshotFile {
             .map(|(i, g)| {
                 let mut throttle = wit::Throttle::empty();
                 for t in &g.throttle {
-                    throttle |= match t.as_str() {
-                        "gpu_idle" => wit::Throttle::GPU_IDLE,
-                        "sw_power_cap" => wit::Throttle::SW_POWER_CAP,
-                        "hw_slowdown" => wit::Throttle::HW_SLOWDOWN,
-                        "sw_thermal" => wit::Throttle::SW_THERMAL,
-                        "hw_thermal" => wit::Throttle::HW_THERMAL,
-                        "hw_power_brake" => wit::Throttle::HW_POWER_BRAKE,
-                        other => return Err(format!("gpus[{i}].throttle: {other:?} is not a reason; accepted: gpu_idle, sw_power_cap, hw_slowdown, sw_thermal, hw_thermal, hw_power_brake")),
+                    throttle |= match THROTTLE_NAMES.iter().find(|(_, name)| name == t) {
+                        Some((bit, _)) => *bit,
+                        None => return Err(format!("gpus[{i}].throttle: {t:?} is not a reason; accepted: gpu_idle, sw_power_cap, hw_slowdown, sw_thermal, hw_thermal, hw_power_brake")),
                     };
                 }
                 let health = match g.health.as_str() {

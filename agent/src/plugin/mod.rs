@@ -29,6 +29,7 @@ pub mod engine;
 pub mod host;
 pub mod kv;
 pub mod power;
+pub mod replay;
 pub mod reporter;
 pub mod reporters;
 pub mod sandbox;

@@ -30,6 +30,7 @@ const LAYERS: &[&str] = &[
     "setup",
     "calibrate",
     "demo",
+    "record",
     "fleet_sim",
     "top",
 ];

@@ -16,6 +16,7 @@ mod mqtt;
 mod nvml;
 mod plugins;
 mod policies;
+mod replay;
 mod reporters;
 mod schema;
 mod service;
