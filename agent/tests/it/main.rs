@@ -8,6 +8,7 @@ mod broker;
 mod calibrate;
 mod cli;
 mod config;
+mod consumer;
 mod containment;
 mod docs;
 mod jobs;
