@@ -483,6 +483,8 @@ pub enum FaultKind {
     Field,
     /// An XID event.
     Xid,
+    /// Its cooling fails: it runs hotter than its peers at the same power.
+    Cooling,
     /// All faults of the GPU cleared.
     Clear,
 }

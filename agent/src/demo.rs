@@ -1,20 +1,29 @@
 //! `gpulet demo`: a simulated 8-GPU node under a node power budget, with a compact live
 //! view (one line per tick) or the raw telemetry records. Needs no config and no files:
-//! its config (`examples/demo.toml`) and trace are built in.
+//! its config (`examples/demo.toml`), trace and plugins are built in.
+//!
+//! The node's power is decided by the shipped Wasm policies (power-budget, then
+//! thermal-guard) with the anomaly reporter watching, carried in the binary (built from
+//! source by the normal build) and written to a temporary folder at start. The live view
+//! compares, tick by tick, the useful work done so far with what the guard's static
+//! equal split would have done: the same simulated node (same seed, same workloads) runs
+//! beside it without plugins. `--no-plugins` shows the static split alone.
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
+use crate::agent::Agent;
 use crate::agent::Pacing;
 use crate::clock::VirtualClock;
 use crate::config::Config;
 use crate::error::Error;
 use crate::gpu::Health;
+use crate::gpu::sim::SimHandle;
 use crate::setup;
 use crate::telemetry::{Event, JsonLines, Record, Sink, SinkError};
 
@@ -40,9 +49,46 @@ pub struct Options {
     /// Publish to this broker too.
     pub mqtt: Option<String>,
     /// Serve the control socket here (`gpulet status --socket PATH`).
-    pub socket: Option<std::path::PathBuf>,
+    pub socket: Option<PathBuf>,
     /// Serve `/metrics` here.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Run without the Wasm policies: the guard's static equal split alone.
+    pub no_plugins: bool,
+}
+
+/// The power plugins the demo runs, in order, with their grants.
+const POWER_PLUGINS: [(&str, &[u8], &str); 2] = [
+    ("power-budget", gpulet_plugin_artifacts::POWER_BUDGET_WASM, r#"["lower", "raise"]"#),
+    ("thermal-guard", gpulet_plugin_artifacts::THERMAL_GUARD_WASM, r#"["lower"]"#),
+];
+
+/// Write the demo's plugins into `dir` and name them in `config`.
+fn add_plugins(config: &mut Config, dir: &Path) -> Result<(), Error> {
+    let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, Error> {
+        let path = dir.join(format!("{name}.wasm"));
+        std::fs::write(&path, bytes).map_err(|e| {
+            Error::Command(format!("cannot write the demo's plugin {}: {e}", path.display()))
+        })?;
+        Ok(path)
+    };
+    let entry = |name: &str, path: &Path, grants: &str| {
+        toml::from_str::<crate::config::PluginConfig>(&format!(
+            "name = {name:?}\npath = {:?}\ngrants = {grants}",
+            path.display().to_string()
+        ))
+        .expect("a plugin entry parses")
+    };
+    for (name, bytes, grants) in POWER_PLUGINS {
+        let path = write(name, bytes)?;
+        config.plugin.push(entry(name, &path, grants));
+    }
+    let path = write("anomaly", gpulet_plugin_artifacts::ANOMALY_WASM)?;
+    config.reporter.push(entry("anomaly", &path, "[]"));
+    config.plugins.state_dir = dir.join("state");
+    // Compiled once, then loaded from the user's cache at the next demo.
+    config.plugins.cache_dir =
+        crate::plugin::dry_run::user_cache_dir().unwrap_or_else(|| dir.join("cache"));
+    Ok(())
 }
 
 /// Build the demo agent on a virtual clock (so `--speed` can run it faster than real
@@ -55,6 +101,24 @@ pub fn agent(
     out: Box<dyn Write + Send>,
 ) -> Result<(setup::Node, VirtualClock, Vec<tempfile::TempDir>), Error> {
     let mut config = config();
+    let mut plugins_dir = None;
+    let mut compare = None;
+    if !opts.no_plugins {
+        let dir = temp_dir("gpulet-demo-plugins-")?;
+        add_plugins(&mut config, dir.path())?;
+        plugins_dir = Some(dir);
+        if !opts.json {
+            // The same node without plugins, for the live view's comparison (its injected
+            // faults left out: they change no physics, and would be logged twice).
+            let mut split = self::config();
+            split.sim.faults.clear();
+            let (shadow, clock, sim) = setup::quiet_agent(&split, Path::new("."))?;
+            if let (Some(clock), Some(sim)) = (clock, sim) {
+                compare = Some(Compare { shadow, clock, sim, main: Arc::new(OnceLock::new()) });
+            }
+        }
+    }
+    let main_sim = compare.as_ref().map(|c| c.main.clone());
     let mut jobs_dir = None;
     if let Some(path) = &opts.socket {
         config.socket.enabled = true;
@@ -98,11 +162,21 @@ pub fn agent(
     let sink: Box<dyn Sink> = if opts.json {
         Box::new(JsonLines::new(out))
     } else {
-        Box::new(LiveView::new(out, config.tick, gpus))
+        let policies = if opts.no_plugins {
+            "no plugins: the guard's static equal split (drop --no-plugins for the Wasm policies)"
+                .to_owned()
+        } else {
+            let names: Vec<&str> = POWER_PLUGINS.iter().map(|p| p.0).collect();
+            format!("Wasm policies {}, reporter anomaly", names.join(" then "))
+        };
+        Box::new(LiveView { out, tick: config.tick, header_done: false, gpus, policies, compare })
     };
     let node =
         setup::node(&config, Path::new("."), Arc::new(clock.clone()), Some(vec![sink]), None)?;
-    Ok((node, clock, vec![state, jobs_dir].into_iter().flatten().collect()))
+    if let (Some(main), Some(sim)) = (main_sim, &node.sim) {
+        let _ = main.set(sim.clone());
+    }
+    Ok((node, clock, vec![state, jobs_dir, plugins_dir].into_iter().flatten().collect()))
 }
 
 /// Where the package installs the fifo-binpack scheduler plugin.
@@ -163,11 +237,28 @@ pub struct LiveView<W: Write + Send> {
     tick: Duration,
     header_done: bool,
     gpus: usize,
+    /// What decides the node, for the header.
+    policies: String,
+    compare: Option<Compare>,
 }
 
-impl<W: Write + Send> LiveView<W> {
-    pub fn new(out: W, tick: Duration, gpus: usize) -> LiveView<W> {
-        LiveView { out, tick, header_done: false, gpus }
+/// The same simulated node without plugins, ticked beside the demo's.
+struct Compare {
+    shadow: Agent,
+    clock: VirtualClock,
+    sim: SimHandle,
+    /// The demo node's simulator (set once the node is built).
+    main: Arc<OnceLock<SimHandle>>,
+}
+
+impl Compare {
+    /// Tick the node without plugins once; the demo node's useful work so far over its.
+    fn step(&mut self, tick: Duration) -> Option<f64> {
+        self.shadow.tick();
+        self.clock.advance(tick);
+        let done = self.main.get()?.lock().total_work();
+        let split = self.sim.lock().total_work();
+        (split > 0.0).then(|| done / split - 1.0)
     }
 }
 
@@ -179,11 +270,16 @@ impl<W: Write + Send> Sink for LiveView<W> {
             let budget = r.budget_w.map_or("none".into(), |b| format!("{b:.0} W"));
             writeln!(
                 line,
-                "gpulet demo: node {:?}, {} simulated GPUs, node budget {budget}. Ctrl-C stops.\n\
+                "gpulet demo: node {:?}, {} simulated GPUs, node budget {budget}; {}. Ctrl-C stops.\n\
                  Each GPU: index:power/limit W, temperature, utilisation.",
-                r.node, self.gpus
+                r.node, self.gpus, self.policies
             )
             .expect("write to String");
+            if self.compare.is_some() {
+                line.push_str(
+                    "Last: useful work so far against the static equal split on the same node.\n",
+                );
+            }
         }
         let t = self.tick.mul_f64(r.seq as f64).as_secs();
         write!(line, "{t:>5}s {:>5.0} W", r.power_w).expect("write to String");
@@ -205,6 +301,9 @@ impl<W: Write + Send> Sink for LiveView<W> {
                 _ => write!(line, "{}: ?               ", g.index),
             }
             .expect("write to String");
+        }
+        if let Some(gain) = self.compare.as_mut().and_then(|c| c.step(self.tick)) {
+            write!(line, " | work {:+.1}% vs split", gain * 100.0).expect("write to String");
         }
         line.push('\n');
         for e in r.events {

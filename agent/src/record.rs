@@ -9,14 +9,12 @@
 //! the limits the configured policies would set anyway.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::{Agent, Tick};
-use crate::clock::{Clock, SystemClock, VirtualClock};
-use crate::config::{BackendKind, Config, Grant, PluginConfig};
+use crate::clock::VirtualClock;
+use crate::config::{Config, Grant, PluginConfig};
 use crate::error::Error;
-use crate::gpu::sim::SimHandle;
 use crate::plugin::chain::to_wit;
 use crate::plugin::dry_run::{CurvePointFile, SnapshotFile};
 use crate::plugin::replay::{
@@ -53,27 +51,6 @@ impl Source {
     }
 }
 
-/// An agent for `source`, quiet (no sinks, socket, metrics, MQTT or jobs), on a virtual
-/// clock for the simulator.
-fn quiet_agent(source: &Source) -> Result<(Agent, Option<VirtualClock>, Option<SimHandle>), Error> {
-    let mut config = source.config.clone();
-    config.mqtt = None;
-    config.socket.enabled = false;
-    config.metrics.enabled = false;
-    config.jobs.enabled = false;
-    let (clock, virtual_clock): (Arc<dyn Clock>, _) = match config.backend {
-        BackendKind::Sim => {
-            let c = VirtualClock::new(SystemClock::new().wall_ms());
-            (Arc::new(c.clone()), Some(c))
-        }
-        BackendKind::Nvml => (SystemClock::new(), None),
-    };
-    let backend = setup::open_backend(&config, &source.base_dir, clock.clone())?;
-    let sim = backend.sim.clone();
-    let agent = setup::agent(&config, &source.base_dir, backend, Vec::new(), clock)?;
-    Ok((agent, virtual_clock, sim))
-}
-
 /// One tick, then the wait until the next (virtual time moves on at once).
 fn step(agent: &mut Agent, clock: &Option<VirtualClock>, tick: Duration) -> Tick {
     let t = agent.tick();
@@ -86,7 +63,7 @@ fn step(agent: &mut Agent, clock: &Option<VirtualClock>, tick: Duration) -> Tick
 
 /// Run `source` for `ticks` ticks, writing the trace to `out`. Returns the ticks written.
 pub fn record(source: &Source, out: &Path, ticks: u64) -> Result<u64, Error> {
-    let (mut agent, clock, _) = quiet_agent(source)?;
+    let (mut agent, clock, _) = setup::quiet_agent(&source.config, &source.base_dir)?;
     let tick = source.config.tick;
     let file = std::fs::File::create(out)
         .map_err(|e| Error::Command(format!("cannot write {}: {e}", out.display())))?;
@@ -222,7 +199,7 @@ pub fn closed_loop(trace: &Trace, plugin: Option<(&Path, &str)>) -> Result<Outco
     }
     let base_dir = PathBuf::from(h.base_dir.clone().unwrap_or_else(|| ".".into()));
     let source = Source { config, base_dir, text: text.clone() };
-    let (mut agent, clock, sim) = quiet_agent(&source)?;
+    let (mut agent, clock, sim) = setup::quiet_agent(&source.config, &source.base_dir)?;
     let sim =
         sim.ok_or_else(|| Error::Command("the recorded config is not a simulated node".into()))?;
     let work_before = sim.lock().total_work();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::agent::{Agent, Control, Desired, Parts, PluginSpecs, Reload};
 use crate::calibration::Calibration;
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock, VirtualClock};
 use crate::config::{
     BUILTIN_TRACE, BackendKind, Config, ConfigError, ConfigErrors, FaultKind, SimConfig, SinkKind,
 };
@@ -131,6 +131,7 @@ pub fn sim_node(cfg: &SimConfig, base_dir: &Path) -> Result<SimNode, ConfigError
                 Fault::FailField(f.field.as_deref().and_then(Field::from_name).expect("validated"))
             }
             FaultKind::Xid => Fault::Xid(f.xid.expect("validated")),
+            FaultKind::Cooling => Fault::Cooling,
             FaultKind::Clear => Fault::Clear,
         },
     }));
@@ -287,6 +288,31 @@ pub fn agent(
     });
     agent.report(events);
     Ok(agent)
+}
+
+/// An agent for `config`, quiet (no sinks, socket, metrics, MQTT or jobs), on a virtual
+/// clock for the simulator (returned, with the simulator, so that the caller paces it):
+/// what `gpulet record`, a closed-loop replay and the demo's comparison run.
+pub fn quiet_agent(
+    config: &Config,
+    base_dir: &Path,
+) -> Result<(Agent, Option<VirtualClock>, Option<SimHandle>), Error> {
+    let mut config = config.clone();
+    config.mqtt = None;
+    config.socket.enabled = false;
+    config.metrics.enabled = false;
+    config.jobs.enabled = false;
+    let (clock, virtual_clock): (Arc<dyn Clock>, _) = match config.backend {
+        BackendKind::Sim => {
+            let c = VirtualClock::new(SystemClock::new().wall_ms());
+            (Arc::new(c.clone()), Some(c))
+        }
+        BackendKind::Nvml => (SystemClock::new(), None),
+    };
+    let backend = open_backend(&config, base_dir, clock.clone())?;
+    let sim = backend.sim.clone();
+    let agent = agent(&config, base_dir, backend, Vec::new(), clock)?;
+    Ok((agent, virtual_clock, sim))
 }
 
 /// The calibration file, if there is a usable one. A missing file is normal (never

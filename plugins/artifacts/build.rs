@@ -99,7 +99,9 @@ fn main() {
             target_dir.join("wasm32-wasip2/plugin").join(format!("{}.wasm", pkg.replace('-', "_")));
         assert!(file.is_file(), "expected {}", file.display());
         src.push_str(&format!(
-            "/// `plugins/{pkg}`, built for wasm32-wasip2.\npub const {name}: &str = {:?};\n",
+            "/// `plugins/{pkg}`, built for wasm32-wasip2.\npub const {name}: &str = {:?};\n\
+             /// The component's bytes (in a binary only where used).\npub const {name}_WASM: &[u8] = include_bytes!({:?});\n",
+            file.display().to_string(),
             file.display().to_string()
         ));
     }

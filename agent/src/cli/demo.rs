@@ -28,11 +28,15 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9402).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Without the Wasm policies (power-budget, thermal-guard, the anomaly reporter): the
+    /// guard's static equal split alone, for comparison.
+    #[arg(long)]
+    pub no_plugins: bool,
 }
 
 pub fn run(args: Args) -> Result<(), Error> {
-    let Args { ticks, json, speed, mqtt, socket, metrics } = args;
+    let Args { ticks, json, speed, mqtt, socket, metrics, no_plugins } = args;
     let speed = (speed > 0.0).then_some(speed);
-    block_on(demo::run(demo::Options { ticks, json, speed, mqtt, socket, metrics }))??;
+    block_on(demo::run(demo::Options { ticks, json, speed, mqtt, socket, metrics, no_plugins }))??;
     Ok(())
 }

@@ -95,17 +95,23 @@ fn name_of(path: &Path) -> String {
 /// Without it every `plugin check` or `run` of a large component (a Python or JavaScript
 /// policy embeds an interpreter) compiles it again, for seconds each time.
 pub fn author_engine() -> Result<PluginEngine, PluginError> {
+    PluginEngine::new(user_cache_dir().as_deref())
+}
+
+/// The user's own compile cache: `$XDG_CACHE_HOME/gpulet/plugins`, else
+/// `~/.cache/gpulet/plugins`, made if missing; `None` when neither can be made.
+pub fn user_cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|d| !d.is_empty())
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
-    let dir = base.map(|b| b.join("gpulet").join("plugins"));
-    if let Some(dir) = &dir
-        && let Err(e) = std::fs::create_dir_all(dir)
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "no plugin cache for this tool");
-    }
-    PluginEngine::new(dir.as_deref())
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+    let dir = base.join("gpulet").join("plugins");
+    std::fs::create_dir_all(&dir)
+        .inspect_err(
+            |e| tracing::warn!(dir = %dir.display(), error = %e, "no plugin cache of the user's"),
+        )
+        .ok()?;
+    Some(dir)
 }
 
 /// Load and start a power plugin with `config` (JSON); `gpus` is the number of GPUs to

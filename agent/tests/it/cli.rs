@@ -177,7 +177,28 @@ fn sigterm_stops_the_agent_cleanly_after_a_whole_tick() {
 
 #[test]
 fn demo_shows_a_live_view_or_json() {
-    let out = gpulet(&["demo", "--ticks", "3", "--speed", "0"]);
+    // The first screen: a Wasm policy moving watts to the busy GPUs, with its reasons,
+    // the reporter flagging the GPU whose fan fails at 120 s, and the useful work gained
+    // over the static split on the same node.
+    let out = gpulet(&["demo", "--ticks", "200", "--speed", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let view = text(&out.stdout);
+    assert!(
+        view.lines()
+            .next()
+            .unwrap()
+            .contains("Wasm policies power-budget then thermal-guard, reporter anomaly"),
+        "{view}"
+    );
+    assert!(view.contains("by power-budget (demand"), "{view}");
+    assert!(view.contains("anomaly: temp-departure: GPU 1 runs at"), "{view}");
+    assert!(view.contains("by thermal-guard"), "{view}");
+    let last = view.lines().rfind(|l| l.contains("| work ")).unwrap();
+    let gain: f64 =
+        last.split("| work ").nth(1).unwrap().split('%').next().unwrap().parse().unwrap();
+    assert!(gain > 0.0, "the policy did more useful work than the split: {last}");
+
+    let out = gpulet(&["demo", "--ticks", "3", "--speed", "0", "--no-plugins"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let view = text(&out.stdout);
     assert!(

@@ -6,7 +6,13 @@
 //! blocked airflow, a bad power stage or a hung kernel. A GPU is compared when it is busy
 //! (utilisation at or above `min_util_pct`) and has at least two peers: the *other*
 //! healthy GPUs (neither lost nor degraded) whose utilisation is within `util_band_pct`
-//! points of its own. Its power departs when it differs from the peers' median power by
+//! points of its own and whose power limit is within 2% of its own (GPUs under different
+//! caps draw differently by design: a power policy that gives busy GPUs more watts must
+//! not look like a fault; seen on the demo node, where a memory-bound GPU at 100 %
+//! utilisation and a higher limit was flagged against training GPUs capped lower). For
+//! temperature the peers are those drawing within 10 % of its power, whatever their load
+//! or limit: the same heat should give about the same temperature, and a GPU that runs
+//! hotter has worse cooling. Its power departs when it differs from the peers' median power by
 //! more than `power_dev_pct` % of that median; its temperature departs when it differs
 //! from the peers' median temperature by more than `temp_dev_c` °C. Power and temperature
 //! are compared separately, each with the peers that have that reading. A degraded GPU is
@@ -105,6 +111,8 @@ pub struct Reading {
     pub power_w: Option<f64>,
     pub temp_c: Option<f64>,
     pub util_pct: Option<f64>,
+    /// The power limit it enforces (peers must share it).
+    pub limit_w: Option<f64>,
     pub throttle: Throttle,
     pub health: Health,
 }
@@ -132,10 +140,10 @@ impl Default for Params {
     fn default() -> Self {
         Params {
             power_dev_pct: 15.0,
-            temp_dev_c: 10.0,
+            temp_dev_c: 15.0,
             util_band_pct: 10.0,
             min_util_pct: 50.0,
-            debounce_ticks: 3,
+            debounce_ticks: 10,
             throttle_ticks: 30,
             ignore_power_cap: true,
         }
@@ -223,6 +231,8 @@ impl State {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Track {
+    /// Its power averaged over about [`HEAT_TICKS`] ticks (what its temperature follows).
+    heat_w: Option<f64>,
     power: Debounce,
     temp: Debounce,
     throttle: Debounce,
@@ -295,8 +305,10 @@ struct Comparison {
     /// Signed: percent of the median for power, °C for temperature.
     dev: f64,
     peers: usize,
-    util_lo: f64,
-    util_hi: f64,
+    /// What the peers have in common, its range among them: utilisation (%) for power,
+    /// power (W) for temperature.
+    basis_lo: f64,
+    basis_hi: f64,
 }
 
 /// Why a GPU was not compared on a measure.
@@ -319,25 +331,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// Whether `a` and `b` enforce the same power limit (within 2%), or either is unknown.
+fn same_limit(a: &Reading, b: &Reading) -> bool {
+    match (finite(a.limit_w), finite(b.limit_w)) {
+        (Some(x), Some(y)) => (x - y).abs() <= 0.02 * x.max(y),
+        _ => true,
+    }
+}
+
 fn compare(p: &Params, gpus: &[Reading], g: &Reading, m: Measure) -> Result<Comparison, Skip> {
     let util = finite(g.util_pct).ok_or(Skip::NoUtil)?;
     if util < p.min_util_pct {
         return Err(Skip::NotBusy(util));
     }
     let value = m.of(g).ok_or(Skip::NoReading)?;
+    // Peers on power: the same utilisation at the same limit. Peers on temperature: the
+    // same heat, whatever the load or the limit (a GPU drawing what another draws should
+    // run about as hot; one that does not has worse cooling).
+    let own_power = finite(g.power_w);
+    let basis = |o: &Reading| -> Option<f64> {
+        match m {
+            Measure::Power => finite(o.util_pct)
+                .filter(|u| (u - util).abs() <= p.util_band_pct && same_limit(g, o)),
+            Measure::Temp => {
+                let own = own_power?;
+                finite(o.power_w).filter(|w| (w - own).abs() <= POWER_BAND * own)
+            }
+        }
+    };
     let peers: Vec<(f64, f64)> = gpus
         .iter()
         .filter(|o| o.index != g.index && o.health == Health::Ok)
-        .filter_map(|o| {
-            let u = finite(o.util_pct).filter(|u| (u - util).abs() <= p.util_band_pct)?;
-            Some((u, m.of(o)?))
-        })
+        .filter_map(|o| Some((basis(o)?, m.of(o)?)))
         .collect();
     if peers.len() < 2 {
         return Err(Skip::FewPeers(peers.len()));
     }
-    let util_lo = peers.iter().map(|&(u, _)| u).fold(f64::INFINITY, f64::min);
-    let util_hi = peers.iter().map(|&(u, _)| u).fold(f64::NEG_INFINITY, f64::max);
+    let basis_lo = peers.iter().map(|&(u, _)| u).fold(f64::INFINITY, f64::min);
+    let basis_hi = peers.iter().map(|&(u, _)| u).fold(f64::NEG_INFINITY, f64::max);
     let median = median(peers.iter().map(|&(_, v)| v).collect());
     let dev = match m {
         Measure::Power if median <= 0.0 => return Err(Skip::NoBaseline),
@@ -347,8 +378,17 @@ fn compare(p: &Params, gpus: &[Reading], g: &Reading, m: Measure) -> Result<Comp
     if !dev.is_finite() || !median.is_finite() {
         return Err(Skip::NoBaseline);
     }
-    Ok(Comparison { value, median, dev, peers: peers.len(), util_lo, util_hi })
+    Ok(Comparison { value, median, dev, peers: peers.len(), basis_lo, basis_hi })
 }
+
+/// Temperature peers draw within this share of a GPU's power.
+const POWER_BAND: f64 = 0.10;
+
+/// Temperature follows power with a lag (a GPU's thermal time constant is 30 to 40 s):
+/// temperatures are compared at power averaged over this many ticks (an exponential
+/// average), not at this tick's, or a steady GPU is flagged against bursty peers whose
+/// power just rose and whose temperature has not yet (seen on the demo node).
+pub const HEAT_TICKS: f64 = 30.0;
 
 fn departs(p: &Params, m: Measure, c: &Comparison) -> bool {
     match m {
@@ -376,18 +416,23 @@ fn against_peers(gpu: u32, m: Measure, c: &Comparison, p: &Params, onset: bool) 
         Measure::Power => format!("{:.0} %", p.power_dev_pct),
         Measure::Temp => format!("{:.0} °C", p.temp_dev_c),
     };
-    let utils = if format!("{:.0}", c.util_lo) == format!("{:.0}", c.util_hi) {
-        format!("{:.0} %", c.util_hi)
-    } else {
-        format!("{:.0}-{:.0} %", c.util_lo, c.util_hi)
+    let (basis, basis_unit) = match m {
+        Measure::Power => ("at", "% utilisation"),
+        Measure::Temp => ("drawing", "W on average"),
     };
+    let range = if format!("{:.0}", c.basis_lo) == format!("{:.0}", c.basis_hi) {
+        format!("{:.0}", c.basis_hi)
+    } else {
+        format!("{:.0}-{:.0}", c.basis_lo, c.basis_hi)
+    };
+    let utils = format!("{basis} {range} {basis_unit}");
     let relation = if onset {
         format!("{dev} {}", if c.dev >= 0.0 { "above" } else { "below" })
     } else {
         format!("within {limit} of")
     };
     format!(
-        "{reading}, {relation} the {:.0} {unit} median of {} at {utils} utilisation",
+        "{reading}, {relation} the {:.0} {unit} median of {} {utils}",
         c.median,
         plural(c.peers as u64, "peer", "peers"),
     )
@@ -406,11 +451,18 @@ fn skip_reason(p: &Params, m: Measure, s: Skip) -> String {
             Measure::Power => "it has no power reading".to_owned(),
             Measure::Temp => "it has no temperature reading".to_owned(),
         },
-        Skip::FewPeers(n) => format!(
-            "{} within {:.0} points of its utilisation, 2 needed",
-            plural(n as u64, "healthy peer runs", "healthy peers run"),
-            p.util_band_pct
-        ),
+        Skip::FewPeers(n) => match m {
+            Measure::Power => format!(
+                "{} within {:.0} points of its utilisation at its power limit, 2 needed",
+                plural(n as u64, "healthy peer runs", "healthy peers run"),
+                p.util_band_pct
+            ),
+            Measure::Temp => format!(
+                "{} within {:.0} % of its power, 2 needed",
+                plural(n as u64, "healthy peer draws", "healthy peers draw"),
+                POWER_BAND * 100.0
+            ),
+        },
         Skip::NoBaseline => "its peers' median is no usable baseline".to_owned(),
     }
 }
@@ -459,13 +511,29 @@ pub fn report(p: &Params, state: &mut State, gpus: &[Reading]) -> Report {
     };
     let mut metrics = Vec::new();
     let mut events = Vec::new();
-    for g in gpus.iter().filter(|g| g.health != Health::Lost) {
+    // The same GPUs with their averaged power, for the temperature comparison.
+    let heated: Vec<Reading> = gpus
+        .iter()
+        .map(|g| {
+            let track = state.gpus.entry(g.index).or_default();
+            track.heat_w = match (track.heat_w, finite(g.power_w)) {
+                (Some(avg), Some(w)) => Some(avg + (w - avg) / HEAT_TICKS),
+                (None, w) => w,
+                (avg, None) => avg,
+            };
+            Reading { power_w: track.heat_w, ..g.clone() }
+        })
+        .collect();
+    for (g, warm) in gpus.iter().zip(&heated).filter(|(g, _)| g.health != Health::Lost) {
         let track = state.gpus.entry(g.index).or_default();
         for (m, flag, name) in [
             (Measure::Power, &mut track.power, POWER_DEV_PCT),
             (Measure::Temp, &mut track.temp, TEMP_DEV_C),
         ] {
-            let now = compare(p, gpus, g, m);
+            let now = match m {
+                Measure::Power => compare(p, gpus, g, m),
+                Measure::Temp => compare(p, &heated, warm, m),
+            };
             if let Ok(c) = &now {
                 metrics.push(Metric { name, value: c.dev, gpu: Some(g.index) });
             }
@@ -526,14 +594,35 @@ pub fn report(p: &Params, state: &mut State, gpus: &[Reading]) -> Report {
 mod tests {
     use super::*;
 
+    /// The defaults, with the short debounce the tests count ticks against.
+    fn params() -> Params {
+        Params { debounce_ticks: 3, ..Params::default() }
+    }
+
     fn gpu(index: u32, power: f64, temp: f64, util: f64) -> Reading {
         Reading {
             index,
             power_w: Some(power),
             temp_c: Some(temp),
             util_pct: Some(util),
+            limit_w: Some(700.0),
             throttle: Throttle::NONE,
             health: Health::Ok,
+        }
+    }
+
+    #[test]
+    fn gpus_under_different_caps_are_not_peers() {
+        let p = params();
+        let mut s = State::default();
+        // GPU 3 draws 520 W at its 700 W limit; the others are capped at 420 W and draw
+        // 410 W: a policy's choice, not a fault.
+        let mut gpus: Vec<Reading> = (0..3)
+            .map(|i| Reading { limit_w: Some(420.0), ..gpu(i, 410.0, 60.0, 100.0) })
+            .collect();
+        gpus.push(gpu(3, 520.0, 60.0, 100.0));
+        for _ in 0..10 {
+            assert!(report(&p, &mut s, &gpus).events.is_empty());
         }
     }
 
@@ -557,7 +646,7 @@ mod tests {
 
     #[test]
     fn a_departure_is_flagged_after_exactly_debounce_ticks() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for _ in 0..p.debounce_ticks - 1 {
             let r = report(&p, &mut s, &node(520.0));
@@ -584,7 +673,7 @@ mod tests {
 
     #[test]
     fn a_one_tick_spike_is_never_flagged() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for t in 0..50 {
             let power = if t % 3 == 1 { 900.0 } else { 410.0 };
@@ -600,7 +689,7 @@ mod tests {
 
     #[test]
     fn a_departure_clears_once_after_debounce_ticks_back_in_line() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for _ in 0..3 {
             report(&p, &mut s, &node(300.0));
@@ -625,7 +714,7 @@ mod tests {
 
     #[test]
     fn going_idle_clears_a_departure_and_says_why() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for _ in 0..3 {
             report(&p, &mut s, &node(300.0));
@@ -643,7 +732,7 @@ mod tests {
 
     #[test]
     fn temperature_departs_on_its_own() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let mut hot = node(410.0);
         hot[0].temp_c = Some(88.0);
@@ -652,14 +741,14 @@ mod tests {
         assert_eq!(events[0].kind, Kind::TempDeparture);
         assert_eq!(
             events[0].message,
-            "GPU 0 runs at 88 °C, 17 °C above the 71 °C median of 3 peers at 95-99 % \
-             utilisation, for 3 ticks"
+            "GPU 0 runs at 88 °C, 17 °C above the 71 °C median of 3 peers drawing 410-420 W on \
+             average, for 3 ticks"
         );
     }
 
     #[test]
     fn peers_at_a_different_load_are_not_compared() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let gpus = [
             gpu(0, 400.0, 70.0, 100.0),
@@ -681,7 +770,7 @@ mod tests {
 
     #[test]
     fn fewer_than_two_peers_give_nothing() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let gpus = [gpu(0, 400.0, 70.0, 100.0), gpu(1, 700.0, 95.0, 100.0)];
         for _ in 0..10 {
@@ -693,7 +782,7 @@ mod tests {
 
     #[test]
     fn idle_gpus_are_not_compared() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let gpus = [gpu(0, 60.0, 35.0, 10.0), gpu(1, 60.0, 35.0, 12.0), gpu(2, 150.0, 60.0, 15.0)];
         for _ in 0..10 {
@@ -705,7 +794,7 @@ mod tests {
 
     #[test]
     fn a_stuck_throttle_is_flagged_once_and_cleared_once() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let mut gpus = node(410.0);
         gpus[1].throttle = Throttle::HW_SLOWDOWN | Throttle::SW_POWER_CAP;
@@ -742,7 +831,7 @@ mod tests {
 
     #[test]
     fn a_throttle_must_hold_throttle_ticks_in_a_row() {
-        let p = Params { throttle_ticks: 5, ..Params::default() };
+        let p = Params { throttle_ticks: 5, ..params() };
         let mut s = State::default();
         let mut gpus = node(410.0);
         for t in 0..40 {
@@ -757,12 +846,12 @@ mod tests {
         let mut gpus = node(410.0);
         gpus[0].throttle = Throttle::SW_POWER_CAP;
         gpus[1].throttle = Throttle::GPU_IDLE;
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for _ in 0..100 {
             assert!(report(&p, &mut s, &gpus).events.is_empty());
         }
-        let p = Params { ignore_power_cap: false, ..Params::default() };
+        let p = Params { ignore_power_cap: false, ..params() };
         let mut s = State::default();
         let events: Vec<Event> = (0..100).flat_map(|_| report(&p, &mut s, &gpus).events).collect();
         assert_eq!(events.len(), 1);
@@ -772,7 +861,7 @@ mod tests {
 
     #[test]
     fn a_lost_gpu_is_ignored_and_never_a_peer() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let mut gpus = node(410.0);
         gpus.push(Reading {
@@ -795,7 +884,7 @@ mod tests {
 
     #[test]
     fn a_gpu_lost_while_flagged_is_forgotten_without_a_clear() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for _ in 0..3 {
             report(&p, &mut s, &node(300.0));
@@ -809,7 +898,7 @@ mod tests {
 
     #[test]
     fn a_degraded_gpu_is_compared_but_never_a_peer() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let mut gpus = node(300.0);
         gpus[3].health = Health::Degraded;
@@ -837,14 +926,21 @@ mod tests {
         assert!(METRIC_NAMES.iter().all(|n| valid_metric_name(n)));
         assert!(Kind::ALL.iter().all(|k| valid_event_kind(k.as_str())));
         // And what a run with every kind of event actually gives.
-        let p = Params { throttle_ticks: 2, ..Params::default() };
+        let p = Params { throttle_ticks: 2, ..params() };
         let mut s = State::default();
-        let mut bad = node(600.0);
-        bad[3].temp_c = Some(95.0);
+        // Six GPUs: GPU 3 draws too much (its temperature has no peers at 600 W); GPU 5
+        // runs hot at its peers' power (four of them, so its heat moves no one's median).
+        let six = |power3: f64| {
+            let mut g = node(power3);
+            g.extend([gpu(4, 405.0, 70.0, 97.0), gpu(5, 415.0, 71.0, 96.0)]);
+            g
+        };
+        let mut bad = six(600.0);
+        bad[5].temp_c = Some(95.0);
         bad[3].throttle = Throttle::HW_POWER_BRAKE;
         let mut seen = Vec::new();
         for t in 0..20 {
-            let r = report(&p, &mut s, &if t < 10 { bad.clone() } else { node(410.0) });
+            let r = report(&p, &mut s, &if t < 10 { bad.clone() } else { six(410.0) });
             for m in &r.metrics {
                 assert!(valid_metric_name(m.name), "{}", m.name);
             }
@@ -859,7 +955,7 @@ mod tests {
 
     #[test]
     fn non_finite_readings_never_give_non_finite_metrics() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         let nan = f64::NAN;
         let inf = f64::INFINITY;
@@ -887,7 +983,7 @@ mod tests {
 
     #[test]
     fn gpus_that_vanish_are_forgotten() {
-        let p = Params::default();
+        let p = params();
         let mut s = State::default();
         for _ in 0..3 {
             report(&p, &mut s, &node(300.0));

@@ -23,8 +23,8 @@
 //! ticks in a row, and reported twice in all: once at its onset and once when it has been
 //! absent `debounce_ticks` ticks in a row.
 //!
-//! Config (JSON, all optional, defaults shown): `{"power_dev_pct": 15, "temp_dev_c": 10,
-//! "util_band_pct": 10, "min_util_pct": 50, "debounce_ticks": 3, "throttle_ticks": 30,
+//! Config (JSON, all optional, defaults shown): `{"power_dev_pct": 15, "temp_dev_c": 15,
+//! "util_band_pct": 10, "min_util_pct": 50, "debounce_ticks": 10, "throttle_ticks": 30,
 //! "ignore_power_cap": true}`.
 //!
 //! State in plugin memory: the algorithms crate's state is not serialisable, so it cannot
@@ -103,6 +103,7 @@ fn readings(s: &Snapshot) -> Vec<Reading> {
                 power_w: g.power_w,
                 temp_c: g.temp_c,
                 util_pct: g.util_pct,
+                limit_w: g.power_limit_w,
                 throttle,
                 health: match g.health {
                     Health::Ok => anomaly::Health::Ok,

@@ -1,5 +1,6 @@
-//! Paths of gpulet's policy plugins, built from source for wasm32-wasip2 by this crate's
-//! build script. For the host's tests and benchmarks.
+//! gpulet's policy plugins, built from source for wasm32-wasip2 by this crate's build
+//! script: their paths (for the host's tests and benchmarks) and their bytes (`gpulet
+//! demo` carries the shipped power plugins and the anomaly reporter in its binary).
 
 include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));
 
@@ -14,4 +15,6 @@ pub const ALL: &[(&str, &str)] = &[
     ("fixture-forbidden-import", FIXTURE_FORBIDDEN_IMPORT),
     ("fixture-v010", FIXTURE_V010),
     ("fixture-scheduler", FIXTURE_SCHEDULER),
+    ("fixture-reporter", FIXTURE_REPORTER),
+    ("anomaly", ANOMALY),
 ];

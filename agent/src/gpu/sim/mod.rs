@@ -64,6 +64,9 @@ pub enum Fault {
     FailField(Field),
     /// An XID event; critical codes leave the GPU degraded until cleared.
     Xid(u32),
+    /// Its cooling fails (a fan): its thermal resistance doubles, so it runs hotter than
+    /// its peers at the same power, and throttles sooner.
+    Cooling,
     /// Undo every fault of this GPU (back on the bus, fields readable, health ok).
     Clear,
 }
@@ -241,7 +244,9 @@ impl SimNode {
                 }
                 self.events.push(XidEvent { gpu, code, at_ms });
             }
+            Fault::Cooling => g.phys.r_th_factor = 2.0,
             Fault::Clear => {
+                g.phys.r_th_factor = 1.0;
                 g.lost = false;
                 g.failing = FieldSet::NONE;
                 g.degraded = false;

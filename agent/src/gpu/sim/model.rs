@@ -176,6 +176,9 @@ pub struct GpuPhysics {
     pub work: f64,
     pub throttle: Throttle,
     pub demand: Demand,
+    /// The cooling's thermal resistance against the preset's: 1 when healthy, more with a
+    /// failed fan (`Fault::Cooling`).
+    pub r_th_factor: f64,
 }
 
 impl GpuPhysics {
@@ -191,6 +194,7 @@ impl GpuPhysics {
             work: 0.0,
             throttle: Throttle::GPU_IDLE,
             demand,
+            r_th_factor: 1.0,
         }
     }
 
@@ -220,7 +224,7 @@ impl GpuPhysics {
         self.power_w = p.power_at(&d, self.ratio);
         self.energy_j += self.power_w * h;
         self.work += Preset::work_rate_at(&d, self.ratio) * h;
-        let t_ss = p.ambient_c + self.power_w * p.r_th;
+        let t_ss = p.ambient_c + self.power_w * p.r_th * self.r_th_factor;
         self.temp_c = t_ss + (self.temp_c - t_ss) * (-h / p.tau_th_s).exp();
         self.throttle = throttle;
         self.demand = d;
