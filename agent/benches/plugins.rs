@@ -273,5 +273,61 @@ fn chain(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decision, load, chain);
+/// The anomaly reporter on a tick: through the plugin (the snapshot lowered, `report`,
+/// the items lifted back) and natively, side by side.
+fn report(c: &mut Criterion) {
+    use gpulet::plugin::reporter::ReporterPlugin;
+    use gpulet_policy_algos::anomaly;
+    let engine = PluginEngine::new(None).unwrap();
+    let mut g = c.benchmark_group("report");
+    for n in [8u32, 64] {
+        let snap = snapshot(n);
+        let no_curves: Curves = vec![None; n as usize].into();
+        let loaded = engine.load(Path::new(wasm::ANOMALY)).unwrap();
+        let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
+        let infos = (0..n)
+            .map(|i| wit::GpuInfo {
+                index: i,
+                uuid: format!("GPU-{i}"),
+                name: "H100".into(),
+                memory_total_mib: 81559,
+            })
+            .collect();
+        let mut plugin = ReporterPlugin::start(
+            &engine,
+            "bench",
+            loaded.component,
+            "{}".into(),
+            infos,
+            Limits::default(),
+            kv,
+        )
+        .unwrap();
+        assert!(!plugin.report(&snap, &no_curves).unwrap().0.is_empty());
+        g.bench_with_input(BenchmarkId::new("wasm", n), &snap, |b, s| {
+            b.iter(|| black_box(plugin.report(s, &no_curves).unwrap()))
+        });
+        let readings: Vec<anomaly::Reading> = snap
+            .gpus
+            .iter()
+            .map(|g| anomaly::Reading {
+                index: g.index,
+                power_w: g.power_w,
+                temp_c: g.temp_c,
+                util_pct: g.util_pct,
+                limit_w: g.power_limit_w,
+                throttle: anomaly::Throttle::NONE,
+                health: anomaly::Health::Ok,
+            })
+            .collect();
+        let params = anomaly::Params::default();
+        let mut state = anomaly::State::default();
+        g.bench_with_input(BenchmarkId::new("native", n), &readings, |b, r| {
+            b.iter(|| black_box(anomaly::report(&params, &mut state, r)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decision, load, chain, report);
 criterion_main!(benches);

@@ -11,7 +11,7 @@
 #   PYTHON  the Python that makes the venv (default: python3; 3.9 or newer).
 #
 # Needs only Python with pip and venv, and PyPI the first time. No Rust, no wasm tools:
-# componentize-py brings its own CPython (3.12, built for wasm32-wasi) and linker.
+# componentize-py brings its own CPython (3.14, built for wasm32-wasi) and linker.
 set -euo pipefail
 
 # componentize-py, pinned: 0.25.1, the newest on PyPI when this was written, and the one

@@ -150,18 +150,18 @@ impl PluginEngine {
                 PluginError::Compile { path: shown.clone(), error }
             }
         };
+        // Imports first, from the binary: a component with an interpreter takes tens of
+        // seconds to compile, and one importing what the host refuses (a default
+        // JavaScript build imports wasi:http) is refused before that, not after.
+        let imports = top_level_imports(&wasm)
+            .map_err(|error| PluginError::Compile { path: shown.clone(), error })?;
+        if let Some(bad) = imports.iter().find(|i| !allowed(i)) {
+            return Err(PluginError::ForbiddenImport { path: shown, import: bad.clone() });
+        }
         let (component, source) = match &self.cache {
             Some(cache) => cache.load(&self.engine, &wasm).map_err(compile_err)?,
             None => (Component::new(&self.engine, &wasm).map_err(compile_err)?, Source::Compiled),
         };
-        let imports: Vec<String> = component
-            .component_type()
-            .imports(&self.engine)
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        if let Some(bad) = imports.iter().find(|i| !allowed(i)) {
-            return Err(PluginError::ForbiddenImport { path: shown, import: bad.clone() });
-        }
         Ok(LoadedComponent {
             path: path.to_path_buf(),
             component,
@@ -170,6 +170,32 @@ impl PluginEngine {
             imports,
         })
     }
+}
+
+/// The names a component imports (its own, not those of the modules and components
+/// nested in it), read without compiling it. A core module (not a component) imports
+/// nothing a component could, and is refused by the compiler next.
+fn top_level_imports(wasm: &[u8]) -> Result<Vec<String>, String> {
+    use wasmparser::{Parser, Payload};
+    let mut imports = Vec::new();
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| e.to_string())? {
+            Payload::Version { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(section) if depth == 1 => {
+                for import in section {
+                    let import = import.map_err(|e| e.to_string())?;
+                    // A world's `use` of a type is a type import: no capability.
+                    if !matches!(import.ty, wasmparser::ComponentTypeRef::Type(_)) {
+                        imports.push(import.name.name.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(imports)
 }
 
 /// Advances the engine's epoch every [`EPOCH_PERIOD`], but only while some plugin call is

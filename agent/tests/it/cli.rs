@@ -278,9 +278,19 @@ fn plugin_check_and_run_for_authors() {
         text(&out.stderr)
     );
 
-    let out = gpulet(&["plugin", "check", gpulet_plugin_artifacts::FIXTURE_FORBIDDEN_IMPORT]);
+    // A refused import is refused before the component is compiled (a default
+    // JavaScript build imports wasi:http, and compiling it takes tens of seconds): no
+    // compiled code reaches the cache.
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["plugin", "check", gpulet_plugin_artifacts::FIXTURE_FORBIDDEN_IMPORT])
+        .env("XDG_CACHE_HOME", empty.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("imports gpulet-test:forbidden/raw-network@0.1.0"));
+    let cached = std::fs::read_dir(empty.path().join("gpulet/plugins")).map_or(0, |d| d.count());
+    assert_eq!(cached, 0, "nothing was compiled");
 
     let out = gpulet(&["plugin", "check", "examples/snapshot.json"]);
     assert_eq!(out.status.code(), Some(1), "not a component");

@@ -41,6 +41,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("nvml_wrapper", &["gpu/nvml.rs"]),
     ("wasmtime", &["plugin/"]),
     ("wasmtime_wasi", &["plugin/"]),
+    ("wasmparser", &["plugin/engine.rs"]),
     ("rumqttc", &["mqtt/", "fleet_sim.rs"]),
     ("prometheus_client", &["service/metrics.rs"]),
     ("ratatui", &["top/view.rs"]),

@@ -12,6 +12,7 @@ mod consumer;
 mod containment;
 mod docs;
 mod jobs;
+mod languages;
 mod layering;
 mod mqtt;
 mod nvml;

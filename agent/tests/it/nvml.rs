@@ -541,11 +541,12 @@ fn calibrate_through_nvml_and_cuda_sweeps_and_puts_the_limits_back() {
     assert!(!dir.path().join("state/start-limits.json").exists());
 }
 
-/// Wait (at most 10 s) until the file at `path` holds `text`.
+/// Wait (at most 60 s: a loaded CI machine is slow, a hung sweep is not) until the file
+/// at `path` holds `text`.
 fn wait_for(path: &Path, text: &str) {
     let t = Instant::now();
     while !std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
-        assert!(t.elapsed() < Duration::from_secs(10), "{} never held {text:?}", path.display());
+        assert!(t.elapsed() < Duration::from_secs(60), "{} never held {text:?}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
