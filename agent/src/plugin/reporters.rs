@@ -98,16 +98,17 @@ struct Slot {
     refilled_ms: Option<u64>,
 }
 
-/// The reporting stage; its plugins are called on a plugin thread of their own.
+/// The reporting stage; its plugins are called on a plugin thread of their own, started
+/// with the first reporter (an agent without reporters has no thread for them).
 pub struct Reporters {
-    slots: PluginThread<Vec<Slot>>,
+    slots: Option<PluginThread<Vec<Slot>>>,
     settings: ChainSettings,
     engine: Option<Arc<PluginEngine>>,
 }
 
 impl std::fmt::Debug for Reporters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.slots.get().iter().map(|s| s.spec.name.as_str()).collect();
+        let names: Vec<&str> = self.slots().iter().map(|s| s.spec.name.as_str()).collect();
         f.debug_struct("Reporters").field("plugins", &names).finish_non_exhaustive()
     }
 }
@@ -116,7 +117,11 @@ impl Reporters {
     /// A stage with no reporters; `engine` compiles them (made at the first load if
     /// `None`).
     pub fn new(settings: ChainSettings, engine: Option<Arc<PluginEngine>>) -> Reporters {
-        Reporters { slots: PluginThread::new(Vec::new()), settings, engine }
+        Reporters { slots: None, settings, engine }
+    }
+
+    fn slots(&self) -> &[Slot] {
+        self.slots.as_ref().map_or(&[], |t| t.get().as_slice())
     }
 
     /// Start `specs`, replacing the running reporters. One that fails to load is
@@ -128,7 +133,7 @@ impl Reporters {
         inventory: &[crate::gpu::GpuInfo],
         events: &mut Vec<Event>,
     ) -> Vec<(String, PluginError)> {
-        if specs.is_empty() && self.slots.get().is_empty() {
+        if specs.is_empty() && self.slots().is_empty() {
             return Vec::new();
         }
         let engine = match &self.engine {
@@ -140,7 +145,8 @@ impl Reporters {
         };
         let (specs, gpus) = (specs.to_vec(), super::gpu_infos(inventory));
         let state_dir = self.settings.state_dir.clone();
-        let outcome = self.slots.call(move |slots| {
+        let thread = self.slots.get_or_insert_with(|| PluginThread::new(Vec::new()));
+        let outcome = thread.call(move |slots| {
             let mut events = Vec::new();
             let mut errors = Vec::new();
             *slots = specs
@@ -196,7 +202,7 @@ impl Reporters {
             Err(panic) => {
                 tracing::error!(%panic, "the plugin host panicked while loading reporters");
                 let error = PluginError::Engine(format!("the plugin host panicked: {panic}"));
-                self.slots.get_mut().clear();
+                thread.get_mut().clear();
                 Vec::from([("*".to_owned(), error)])
             }
         }
@@ -210,12 +216,10 @@ impl Reporters {
         events: &mut Vec<Event>,
         metrics: &mut Vec<PluginMetric>,
     ) {
-        if self.slots.get().is_empty() {
-            return;
-        }
+        let Some(thread) = self.slots.as_mut().filter(|t| !t.get().is_empty()) else { return };
         let owned = snap.clone();
         let settings = self.settings.clone();
-        let outcome = self.slots.call(move |slots| {
+        let outcome = thread.call(move |slots| {
             let (mut events, mut metrics) = (Vec::new(), Vec::new());
             let wsnap = to_wit(&owned);
             for slot in slots.iter_mut() {
@@ -235,7 +239,7 @@ impl Reporters {
                     fault: "host-panic",
                     message: format!("the plugin host panicked: {panic}"),
                 });
-                for slot in self.slots.get_mut() {
+                for slot in thread.get_mut() {
                     slot.plugin.as_mut().map(ReporterPlugin::drop_instance);
                 }
             }
@@ -244,8 +248,7 @@ impl Reporters {
 
     /// Each reporter as `gpulet status` and `/metrics` show it.
     pub fn plugins(&self) -> Vec<PluginStatus> {
-        self.slots
-            .get()
+        self.slots()
             .iter()
             .map(|s| PluginStatus {
                 name: s.spec.name.clone(),
