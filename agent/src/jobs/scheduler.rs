@@ -6,7 +6,6 @@
 //! `plugins.max_failures` faults within `plugins.failure_window` it is quarantined (not
 //! called again until the agent restarts) and the built-in one takes over.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use gpulet_policy_algos::sched::{Decision, Input, fifo_binpack};
@@ -14,6 +13,7 @@ use gpulet_policy_algos::sched::{Decision, Input, fifo_binpack};
 use crate::plugin::chain::PluginSpec;
 use crate::plugin::engine::PluginEngine;
 use crate::plugin::kv::KvStore;
+use crate::plugin::sandbox::FaultWindow;
 use crate::plugin::scheduler::{Labels, SchedulerPlugin};
 use crate::plugin::thread::PluginThread;
 use crate::plugin::{PluginError, wit};
@@ -27,7 +27,7 @@ pub struct Scheduler {
     name: String,
     /// The plugin, on its thread; `None` inside: the built-in scheduler.
     plugin: PluginThread<Option<SchedulerPlugin>>,
-    faults: VecDeque<u64>,
+    faults: FaultWindow,
     max_failures: u32,
     window_ms: u64,
     quarantined: bool,
@@ -44,7 +44,7 @@ impl Scheduler {
         Scheduler {
             name: BUILTIN.into(),
             plugin: PluginThread::new(None),
-            faults: VecDeque::new(),
+            faults: FaultWindow::default(),
             max_failures: 0,
             window_ms: 0,
             quarantined: false,
@@ -85,7 +85,7 @@ impl Scheduler {
         Ok(Scheduler {
             name: spec.name.clone(),
             plugin: thread,
-            faults: VecDeque::new(),
+            faults: FaultWindow::default(),
             max_failures,
             window_ms,
             quarantined: false,
@@ -142,11 +142,7 @@ impl Scheduler {
     fn fault(&mut self, now: u64, kind: &'static str, message: String, events: &mut Vec<Event>) {
         tracing::warn!(plugin = %self.name, fault = kind, %message, "scheduler plugin fault; the built-in scheduler decides this time");
         events.push(Event::PluginFault { plugin: self.name.clone(), fault: kind, message });
-        self.faults.push_back(now);
-        while self.faults.front().is_some_and(|&t| now.saturating_sub(t) > self.window_ms) {
-            self.faults.pop_front();
-        }
-        if self.faults.len() as u32 >= self.max_failures.max(1) {
+        if self.faults.record(now, self.window_ms, self.max_failures) {
             self.quarantined = true;
             tracing::error!(plugin = %self.name, "scheduler plugin quarantined; the built-in scheduler takes over until the agent restarts");
             events.push(Event::PluginQuarantined {

@@ -18,7 +18,6 @@
 //! 4. The final proposal goes to the guard, which clamps, fits the budget, rate-limits
 //!    and audits, whatever the plugins said.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +25,7 @@ use super::engine::PluginEngine;
 use super::host::PluginMetric;
 use super::kv::KvStore;
 use super::power::{Limits, PowerPlugin};
+use super::sandbox::FaultWindow;
 use super::thread::PluginThread;
 use super::{PluginError, wit};
 use crate::config::{Fallback, Grant};
@@ -63,7 +63,7 @@ struct Slot {
     spec: PluginSpec,
     /// `None` when it failed to load: it runs as quarantined until a reload fixes it.
     plugin: Option<PowerPlugin>,
-    failures: VecDeque<u64>,
+    failures: FaultWindow,
     quarantined: bool,
     /// Why its last load failed (for the birth message and `gpulet status`).
     error: Option<String>,
@@ -312,7 +312,7 @@ impl Chain {
                     self.slots.push(Slot {
                         spec: spec.clone(),
                         plugin: Some(plugin),
-                        failures: VecDeque::new(),
+                        failures: FaultWindow::default(),
                         quarantined: false,
                         error: None,
                         calls: 0,
@@ -337,7 +337,7 @@ impl Chain {
                         _ => Slot {
                             spec: spec.clone(),
                             plugin: None,
-                            failures: VecDeque::new(),
+                            failures: FaultWindow::default(),
                             quarantined: true,
                             error: None,
                             calls: 0,
@@ -470,15 +470,7 @@ impl Chain {
                     });
                     let window = self.settings.failure_window_ms;
                     slot.faults += 1;
-                    slot.failures.push_back(snap.now_ms);
-                    while slot
-                        .failures
-                        .front()
-                        .is_some_and(|t| snap.now_ms.saturating_sub(*t) >= window)
-                    {
-                        slot.failures.pop_front();
-                    }
-                    if slot.failures.len() as u32 >= self.settings.max_failures {
+                    if slot.failures.record(snap.now_ms, window, self.settings.max_failures) {
                         slot.quarantined = true;
                         tracing::error!(
                             plugin = name,

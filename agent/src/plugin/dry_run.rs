@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::PluginEngine;
+use super::engine::{LoadedComponent, PluginEngine};
 use super::host::Curves;
 use super::kv::KvStore;
 use super::power::{Limits, PowerPlugin};
+use super::world::{Instance, World};
 use super::{PluginError, wit};
 use crate::calibration::{Curve, Point};
 
@@ -34,38 +35,18 @@ pub fn check(path: &Path, config: &str) -> Result<Report, PluginError> {
     let engine = author_engine()?;
     let loaded = engine.load(path)?;
     let name = name_of(path);
-    let start = |kind: &'static str| -> Result<wit::PluginInfo, PluginError> {
-        let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
-        let (component, config) = (loaded.component.clone(), config.to_owned());
-        let limits = Limits::default();
-        match kind {
-            "power" => PowerPlugin::start(&engine, &name, component, config, vec![], limits, kv)
-                .map(|p| p.info().clone()),
-            "job-scheduler" => super::scheduler::SchedulerPlugin::start(
-                &engine,
-                &name,
-                component,
-                config,
-                vec![],
-                limits,
-                kv,
-            )
-            .map(|p| p.info().clone()),
-            _ => super::reporter::ReporterPlugin::start(
-                &engine,
-                &name,
-                component,
-                config,
-                vec![],
-                limits,
-                kv,
-            )
-            .map(|p| p.info().clone()),
-        }
-    };
+    // Each world the host runs, tried in turn: the first whose exports the component
+    // has decides its kind.
+    type Start =
+        fn(&PluginEngine, &str, &LoadedComponent, &str) -> Result<wit::PluginInfo, PluginError>;
+    let worlds: [(&'static str, Start); 3] = [
+        ("power", started::<super::bindings::Power>),
+        ("job-scheduler", started::<super::scheduler_bindings::JobScheduler>),
+        ("reporter", started::<super::reporter_bindings::Reporter>),
+    ];
     let mut last = None;
-    for kind in ["power", "job-scheduler", "reporter"] {
-        match start(kind) {
+    for (kind, start) in worlds {
+        match start(&engine, &name, &loaded, config) {
             Ok(info) => {
                 return Ok(Report {
                     name: info.name,
@@ -83,6 +64,19 @@ pub fn check(path: &Path, config: &str) -> Result<Report, PluginError> {
     }
     let (path, error) = last.expect("three worlds tried");
     Err(PluginError::WrongWorld { path, world: "power, job-scheduler or reporter", error })
+}
+
+/// Start `loaded` as a plugin of world `W` (no GPUs, default limits) and say who it is.
+fn started<W: World>(
+    engine: &PluginEngine,
+    name: &str,
+    loaded: &LoadedComponent,
+    config: &str,
+) -> Result<wit::PluginInfo, PluginError> {
+    let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
+    let component = loaded.component.clone();
+    Instance::<W>::start(engine, name, component, config.to_owned(), vec![], Limits::default(), kv)
+        .map(|p| p.info().clone())
 }
 
 fn name_of(path: &Path) -> String {
