@@ -41,6 +41,7 @@ fn snapshot() -> NodeSnapshot {
     NodeSnapshot {
         seq: 1,
         ts_ms: 0,
+        utc_offset_s: 0,
         now_ms: 3_600_000,
         curves: vec![None; GPUS as usize].into(),
         samples: node.sample_all(),

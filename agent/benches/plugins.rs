@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use gpulet::plugin::engine::PluginEngine;
-use gpulet::plugin::host::Curves;
+use gpulet::plugin::host::CallContext;
 use gpulet::plugin::kv::KvStore;
 use gpulet::plugin::power::{Limits, PowerPlugin};
 use gpulet::plugin::wit;
@@ -96,7 +96,7 @@ fn decision(c: &mut Criterion) {
     let mut g = c.benchmark_group("power_decision");
     for n in [8u32, 64] {
         let snap = snapshot(n);
-        let no_curves: Curves = vec![None; n as usize].into();
+        let no_curves = CallContext { curves: vec![None; n as usize].into(), wall: None };
         let mut plugin = start(&engine, wasm::POWER_BUDGET, n);
         let want = plugin.decide(&snap, &no_curves).unwrap().actions.len();
         assert_eq!(want, n as usize);
@@ -282,7 +282,7 @@ fn report(c: &mut Criterion) {
     let mut g = c.benchmark_group("report");
     for n in [8u32, 64] {
         let snap = snapshot(n);
-        let no_curves: Curves = vec![None; n as usize].into();
+        let no_curves = CallContext { curves: vec![None; n as usize].into(), wall: None };
         let loaded = engine.load(Path::new(wasm::ANOMALY)).unwrap();
         let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
         let infos = (0..n)

@@ -324,9 +324,11 @@ impl Agent {
         }
 
         // 2. Snapshot.
+        let ts_ms = self.clock.wall_ms();
         let snapshot = NodeSnapshot {
             seq: self.seq,
-            ts_ms: self.clock.wall_ms(),
+            ts_ms,
+            utc_offset_s: crate::clock::utc_offset_s(ts_ms),
             now_ms: self.clock.elapsed().as_millis() as u64,
             inventory: self.inventory.clone(),
             samples,

@@ -36,6 +36,21 @@ impl Clock for SystemClock {
     }
 }
 
+/// The node's offset from UTC at `unix_ms`, seconds east of Greenwich, from its time
+/// zone (`TZ`, else `/etc/localtime`): what a time-of-day policy needs beside the wall
+/// time (`host.wall-clock`). 0 where the time zone cannot be read.
+#[allow(unsafe_code)]
+pub fn utc_offset_s(unix_ms: u64) -> i32 {
+    let t = (unix_ms / 1000) as libc::time_t;
+    // SAFETY: `localtime_r` writes only into `tm`, which is ours and zeroed (a valid
+    // `struct tm`); it is the thread-safe variant.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return 0;
+    }
+    tm.tm_gmtoff as i32
+}
+
 /// A clock that moves only when told to. Cloning shares the same time.
 #[derive(Debug, Clone)]
 pub struct VirtualClock {

@@ -570,6 +570,11 @@ pub struct PluginConfig {
     /// Most memory the plugin may have, MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u32,
+    /// A fresh instance, between calls, once its memory has grown past this many MiB
+    /// (below `memory_mib`); none by default. For guests whose collector lets the heap
+    /// grow toward the cap (JavaScript): the agent's memory stays bounded, with no fault.
+    #[serde(default)]
+    pub recycle_mib: Option<u32>,
     /// Size cap of its key-value store, KiB.
     #[serde(default = "default_state_kib")]
     pub state_kib: u32,
@@ -1216,6 +1221,17 @@ impl Validator {
                 self.err(
                     key("memory_mib"),
                     format!("{} is out of range; accepted: 1 to 4096", c.memory_mib),
+                );
+            }
+            if let Some(r) = c.recycle_mib
+                && !(1..c.memory_mib).contains(&r)
+            {
+                self.err(
+                    key("recycle_mib"),
+                    format!(
+                        "{r} is out of range; accepted: 1 to {} (below memory_mib, the cap it recycles ahead of)",
+                        c.memory_mib.saturating_sub(1)
+                    ),
                 );
             }
             if !(1..=10240).contains(&c.state_kib) {

@@ -7,7 +7,12 @@
 //! 2. Each limit is clamped into the GPU's effective bounds: the hardware's
 //!    [`PowerConstraints`](crate::gpu::PowerConstraints) narrowed by the operator's
 //!    `power.min_w`/`max_w` (per GPU or for all).
-//! 3. With a node budget, GPUs without a decision ask for their upper bound; GPUs that
+//! 3. A GPU no policy proposes for asks for its upper bound, the same with and without
+//!    a node budget: a limit a plugin set is released when every plugin stops proposing
+//!    for the GPU, not left in place for good. Without a budget, only a GPU whose limit
+//!    gpulet changed is released (once it is back at its upper bound it is only watched
+//!    again): a node without policies never has its limits touched.
+//!    With a node budget, GPUs that
 //!    are lost or cannot be controlled keep their last known limit, reserved out of the
 //!    budget, and so does a GPU that did not obey its last change (the set failed, or it
 //!    enforces something other than what was asked): the others share what is left as if
@@ -65,7 +70,13 @@ pub struct PowerGuard {
     /// When each GPU that disobeyed was last asked to change (at most once per
     /// [`PROBE_DISOBEYED_MS`], so one that keeps refusing costs one attempt, not one a tick).
     last_probe: Vec<Option<u64>>,
+    /// GPUs whose limit gpulet changed and has not yet released back to their upper bound
+    /// (rule 3, without a budget).
+    changed: Vec<bool>,
 }
+
+/// Why a GPU no policy proposes for asks for its upper bound (rule 3).
+pub const RELEASED: &str = "no policy proposes a limit for it: its upper bound";
 
 /// How often a GPU that disobeyed is asked again for its share (never above what it
 /// enforces).
@@ -150,6 +161,7 @@ impl PowerGuard {
             infeasible: false,
             disobeyed: vec![None; n],
             last_probe: vec![None; n],
+            changed: vec![false; n],
         })
     }
 
@@ -207,6 +219,9 @@ impl PowerGuard {
         let current: Vec<Option<f64>> =
             snap.samples.iter().map(|s| s.power_limit_w.value()).collect();
         let lost: Vec<bool> = snap.samples.iter().map(|s| s.health == Health::Lost).collect();
+        if self.budget_w.is_none() {
+            self.release(&mut desired, &current);
+        }
         for d in &mut self.disobeyed {
             if d.is_some_and(|since| snap.now_ms.saturating_sub(since) >= RETRY_DISOBEYED_MS) {
                 *d = None;
@@ -294,6 +309,22 @@ impl PowerGuard {
         changes
     }
 
+    /// Rule 3 without a budget: a GPU nothing proposes for whose limit gpulet changed
+    /// asks for its upper bound; one already there is only watched from now on.
+    fn release(&mut self, desired: &mut [Option<PowerDecision>], current: &[Option<f64>]) {
+        for (i, want) in desired.iter_mut().enumerate() {
+            if want.is_some() || !self.changed[i] {
+                continue;
+            }
+            let b = self.bounds[i];
+            if current[i].is_some_and(|c| (c - b.hi).abs() < 1e-3) {
+                self.changed[i] = false;
+            } else {
+                *want = Some(released(i, b));
+            }
+        }
+    }
+
     fn fit_budget(
         &mut self,
         budget: f64,
@@ -328,12 +359,7 @@ impl PowerGuard {
                 }
                 continue;
             }
-            let d = want.get_or_insert_with(|| PowerDecision {
-                gpu: i as u32,
-                limit_w: b.hi,
-                reason: "no policy limit: its share of the node budget".into(),
-                source: "guard".into(),
-            });
+            let d = want.get_or_insert_with(|| released(i, b));
             sum += d.limit_w;
             sum_lo += b.lo;
         }
@@ -371,6 +397,7 @@ impl PowerGuard {
     /// `enforced_w` (read back): a GPU enforcing something else did not obey.
     pub fn applied(&mut self, change: &Change, enforced_w: f64, now_ms: u64) {
         let i = change.gpu as usize;
+        self.changed[i] = true;
         if change.from_w.is_none_or(|from| change.to_w > from) {
             self.last_raise_ms[i] = Some(now_ms);
         }
@@ -397,6 +424,11 @@ impl PowerGuard {
     pub fn disobeyed(&self, gpu: u32) -> bool {
         self.disobeyed.get(gpu as usize).is_some_and(Option::is_some)
     }
+}
+
+/// What a GPU no policy proposes for asks (rule 3).
+fn released(i: usize, b: Bounds) -> PowerDecision {
+    PowerDecision { gpu: i as u32, limit_w: b.hi, reason: RELEASED.into(), source: "guard".into() }
 }
 
 #[cfg(test)]
@@ -448,6 +480,7 @@ mod tests {
         NodeSnapshot {
             seq: 0,
             ts_ms: 0,
+            utc_offset_s: 0,
             now_ms,
             inventory: inventory(limits.len() as u32).into(),
             samples,
@@ -508,6 +541,39 @@ mod tests {
         assert!(
             matches!(&ev[1], Event::DecisionRejected { gpu: 0, reason, .. } if reason.contains("not a number"))
         );
+    }
+
+    /// Rule 3: a cap a plugin set is released when it stops proposing, with or without
+    /// a budget; a node whose limits gpulet never changed is only watched.
+    #[test]
+    fn a_gpu_no_policy_proposes_for_asks_for_its_upper_bound_with_or_without_a_budget() {
+        for budget in ["", "budget_w = 5600"] {
+            let mut g = PowerGuard::new(&inventory(2), &power(budget)).unwrap();
+            let mut ev = Vec::new();
+            // GPU 1 was set to 450 W by hand before the agent: never touched.
+            let c = g.check(&snap(&[700.0, 450.0], 0), vec![decide(0, 300.0)], &mut ev);
+            let want: &[(u32, f64)] =
+                if budget.is_empty() { &[(0, 300.0)] } else { &[(0, 300.0), (1, 700.0)] };
+            assert_eq!(targets(&c), want, "{budget:?}");
+            for c in &c {
+                g.applied(c, c.to_w, 0);
+            }
+            let after = if budget.is_empty() { 450.0 } else { 700.0 };
+            // The plugin stops proposing: GPU 0 asks for its upper bound again.
+            let c = g.check(&snap(&[300.0, after], 1_000), vec![], &mut ev);
+            assert_eq!(targets(&c), [(0, 700.0)], "{budget:?}");
+            assert_eq!(c[0].source, "guard");
+            assert_eq!(c[0].reason, RELEASED);
+            g.applied(&c[0], 700.0, 1_000);
+            // Back at its upper bound: only watched, without a budget (a limit set by hand
+            // afterwards stays); with one, every GPU keeps asking for its share.
+            let c = g.check(&snap(&[700.0, after], 2_000), vec![], &mut ev);
+            assert!(c.is_empty(), "{budget:?}: {c:?}");
+            let c = g.check(&snap(&[400.0, after], 3_000), vec![], &mut ev);
+            let want: &[(u32, f64)] = if budget.is_empty() { &[] } else { &[(0, 700.0)] };
+            assert_eq!(targets(&c), want, "{budget:?}");
+            assert!(ev.is_empty());
+        }
     }
 
     #[test]

@@ -129,7 +129,9 @@ fn header(source: &Source, agent: &Agent, first: &Tick, sim: bool) -> Header {
 }
 
 fn tick_line(t: &Tick) -> TickLine {
-    let snapshot = SnapshotFile::from_wit(&to_wit(&t.snapshot));
+    let mut snapshot = SnapshotFile::from_wit(&to_wit(&t.snapshot));
+    snapshot.ts_ms = Some(t.snapshot.ts_ms);
+    snapshot.utc_offset_s = Some(t.snapshot.utc_offset_s);
     let changes: Vec<Change> = t
         .events
         .iter()

@@ -368,7 +368,11 @@ fn plugin_spec(p: &crate::config::PluginConfig, base_dir: &Path) -> PluginSpec {
         name: p.name.clone(),
         path: base_dir.join(&p.path),
         config: serde_json::to_string(&p.config).expect("a TOML table serialises as JSON"),
-        limits: Limits { deadline: p.deadline, memory_bytes: (p.memory_mib as usize) << 20 },
+        limits: Limits {
+            deadline: p.deadline,
+            memory_bytes: (p.memory_mib as usize) << 20,
+            recycle_bytes: p.recycle_mib.map(|m| (m as usize) << 20),
+        },
         grants: p.grants.clone(),
         state_bytes: (p.state_kib as usize) << 10,
     }

@@ -13,6 +13,8 @@ pub struct NodeSnapshot {
     pub seq: u64,
     /// Wall-clock time of the sample, milliseconds since the Unix epoch.
     pub ts_ms: u64,
+    /// The node's offset from UTC then, seconds east (`host.wall-clock` answers both).
+    pub utc_offset_s: i32,
     /// Monotonic milliseconds since the agent started: what policies should use for
     /// time, since it never jumps.
     pub now_ms: u64,

@@ -127,7 +127,7 @@ pub fn run(command: PluginCommand) -> Result<(), Error> {
                 .map_err(|e| ConfigErrors(vec![ConfigError::invalid("--snapshot", e)]))?;
             let (mut plugin, _) = dry_run::start(&file, &config, &snap.gpu_infos())?;
             let out = plugin
-                .decide(&wsnap, &snap.curves())
+                .decide(&wsnap, &snap.context())
                 .map_err(|f| Error::PluginCall(f.to_string()))?;
             if json {
                 let actions: Vec<_> = out

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::engine::PluginEngine;
-use super::host::PluginMetric;
+use super::host::{CallContext, PluginMetric};
 use super::kv::KvStore;
 use super::power::{Limits, PowerPlugin};
 use super::sandbox::FaultWindow;
@@ -101,6 +101,9 @@ pub struct PluginStatus {
     /// Reporter items refused since it was loaded (`plugin/reporters.rs`).
     #[serde(default)]
     pub refused: u64,
+    /// Instances replaced for having outgrown `recycle_mib`, since it was loaded.
+    #[serde(default)]
+    pub recycled: u64,
 }
 
 fn power_kind() -> String {
@@ -216,6 +219,7 @@ impl PolicyChain {
                 call_seconds: s.call_time.as_secs_f64(),
                 kind: power_kind(),
                 refused: 0,
+                recycled: s.plugin.as_ref().map_or(0, |p| p.recycled()),
             })
             .collect()
     }
@@ -430,6 +434,7 @@ impl Chain {
             return proposal.into_iter().flatten().collect();
         }
         let mut wsnap = to_wit(snap);
+        let cx = CallContext::of(snap);
         for slot in &mut self.slots {
             for (g, p) in wsnap.gpus.iter_mut().zip(&proposal) {
                 g.proposed_limit_w = p.as_ref().map(|d| d.limit_w);
@@ -438,7 +443,7 @@ impl Chain {
             let outcome = match (&mut slot.plugin, slot.quarantined) {
                 (Some(plugin), false) => {
                     let started = std::time::Instant::now();
-                    let out = plugin.decide(&wsnap, &snap.curves);
+                    let out = plugin.decide(&wsnap, &cx);
                     slot.calls += 1;
                     slot.call_time += started.elapsed();
                     Some(out)

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::engine::{LoadedComponent, PluginEngine};
-use super::host::Curves;
+use super::host::{CallContext, Curves, WallTime};
 use super::kv::KvStore;
 use super::power::{Limits, PowerPlugin};
 use super::world::{Instance, World};
@@ -151,6 +151,13 @@ pub struct SnapshotFile {
     pub seq: u64,
     #[serde(default)]
     pub now_ms: u64,
+    /// Wall-clock time of the snapshot, ms since the epoch, and the node's UTC offset
+    /// then (what `wall-clock` answers; absent: the time now, offset 0 if only the time
+    /// is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utc_offset_s: Option<i32>,
     pub budget_w: Option<f64>,
     pub gpus: Vec<GpuFile>,
 }
@@ -240,7 +247,14 @@ impl SnapshotFile {
                 curve: None,
             })
             .collect();
-        SnapshotFile { seq: s.seq, now_ms: s.now_ms, budget_w: s.budget_w, gpus }
+        SnapshotFile {
+            seq: s.seq,
+            now_ms: s.now_ms,
+            ts_ms: None,
+            utc_offset_s: None,
+            budget_w: s.budget_w,
+            gpus,
+        }
     }
 
     pub fn read(path: &Path) -> Result<SnapshotFile, String> {
@@ -290,6 +304,16 @@ impl SnapshotFile {
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(wit::Snapshot { seq: self.seq, now_ms: self.now_ms, budget_w: self.budget_w, gpus })
+    }
+
+    /// What `gpu-curve` and `wall-clock` answer on this snapshot.
+    pub fn context(&self) -> CallContext {
+        CallContext { curves: self.curves(), wall: self.wall() }
+    }
+
+    /// The snapshot's wall-clock time, if it has one.
+    pub fn wall(&self) -> Option<WallTime> {
+        self.ts_ms.map(|unix_ms| WallTime { unix_ms, utc_offset_s: self.utc_offset_s.unwrap_or(0) })
     }
 
     /// The GPUs' curves, for `gpu-curve`, at their GPUs' indices.

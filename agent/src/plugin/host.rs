@@ -34,13 +34,48 @@ pub struct HostState {
     pub(crate) dropped: u32,
     /// Time spent in this call's host imports.
     pub(crate) host_time: Duration,
-    /// The GPUs' work-per-watt curves of the snapshot being decided (none outside a
-    /// `decide-power` call).
-    pub(crate) curves: Curves,
+    /// What `gpu-curve` and `wall-clock` answer: the snapshot being decided's (none
+    /// outside a call on a snapshot).
+    pub(crate) cx: CallContext,
 }
 
 /// Each GPU's curve, as the snapshot carries it.
 pub type Curves = Arc<[Option<Arc<crate::calibration::Curve>>]>;
+
+/// What the host imports answer during one call on a snapshot: taken from the snapshot,
+/// so that a replay of it answers the same.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// The GPUs' work-per-watt curves (`gpu-curve`).
+    pub curves: Curves,
+    /// The snapshot's wall-clock time and UTC offset (`wall-clock`); `None`: the time now.
+    pub wall: Option<WallTime>,
+}
+
+impl CallContext {
+    /// The context of a snapshot the agent took.
+    pub fn of(snap: &crate::snapshot::NodeSnapshot) -> CallContext {
+        CallContext {
+            curves: snap.curves.clone(),
+            wall: Some(WallTime { unix_ms: snap.ts_ms, utc_offset_s: snap.utc_offset_s }),
+        }
+    }
+}
+
+/// A wall-clock time and the node's UTC offset then (`types.wall-time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WallTime {
+    pub unix_ms: u64,
+    pub utc_offset_s: i32,
+}
+
+impl WallTime {
+    pub fn now() -> WallTime {
+        use crate::clock::Clock;
+        let unix_ms = crate::clock::SystemClock::new().wall_ms();
+        WallTime { unix_ms, utc_offset_s: crate::clock::utc_offset_s(unix_ms) }
+    }
+}
 
 impl HostState {
     pub fn new(plugin: &str, memory_bytes: usize, kv: Arc<Mutex<KvStore>>) -> HostState {
@@ -55,20 +90,19 @@ impl HostState {
             plugin: plugin.to_owned(),
             wasi,
             table: ResourceTable::new(),
-            limits: MemoryCap { max_bytes: memory_bytes, denied: false },
+            limits: MemoryCap { max_bytes: memory_bytes, denied: false, largest: 0 },
             kv,
             metrics: Vec::new(),
             logs: 0,
             dropped: 0,
             host_time: Duration::ZERO,
-            curves: Arc::new([]),
+            cx: CallContext::default(),
         }
     }
 
-    /// Reset the per-call counters before a call on the snapshot whose curves are
-    /// `curves`.
-    pub(crate) fn begin_call(&mut self, curves: Curves) {
-        self.curves = curves;
+    /// Reset the per-call counters before a call on a snapshot whose context is `cx`.
+    pub(crate) fn begin_call(&mut self, cx: CallContext) {
+        self.cx = cx;
         self.logs = 0;
         self.dropped = 0;
         self.host_time = Duration::ZERO;
@@ -89,6 +123,8 @@ impl WasiView for HostState {
 pub struct MemoryCap {
     pub max_bytes: usize,
     pub denied: bool,
+    /// The largest size a memory of this instance has been given (`recycle_mib`).
+    pub largest: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
@@ -102,6 +138,7 @@ impl ResourceLimiter for MemoryCap {
             self.denied = true;
             return Ok(false);
         }
+        self.largest = self.largest.max(desired);
         Ok(true)
     }
 
@@ -199,7 +236,7 @@ impl host::Host for HostState {
     }
 
     fn gpu_curve(&mut self, gpu: u32) -> Option<Vec<types::CurvePoint>> {
-        let curve = self.curves.get(gpu as usize)?.as_ref()?;
+        let curve = self.cx.curves.get(gpu as usize)?.as_ref()?;
         Some(
             curve
                 .points
@@ -212,5 +249,10 @@ impl host::Host for HostState {
                 })
                 .collect(),
         )
+    }
+
+    fn wall_clock(&mut self) -> types::WallTime {
+        let w = self.cx.wall.unwrap_or_else(WallTime::now);
+        types::WallTime { unix_ms: w.unix_ms, utc_offset_s: w.utc_offset_s }
     }
 }

@@ -5,7 +5,7 @@ use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use super::bindings::{Power, PowerPre};
-use super::host::{Curves, HostState, PluginMetric};
+use super::host::{CallContext, HostState, PluginMetric};
 pub use super::sandbox::{Fault, Limits};
 use super::wit;
 use super::world::Instance;
@@ -29,15 +29,15 @@ pub type PowerPlugin = Instance<Power>;
 super::world::impl_world!(Power, PowerPre, "power");
 
 impl Instance<Power> {
-    /// Call `decide-power` on `snapshot`, whose GPUs' curves are `curves` (what
-    /// `gpu-curve` answers).
+    /// Call `decide-power` on `snapshot`, whose context is `cx` (what `gpu-curve` and
+    /// `wall-clock` answer).
     pub fn decide(
         &mut self,
         snapshot: &wit::Snapshot,
-        curves: &Curves,
+        cx: &CallContext,
     ) -> Result<CallOutput, Fault> {
         let (actions, side) = self.call(
-            curves,
+            cx,
             |b, s| b.call_decide_power(s, snapshot),
             |a: &Vec<wit::PowerAction>| (a.len() > MAX_ACTIONS).then_some((a.len(), MAX_ACTIONS)),
         )?;

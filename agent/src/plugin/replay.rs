@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::dry_run::{CurvePointFile, SnapshotFile};
-use super::host::Curves;
+use super::host::{CallContext, Curves, WallTime};
 use super::power::PowerPlugin;
 use super::wit;
 
@@ -67,6 +67,14 @@ pub struct TickLine {
     pub changes: Vec<Change>,
     /// Each GPU's limit after the tick (`None`: unknown).
     pub limits_w: Vec<Option<f64>>,
+}
+
+impl TickLine {
+    /// What `wall-clock` answers on this tick: its recorded time and UTC offset (0 in a
+    /// trace recorded before gpulet kept the offset).
+    pub fn wall(&self) -> WallTime {
+        self.snapshot.wall().unwrap_or(WallTime { unix_ms: self.ts_ms, utc_offset_s: 0 })
+    }
 }
 
 /// A limit the agent applied.
@@ -140,6 +148,8 @@ impl Trace {
         let as_file = SnapshotFile {
             seq: 0,
             now_ms: 0,
+            ts_ms: None,
+            utc_offset_s: None,
             budget_w: None,
             gpus: self
                 .header
@@ -210,7 +220,8 @@ pub fn replay(plugin: &mut PowerPlugin, trace: &Trace) -> Result<Vec<Replayed>, 
         .enumerate()
         .map(|(i, t)| {
             let snap = t.snapshot.to_wit().map_err(|e| format!("tick {}: {e}", i + 1))?;
-            Ok(match plugin.decide(&snap, &curves) {
+            let cx = CallContext { curves: curves.clone(), wall: Some(t.wall()) };
+            Ok(match plugin.decide(&snap, &cx) {
                 Ok(out) => Replayed { seq: snap.seq, actions: out.actions, fault: None },
                 Err(f) => {
                     Replayed { seq: snap.seq, actions: Vec::new(), fault: Some(f.to_string()) }

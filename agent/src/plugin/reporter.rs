@@ -6,7 +6,7 @@
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
-use super::host::{Curves, HostState};
+use super::host::{CallContext, HostState};
 use super::reporter_bindings::{Reporter, ReporterPre};
 use super::sandbox::{Fault, Side};
 use super::wit;
@@ -22,14 +22,14 @@ pub type ReporterPlugin = Instance<Reporter>;
 super::world::impl_world!(Reporter, ReporterPre, "reporter");
 
 impl Instance<Reporter> {
-    /// Call `report` on `snapshot`, whose GPUs' curves are `curves`.
+    /// Call `report` on `snapshot`, whose context is `cx`.
     pub fn report(
         &mut self,
         snapshot: &wit::Snapshot,
-        curves: &Curves,
+        cx: &CallContext,
     ) -> Result<(Vec<wit::ReportItem>, Side), Fault> {
         self.call(
-            curves,
+            cx,
             |b, s| b.call_report(s, snapshot),
             |items: &Vec<wit::ReportItem>| {
                 (items.len() > MAX_RETURNED).then_some((items.len(), MAX_RETURNED))

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use super::chain::{ChainSettings, PluginSpec, PluginStatus, to_wit};
 use super::engine::PluginEngine;
-use super::host::PluginMetric;
+use super::host::{CallContext, PluginMetric};
 use super::kv::KvStore;
 use super::reporter::ReporterPlugin;
 use super::sandbox::FaultWindow;
@@ -261,6 +261,7 @@ impl Reporters {
                 call_seconds: s.call_time.as_secs_f64(),
                 kind: "reporter".into(),
                 refused: s.refused,
+                recycled: s.plugin.as_ref().map_or(0, |p| p.recycled()),
             })
             .collect()
     }
@@ -304,7 +305,7 @@ impl Slot {
         let name = self.spec.name.clone();
         let Some(plugin) = self.plugin.as_mut().filter(|_| !self.quarantined) else { return };
         let started = std::time::Instant::now();
-        let outcome = plugin.report(wsnap, &snap.curves);
+        let outcome = plugin.report(wsnap, &CallContext::of(snap));
         self.calls += 1;
         self.call_time += started.elapsed();
         let (items, side) = match outcome {

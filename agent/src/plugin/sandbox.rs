@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use wasmtime::{Store, Trap};
 
 use super::engine::{CallGuard, EPOCH_PERIOD, PluginEngine, Ticker};
-use super::host::{Curves, HostState, PluginMetric};
+use super::host::{CallContext, HostState, PluginMetric};
 use super::kv::KvStore;
 
 /// Why a call produced no decisions.
@@ -79,11 +79,14 @@ impl std::fmt::Display for Fault {
 pub struct Limits {
     pub deadline: Duration,
     pub memory_bytes: usize,
+    /// A fresh instance, between calls, once a memory of the plugin's has grown past
+    /// this (`recycle_mib`): for guests whose collector lets the heap grow toward the cap.
+    pub recycle_bytes: Option<usize>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_millis(20), memory_bytes: 64 << 20 }
+        Limits { deadline: Duration::from_millis(20), memory_bytes: 64 << 20, recycle_bytes: None }
     }
 }
 
@@ -135,6 +138,11 @@ impl Sandbox {
         &self.limits
     }
 
+    /// Whether the instance behind `store` has grown past `recycle_mib`.
+    pub fn outgrown(&self, store: &Store<HostState>) -> bool {
+        self.limits.recycle_bytes.is_some_and(|r| store.data().limits.largest > r)
+    }
+
     fn deadline_ticks(&self) -> u64 {
         (self.limits.deadline.as_micros() / EPOCH_PERIOD.as_micros()).max(1) as u64
     }
@@ -153,17 +161,17 @@ impl Sandbox {
         store
     }
 
-    /// One call into the plugin (`f`) on `store`, on a snapshot whose GPUs' curves are
-    /// `curves`: under the deadline, timed (host work past the deadline is a fault),
+    /// One call into the plugin (`f`) on `store`, on a snapshot whose context (what
+    /// `gpu-curve` and `wall-clock` answer) is `cx`: under the deadline, timed (host work past the deadline is a fault),
     /// the key-value store saved after it, any failure classified. On `Err` the caller
     /// drops the store.
     pub fn call<R>(
         &self,
         store: &mut Store<HostState>,
-        curves: &Curves,
+        cx: &CallContext,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<(R, Side), Fault> {
-        store.data_mut().begin_call(curves.clone());
+        store.data_mut().begin_call(cx.clone());
         store.set_epoch_deadline(self.deadline_ticks());
         let started = Instant::now();
         let result = f(store);

@@ -38,7 +38,7 @@ impl Instance<JobScheduler> {
         let arg = to_input(snap, input, labels);
         let max = input.queue.len();
         let (decisions, side) = self.call(
-            &snap.curves,
+            &super::host::CallContext::of(snap),
             |b, s| b.call_schedule_jobs(s, &arg),
             |d: &Vec<w::Decision>| (d.len() > max).then_some((d.len(), max)),
         )?;

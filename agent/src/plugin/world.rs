@@ -10,7 +10,7 @@ use wasmtime::Store;
 use wasmtime::component::{Component, InstancePre};
 
 use super::engine::PluginEngine;
-use super::host::{Curves, HostState};
+use super::host::{CallContext, HostState};
 use super::kv::KvStore;
 use super::sandbox::{Fault, Limits, Sandbox, Side};
 use super::{API_VERSION, PluginError, wit};
@@ -86,6 +86,8 @@ pub struct Instance<W: World> {
     gpus: Vec<wit::GpuInfo>,
     pre: W::Pre,
     live: Option<(Store<HostState>, W)>,
+    /// Instances replaced for having outgrown `recycle_mib`.
+    recycled: u64,
 }
 
 impl<W: World> std::fmt::Debug for Instance<W> {
@@ -98,9 +100,9 @@ impl<W: World> std::fmt::Debug for Instance<W> {
     }
 }
 
-/// No curves: outside the world's decision call (`info`, `validate-config`, `init`).
-fn no_curves() -> Curves {
-    Arc::new([])
+/// No snapshot: outside the world's decision call (`info`, `validate-config`, `init`).
+fn no_snapshot() -> CallContext {
+    CallContext::default()
 }
 
 impl<W: World> Instance<W> {
@@ -140,12 +142,13 @@ impl<W: World> Instance<W> {
             gpus,
             pre,
             live: None,
+            recycled: 0,
         };
         let _calling = plugin.sandbox.calling();
         let (mut store, bindings) = plugin.instantiate().map_err(stage("instantiation"))?;
         let (info, _) = plugin
             .sandbox
-            .call(&mut store, &no_curves(), |s| bindings.info(s))
+            .call(&mut store, &no_snapshot(), |s| bindings.info(s))
             .map_err(|f| stage("info")(f.to_string()))?;
         if major_minor(&info.api_version) != major_minor(API_VERSION) {
             return Err(PluginError::ApiVersion { plugin: shown, found: info.api_version });
@@ -153,7 +156,7 @@ impl<W: World> Instance<W> {
         let config = plugin.config.clone();
         let (verdict, _) = plugin
             .sandbox
-            .call(&mut store, &no_curves(), |s| bindings.validate_config(s, &config))
+            .call(&mut store, &no_snapshot(), |s| bindings.validate_config(s, &config))
             .map_err(|f| stage("validate-config")(f.to_string()))?;
         if let Err(errors) = verdict {
             let errors = errors
@@ -187,18 +190,18 @@ impl<W: World> Instance<W> {
     fn init(&self, store: &mut Store<HostState>, bindings: &W) -> Result<(), String> {
         let (r, _) = self
             .sandbox
-            .call(store, &no_curves(), |s| bindings.init(s, &self.config, &self.gpus))
+            .call(store, &no_snapshot(), |s| bindings.init(s, &self.config, &self.gpus))
             .map_err(|f| f.to_string())?;
         r
     }
 
     /// Call the world's export (`f`) on the live instance (a fresh one if a fault dropped
-    /// the last), with `curves` for `gpu-curve`. A result that `too_many` finds too long
+    /// the last), with `cx` for `gpu-curve` and `wall-clock`. A result that `too_many` finds too long
     /// (`Some((returned, max))`) is a fault too. On a fault the instance is dropped; the
     /// next call starts a fresh one.
     pub fn call<R>(
         &mut self,
-        curves: &Curves,
+        cx: &CallContext,
         f: impl FnOnce(&W, &mut Store<HostState>) -> wasmtime::Result<R>,
         too_many: impl FnOnce(&R) -> Option<(usize, usize)>,
     ) -> Result<(R, Side), Fault> {
@@ -209,15 +212,29 @@ impl<W: World> Instance<W> {
             self.live = Some((store, bindings));
         }
         let (store, bindings) = self.live.as_mut().expect("just made");
-        let fault = match self.sandbox.call(store, curves, |s| f(bindings, s)) {
+        let fault = match self.sandbox.call(store, cx, |s| f(bindings, s)) {
             Ok((r, _)) if let Some((returned, max)) = too_many(&r) => {
                 Fault::Output { returned, max }
             }
-            Ok(done) => return Ok(done),
+            Ok(done) => {
+                // Dropped now, between calls and not as a fault: its memory goes back to
+                // the system at once, and the next call starts a fresh instance.
+                if self.sandbox.outgrown(store) {
+                    self.live = None;
+                    self.recycled += 1;
+                    tracing::debug!(plugin = %self.name(), recycled = self.recycled, "past recycle_mib: a fresh instance for the next call");
+                }
+                return Ok(done);
+            }
             Err(f) => f,
         };
         self.live = None;
         Err(fault)
+    }
+
+    /// Instances replaced for having outgrown `recycle_mib`, since it was started.
+    pub fn recycled(&self) -> u64 {
+        self.recycled
     }
 
     /// Drop the live instance: the next call starts a fresh one.

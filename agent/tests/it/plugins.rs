@@ -288,10 +288,20 @@ fn the_compile_cache_survives_restart_and_rejects_tampered_entries() {
         "and the rebuilt entry is good"
     );
 
-    std::fs::write(&entry, b"GPULETCW1\nshort").unwrap(); // truncated
+    std::fs::write(&entry, b"short").unwrap(); // truncated
     assert_eq!(
         PluginEngine::new(Some(&cache)).unwrap().load(path).unwrap().source,
         Source::Rebuilt
+    );
+    std::fs::remove_file(entry.with_extension("sha256")).unwrap(); // its digest lost
+    assert_eq!(
+        PluginEngine::new(Some(&cache)).unwrap().load(path).unwrap().source,
+        Source::Rebuilt
+    );
+    assert_eq!(
+        PluginEngine::new(Some(&cache)).unwrap().load(path).unwrap().source,
+        Source::Cached,
+        "and the entry is mapped from the cache again"
     );
 
     // A directory others can write to is not trusted at all.
@@ -322,6 +332,71 @@ fn a_component_importing_anything_else_is_refused_naming_the_import() {
         ),
         "{err}"
     );
+}
+
+/// A plugin whose heap only grows (1 MiB a call, as a JavaScript heap whose collector
+/// has not run) is given a fresh instance between calls once past `recycle_mib`: no
+/// fault, no quarantine, the memory handed back. Without it, the cap stops it.
+#[test]
+fn a_plugin_past_recycle_mib_gets_a_fresh_instance_without_a_fault() {
+    let run = |recycle: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = format!("{}memory_mib = 8\n{recycle}", fixture("leak", "[]"));
+        let mut h = with_plugin(dir.path(), &entry, "max_failures = 100");
+        let mut held = Vec::new();
+        let mut faulted = Vec::new();
+        for _ in 0..12 {
+            let t = tick(&mut h);
+            faulted.extend(faults(&t.events));
+            held.extend(t.metrics.iter().map(|m| m.value as u32));
+        }
+        let status = h.agent.status().plugins.remove(0);
+        (held, faulted, status.recycled)
+    };
+    let (held, faulted, recycled) = run("recycle_mib = 4\n");
+    assert!(faulted.is_empty(), "{faulted:?}");
+    assert!(recycled >= 2, "{recycled} recycles: {held:?}");
+    assert!(held.iter().all(|&m| m <= 4), "never past 4 MiB held: {held:?}");
+    assert!(held.windows(2).any(|w| w[1] < w[0]), "a fresh instance starts over: {held:?}");
+
+    let (held, faulted, recycled) = run("");
+    assert_eq!(recycled, 0);
+    assert!(faulted.contains(&"memory"), "without it the cap stops it: {faulted:?} {held:?}");
+}
+
+/// A running plugin's code is mapped from the cache; an entry truncated or rewritten in
+/// place (an operator's `truncate`, a full disk) must not reach it: a mapped file cut
+/// short kills the process that touches it (SIGBUS, which would end this test binary).
+#[test]
+fn an_entry_truncated_in_place_under_a_running_plugin_does_not_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(with_plugin(dir.path(), &fixture("count", "[]"), "")); // fills the cache
+    let mut h = with_plugin(dir.path(), &fixture("count", "[]"), "");
+    assert_eq!(tick(&mut h).metrics.len(), 1);
+    for entry in std::fs::read_dir(dir.path().join("cache")).unwrap() {
+        let entry = entry.unwrap().path();
+        std::fs::OpenOptions::new().write(true).open(&entry).unwrap().set_len(0).unwrap();
+    }
+    for _ in 0..3 {
+        let t = tick(&mut h);
+        assert!(faults(&t.events).is_empty(), "{:?}", t.events);
+        assert_eq!(t.metrics.len(), 1, "{:?}", t.events);
+    }
+}
+
+/// `host.wall-clock` in the agent: the tick's wall time (its telemetry `ts_ms`) and the
+/// node's UTC offset then.
+#[test]
+fn the_wall_clock_answers_the_snapshots_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = with_plugin(dir.path(), &fixture("clock", "[\"lower\"]"), "");
+    for _ in 0..2 {
+        let t = tick(&mut h);
+        let m: Vec<(String, f64)> = t.metrics.iter().map(|m| (m.name.clone(), m.value)).collect();
+        let ts = t.snapshot.ts_ms;
+        let offset = gpulet::clock::utc_offset_s(ts);
+        assert_eq!(m, [("unix_ms".into(), ts as f64), ("utc_offset_s".into(), f64::from(offset))]);
+    }
 }
 
 #[test]

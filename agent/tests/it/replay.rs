@@ -150,3 +150,39 @@ fn a_trace_that_is_not_one_is_refused_naming_the_line() {
     let err = refused(&write(&lines), &["--sim"]);
     assert!(err.contains("not a simulator recording"), "{err}");
 }
+
+/// `host.wall-clock` answers from the snapshot: in the agent, its time and the node's
+/// UTC offset (a POSIX `TZ`, three hours east); in a replay, what was recorded, whatever
+/// the replaying machine's time zone and clock say.
+#[test]
+fn the_wall_clock_is_the_snapshots_recorded_and_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("tz.trace").display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["record", "--out", &trace, "--ticks", "5"])
+        .env("TZ", "XYZ-3")
+        .output()
+        .unwrap();
+    ok(&out);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let ticks: Vec<Value> =
+        text.lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    for t in &ticks {
+        assert_eq!(t["snapshot"]["utc_offset_s"], 10_800, "{t}");
+        assert_eq!(t["snapshot"]["ts_ms"], t["ts_ms"], "{t}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["plugin", "replay", gpulet_plugin_artifacts::FIXTURE, "--trace", &trace])
+        .args(["--config", r#"{"mode": "clock"}"#, "--json"])
+        .env("TZ", "UTC0")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(&ok(&out)).unwrap();
+    let replayed = v["ticks"].as_array().unwrap();
+    assert_eq!(replayed.len(), ticks.len());
+    for (r, t) in replayed.iter().zip(&ticks) {
+        let want = format!("wall {} offset 10800", t["ts_ms"]);
+        assert_eq!(r["actions"][0]["reason"], want.as_str(), "{r}");
+    }
+}

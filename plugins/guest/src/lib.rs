@@ -1,5 +1,5 @@
 //! What a Rust policy plugin needs: the bindings of the `power` and `reporter` worlds of
-//! `wit/v0.1.1` (generated here once, exported by each plugin with
+//! `wit/v0.1.2` (generated here once, exported by each plugin with
 //! `gpulet_guest::export_power!(MyPlugin)` or `gpulet_guest::export_reporter!(MyPlugin)`;
 //! the two share one set of types), the host imports, and helpers for the boring parts:
 //! strict JSON config with paths in the errors, and the snapshot's GPUs as the plain
@@ -10,7 +10,7 @@
 /// The `power` world's bindings.
 pub mod power {
     wit_bindgen::generate!({
-        path: "../../wit/v0.1.1",
+        path: "../../wit/v0.1.2",
         world: "power",
         pub_export_macro: true,
         export_macro_name: "export_power",
@@ -21,11 +21,11 @@ pub mod power {
 /// The `reporter` world's bindings, on the `power` world's types and host imports.
 pub mod reporter {
     wit_bindgen::generate!({
-        path: "../../wit/v0.1.1",
+        path: "../../wit/v0.1.2",
         world: "reporter",
         with: {
-            "gpulet:policy/types@0.1.1": crate::power::gpulet::policy::types,
-            "gpulet:policy/host@0.1.1": crate::power::gpulet::policy::host,
+            "gpulet:policy/types@0.1.2": crate::power::gpulet::policy::types,
+            "gpulet:policy/host@0.1.2": crate::power::gpulet::policy::host,
         },
         pub_export_macro: true,
         export_macro_name: "export_reporter",
