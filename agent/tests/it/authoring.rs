@@ -11,6 +11,10 @@ use crate::repo;
 /// build's flags, a target directory shared by the three projects and kept between runs
 /// (the first build compiles wit-bindgen; later ones are incremental). `--offline`: what
 /// it needs (wit-bindgen, serde) is what the workspace itself built with.
+fn gpulet(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gpulet")).args(args).output().unwrap()
+}
+
 fn cargo(dir: &Path, args: &[&str]) {
     let toolchain = std::fs::read_to_string(repo().join("rust-toolchain.toml")).unwrap();
     let channel = toolchain
@@ -43,11 +47,55 @@ fn cargo(dir: &Path, args: &[&str]) {
     );
 }
 
+/// The Python and JavaScript projects are the examples made the author's: their name,
+/// and a build pointed at the WIT copied into the project, not at a gpulet checkout.
+/// (`tests/it/languages.rs` builds them and runs them in the agent.)
+#[test]
+fn plugin_new_in_python_and_javascript_makes_the_example_the_authors() {
+    let root = tempfile::tempdir().unwrap();
+    for (lang, files) in [
+        ("python", &["app.py", "test_app.py", "build.sh", ".gitignore", "README.md"][..]),
+        (
+            "js",
+            &[
+                "policy.js",
+                "policy.test.js",
+                "component.js",
+                "package.json",
+                "package-lock.json",
+                "build.sh",
+                ".gitignore",
+                "README.md",
+            ][..],
+        ),
+    ] {
+        let dir = root.path().join(lang);
+        let out =
+            gpulet(&["plugin", "new", "night-cap", "--lang", lang, "--dir", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for f in files.iter().chain(&["wit/policy.wit"]) {
+            assert!(dir.join(f).is_file(), "{lang}: {f}");
+        }
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let build = read("build.sh");
+        assert!(!build.contains("../../wit") && build.contains("$here/wit"), "{lang}: {build}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("build.sh")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111, "{lang}: build.sh is executable");
+        assert!(read("README.md").contains("name = \"night-cap\""), "{lang}: the deploy snippet");
+        if lang == "python" {
+            assert!(read("app.py").contains("NAME = \"night-cap\""));
+        } else {
+            assert!(read("component.js").contains("name: 'night-cap'"));
+            assert!(read("package.json").contains("\"gpulet-night-cap\""));
+            assert!(!read("package-lock.json").contains("js-idle-saver"));
+        }
+    }
+}
+
 #[test]
 fn plugin_new_makes_a_project_of_each_kind_that_tests_builds_and_loads() {
     let root = tempfile::tempdir().unwrap();
-    let gpulet =
-        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_gpulet")).args(args).output().unwrap();
     for (kind, world) in
         [("power", "power"), ("scheduler", "job-scheduler"), ("reporter", "reporter")]
     {
@@ -80,4 +128,19 @@ fn plugin_new_makes_a_project_of_each_kind_that_tests_builds_and_loads() {
         gpulet(&["plugin", "new", "My_Policy", "--dir", root.path().join("x").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a plugin name"));
+    let out = gpulet(&[
+        "plugin",
+        "new",
+        "py-sched",
+        "--kind",
+        "scheduler",
+        "--lang",
+        "python",
+        "--dir",
+        root.path().join("y").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scheduler plugins are made in rust for now; accepted"), "{err}");
+    assert!(!root.path().join("y").exists(), "nothing written");
 }

@@ -1,7 +1,9 @@
-//! Policies in other languages, built from source as their authors build them and run
-//! by `gpulet run` on the simulator: `examples/python-policy` (componentize-py) and
-//! `examples/js-policy` (componentize-js). Their toolchains are pinned by their build
-//! scripts and installed by `.ci/test`; a missing one fails loudly, naming the fix.
+//! Policies in other languages, as their authors make them: a project from `gpulet
+//! plugin new --lang python|js` (made from `examples/python-policy` and
+//! `examples/js-policy`), its native tests, its build (componentize-py, componentize-js),
+//! `plugin check`, and a run by `gpulet run` on the simulator. Their toolchains are
+//! pinned by the build scripts and installed by `.ci/test`; a missing one fails loudly,
+//! naming the fix.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +18,20 @@ fn work(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("languages").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A fresh project from `gpulet plugin new NAME --lang LANG`, in `dir`.
+fn new_project(dir: &Path, name: &str, lang: &str) -> PathBuf {
+    let project = dir.join(name);
+    let _ = std::fs::remove_dir_all(&project);
+    run(
+        Command::new(env!("CARGO_BIN_EXE_gpulet"))
+            .args(["plugin", "new", name, "--lang", lang, "--dir"])
+            .arg(&project),
+        "gpulet plugin new",
+    );
+    assert!(project.join("wit/policy.wit").exists());
+    project
 }
 
 fn run(c: &mut Command, what: &str) -> String {
@@ -69,13 +85,19 @@ fn run_in_agent(wasm: &Path, dir: &Path) -> (Vec<Value>, Vec<f64>) {
 }
 
 /// The idle GPUs parked at their lowest limit (100 W on an L40S) with the policy's
-/// reason, the busy ones at their highest (350 W).
+/// reason, the busy ones at their highest (350 W), unless the simulated training's
+/// checkpoint stall (4 s a minute, at a random phase, on the wall clock the run started
+/// at) had a busy GPU idle at the end: then it is parked, with the policy's reason.
 fn check_limits((changes, limits): (Vec<Value>, Vec<f64>)) {
-    assert_eq!(limits, [350.0, 350.0, 100.0, 100.0], "{changes:#?}");
-    for gpu in [2, 3] {
-        let parked = changes.iter().rev().find(|e| e["gpu"] == gpu).unwrap();
-        assert!(parked["reason"].as_str().unwrap().starts_with("idle ("), "{parked}");
+    let last = |gpu: u64| changes.iter().rev().find(|e| e["gpu"] == gpu);
+    let parked =
+        |gpu: u64| last(gpu).is_some_and(|e| e["reason"].as_str().unwrap().starts_with("idle ("));
+    for gpu in [0, 1] {
+        let w = limits[gpu as usize];
+        assert!(w == 350.0 || (w == 100.0 && parked(gpu)), "GPU {gpu}: {limits:?} {changes:#?}");
     }
+    assert_eq!(limits[2..], [100.0, 100.0], "{changes:#?}");
+    assert!(parked(2) && parked(3), "{changes:#?}");
 }
 
 #[test]
@@ -86,17 +108,25 @@ fn a_python_policy_builds_and_runs_in_the_agent() {
         "\n*** {} is missing: .ci/test makes it (python3 -m venv target/py) ***\n",
         venv.display()
     );
-    let example = repo().join("examples/python-policy");
+    let dir = work("python");
+    let project = new_project(&dir, "py-policy", "python");
     // Its logic, natively.
     run(
-        Command::new(venv.join("bin/python")).args(["-m", "unittest", "-q"]).current_dir(&example),
+        Command::new(venv.join("bin/python")).args(["-m", "unittest", "-q"]).current_dir(&project),
         "the Python unit tests",
     );
-    let dir = work("python");
     run(
-        Command::new(example.join("build.sh")).env("VENV", &venv).env("OUT", &dir),
-        "examples/python-policy/build.sh",
+        Command::new(project.join("build.sh")).env("VENV", &venv).env("OUT", &dir),
+        "the project's build.sh",
     );
+    let out = run(
+        Command::new(env!("CARGO_BIN_EXE_gpulet"))
+            .args(["plugin", "check"])
+            .arg(dir.join("policy.wasm"))
+            .env("XDG_CACHE_HOME", dir.join("xdg")),
+        "gpulet plugin check",
+    );
+    assert!(out.contains("py-policy") && out.contains("(power plugin, API 0.1.2)"), "{out}");
     check_limits(run_in_agent(&dir.join("policy.wasm"), &dir));
 }
 
@@ -107,12 +137,12 @@ fn a_javascript_policy_builds_and_runs_in_the_agent() {
         node.is_ok_and(|o| o.status.success()),
         "\n*** Node.js is missing: the JavaScript policy needs node (20 or newer) and npm ***\n"
     );
-    let example = repo().join("examples/js-policy");
     let dir = work("js");
-    // The build installs the pinned packages (npm ci) the first time.
-    run(Command::new(example.join("build.sh")).env("OUT", &dir), "examples/js-policy/build.sh");
+    let project = new_project(&dir, "js-policy", "js");
+    // The build installs the pinned packages (npm ci).
+    run(Command::new(project.join("build.sh")).env("OUT", &dir), "the project's build.sh");
     run(
-        Command::new("node").args(["--test", "policy.test.js"]).current_dir(&example),
+        Command::new("node").args(["--test", "policy.test.js"]).current_dir(&project),
         "the JavaScript unit tests",
     );
     // No wasi:http, and nothing else the host refuses.
@@ -123,6 +153,11 @@ fn a_javascript_policy_builds_and_runs_in_the_agent() {
             .env("XDG_CACHE_HOME", dir.join("xdg")),
         "gpulet plugin check",
     );
-    assert!(out.contains("(power plugin, API 0.1.2)") && !out.contains("wasi:http"), "{out}");
+    assert!(
+        out.contains("js-policy")
+            && out.contains("(power plugin, API 0.1.2)")
+            && !out.contains("wasi:http"),
+        "{out}"
+    );
     check_limits(run_in_agent(&dir.join("policy.wasm"), &dir));
 }

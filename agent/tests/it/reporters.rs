@@ -1,7 +1,8 @@
 //! Reporter plugins in `gpulet run` (its process, runtime and threads), against a real
 //! Mosquitto: what a reporter returns reaches the telemetry record, `events/plugin` and
 //! `/metrics`, tagged with its name; what breaks the host's bounds is refused, counted
-//! and reported once; a reporter that faults is quarantined and costs nothing else.
+//! and reported once; a reporter that faults (a trap, a loop, a memory bomb, too much
+//! output) is quarantined and costs nothing else, and one that does not load stays off.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,6 +34,13 @@ fn reporters_reach_mqtt_and_metrics_and_a_misbehaving_one_is_contained() {
     {
         extra += &reporter(name, mode);
     }
+    extra += &format!("{}deadline = \"20ms\"\n", reporter("loop", "loop"));
+    // (The deadline is generous so that the cap, not the clock, stops it on a busy machine.)
+    extra += &format!("{}memory_mib = 16\ndeadline = \"500ms\"\n", reporter("alloc", "alloc"));
+    // A reporter that is not a component: refused at load, the agent runs without it.
+    let junk = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(junk.path(), b"not a component").unwrap();
+    extra += &format!("[[reporter]]\nname = \"junk\"\npath = {:?}\n", junk.path());
     let a = Agent::start_ticking("100ms", &extra, true);
     c.wait(Duration::from_secs(20), "30 records", |g| {
         g.iter().filter(|m| m.topic.ends_with("/telemetry")).count() >= 30
@@ -99,9 +107,12 @@ fn reporters_reach_mqtt_and_metrics_and_a_misbehaving_one_is_contained() {
     .collect();
     assert_eq!(refused, expected);
 
-    // `trap` and `huge` fault, are quarantined after 3 faults, and nothing else notices.
+    // `trap`, `huge`, `loop` and `alloc` fault, are quarantined after 3 faults, and
+    // nothing else notices.
     let faults = c.on("/events/plugin-fault");
-    for (name, fault) in [("trap", "trap"), ("huge", "output")] {
+    for (name, fault) in
+        [("trap", "trap"), ("huge", "output"), ("loop", "timeout"), ("alloc", "memory")]
+    {
         let mine: Vec<&Value> = faults.iter().filter(|f| f["plugin"] == name).collect();
         assert_eq!(mine.len(), 3, "{name}: {mine:?}");
         assert!(mine.iter().all(|f| f["fault"] == fault), "{mine:?}");
@@ -111,7 +122,7 @@ fn reporters_reach_mqtt_and_metrics_and_a_misbehaving_one_is_contained() {
     assert!(records.len() >= 30, "the agent ticked on");
     // A reporter has no path to a limit.
     let limits = c.on("/events/limit-changed");
-    let reporters = ["anomaly", "fine", "bad", "flood", "trap", "huge"];
+    let reporters = ["anomaly", "fine", "bad", "flood", "trap", "huge", "loop", "alloc"];
     assert!(!limits.is_empty(), "the budget's limits were set");
     assert!(
         limits.iter().all(|l| !reporters.contains(&l["source"].as_str().unwrap())),
@@ -126,6 +137,11 @@ fn reporters_reach_mqtt_and_metrics_and_a_misbehaving_one_is_contained() {
     assert_eq!(by_name("trap")["quarantined"], true);
     assert!(by_name("bad")["refused"].as_u64().unwrap() >= 4, "{}", by_name("bad"));
     assert_eq!(by_name("anomaly")["running"], true, "{}", by_name("anomaly"));
+    let junk = by_name("junk");
+    assert_eq!(junk["running"], false, "{junk}");
+    assert!(junk["error"].as_str().is_some_and(|e| !e.is_empty()), "{junk}");
+    let failed = c.on("/events/plugin-load-failed");
+    assert!(failed.iter().any(|f| f["plugin"] == "junk"), "{failed:?}");
     // `/metrics`: the last tick's plugin metrics and the refusals.
     assert!(
         scrape.contains("gpulet_plugin_metric{plugin=\"fine\",name=\"fixture.ticks\"}"),

@@ -11,6 +11,8 @@
 //! | `flood` | 1,000 valid metrics and 100 valid events a tick |
 //! | `huge` | 5,000 metrics: past what a call may return (a fault) |
 //! | `trap` | panics |
+//! | `loop` | never returns (stopped at its deadline) |
+//! | `alloc` | allocates until its memory cap stops it |
 
 use gpulet_guest::{
     ConfigError, GpuInfo, Metric, PluginInfo, ReportEvent, ReportItem, ReporterGuest, Snapshot,
@@ -69,6 +71,18 @@ impl ReporterGuest for Plugin {
                 .collect(),
             "huge" => (0..5000).map(|k| metric("fixture.huge", f64::from(k), None)).collect(),
             "trap" => panic!("the fixture reporter traps on request"),
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(std::hint::black_box(vec![1u8; 1 << 20]));
+                }
+            }
             _ => {
                 let mut items: Vec<ReportItem> = snapshot
                     .gpus
