@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 
 use clap::Args as ClapArgs;
 use gpulet::error::Error;
+use gpulet::plugin::PluginError;
 use gpulet::plugin::dry_run;
 use gpulet::plugin::replay::{self, Replayed, Summary, Trace};
+use gpulet::plugin::reporter_bindings::Reporter;
+use gpulet::plugin::wit::ReportItem;
 use gpulet::record::{self, Outcome, Source};
 use serde_json::json;
 
@@ -60,7 +63,14 @@ pub fn replay(
     sim: bool,
 ) -> Result<(), Error> {
     let t = read(trace)?;
-    let replayed = run(plugin, config, &t)?;
+    let replayed = match dry_run::start(plugin, config, &t.gpu_infos()) {
+        Ok((mut p, _)) => replay::replay(&mut p, &t).map_err(Error::Command)?,
+        // Not a power plugin: a reporter is replayed for what it would have reported.
+        Err(PluginError::WrongWorld { .. }) => {
+            return replay_reporter(plugin, &t, config, json, sim);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let summary = replay::summary(&t, &replayed);
     let closed = if sim {
         Some((record::closed_loop(&t, None)?, record::closed_loop(&t, Some((plugin, config)))?))
@@ -101,6 +111,67 @@ pub fn replay(
     show_summary(&summary);
     if let Some((recorded, plugin)) = closed {
         show_closed_loop(&t, &recorded, &plugin);
+    }
+    Ok(())
+}
+
+/// `plugin replay` of a reporter: what it would have reported at each tick (before the
+/// host's bounds), and how much of it.
+fn replay_reporter(
+    plugin: &Path,
+    t: &Trace,
+    config: &str,
+    json: bool,
+    sim: bool,
+) -> Result<(), Error> {
+    if sim {
+        return Err(Error::Command(
+            "--sim runs the node again with a power plugin in charge; a reporter changes no \
+             limit, so there is nothing to run again: replay it without --sim"
+                .into(),
+        ));
+    }
+    let (mut p, _) = dry_run::start_as::<Reporter>(plugin, config, &t.gpu_infos(), "reporter")?;
+    let reported = replay::report_all(&mut p, t).map_err(Error::Command)?;
+    let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
+    let (mut metrics, mut faults) = (0, 0);
+    let mut ticks = Vec::new();
+    for r in &reported {
+        faults += usize::from(r.fault.is_some());
+        if let Some(f) = &r.fault
+            && !json
+        {
+            println!("seq {}: the plugin {f}", r.seq);
+        }
+        let (mut ms, mut es) = (Vec::new(), Vec::new());
+        for item in &r.items {
+            match item {
+                ReportItem::Metric(m) => {
+                    metrics += 1;
+                    ms.push(json!({"name": m.name, "value": m.value, "gpu": m.gpu}));
+                }
+                ReportItem::Event(e) => {
+                    *by_kind.entry(e.kind.clone()).or_default() += 1;
+                    if !json {
+                        let gpu = e.gpu.map_or(String::new(), |g| format!("GPU {g} "));
+                        println!("seq {}: {gpu}{}: {}", r.seq, e.kind, e.message);
+                    }
+                    es.push(json!({"kind": e.kind, "message": e.message, "gpu": e.gpu}));
+                }
+            }
+        }
+        ticks.push(json!({"seq": r.seq, "metrics": ms, "events": es, "fault": r.fault}));
+    }
+    let events: usize = by_kind.values().sum();
+    if json {
+        let summary = json!({"ticks": reported.len(), "metrics": metrics, "events": events,
+            "events_by_kind": by_kind, "faults": faults});
+        println!("{}", json!({"kind": "reporter", "ticks": ticks, "summary": summary}));
+        return Ok(());
+    }
+    println!("{} ticks: {metrics} metrics, {events} events, {faults} faults", reported.len());
+    for (kind, n) in &by_kind {
+        println!("  {kind}: {n}");
     }
     Ok(())
 }

@@ -108,18 +108,27 @@ pub fn user_cache_dir() -> Option<std::path::PathBuf> {
     Some(dir)
 }
 
-/// Load and start a power plugin with `config` (JSON); `gpus` is the number of GPUs to
-/// tell it about in `init`.
+/// Load and start a power plugin with `config` (JSON); `gpus` are what `init` is told.
 pub fn start(
     path: &Path,
     config: &str,
     gpus: &[wit::GpuInfo],
 ) -> Result<(PowerPlugin, Report), PluginError> {
+    start_as(path, config, gpus, "power")
+}
+
+/// Load and start a plugin of world `W` (`kind` names it in the report).
+pub fn start_as<W: World>(
+    path: &Path,
+    config: &str,
+    gpus: &[wit::GpuInfo],
+    kind: &'static str,
+) -> Result<(Instance<W>, Report), PluginError> {
     let engine = author_engine()?;
     let loaded = engine.load(path)?;
     let name = name_of(path);
     let kv = Arc::new(Mutex::new(KvStore::in_memory(64 << 10)));
-    let plugin = PowerPlugin::start(
+    let plugin = Instance::<W>::start(
         &engine,
         &name,
         loaded.component,
@@ -133,7 +142,7 @@ pub fn start(
         name: info.name,
         version: info.version,
         api_version: info.api_version,
-        kind: "power",
+        kind,
         compile_ms: loaded.load_time.as_secs_f64() * 1000.0,
         cached: loaded.source == super::cache::Source::Cached,
         imports: loaded.imports,

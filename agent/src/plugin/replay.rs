@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::dry_run::{CurvePointFile, SnapshotFile};
 use super::host::{CallContext, Curves, WallTime};
 use super::power::PowerPlugin;
+use super::reporter::ReporterPlugin;
 use super::wit;
 
 /// What the first line says a trace is.
@@ -226,6 +227,35 @@ pub fn replay(plugin: &mut PowerPlugin, trace: &Trace) -> Result<Vec<Replayed>, 
                 Err(f) => {
                     Replayed { seq: snap.seq, actions: Vec::new(), fault: Some(f.to_string()) }
                 }
+            })
+        })
+        .collect()
+}
+
+/// What a reporter returned at one tick of a trace.
+#[derive(Debug, Clone)]
+pub struct Reported {
+    pub seq: u64,
+    /// As the plugin returned them, before the host's bounds (names, items per tick,
+    /// event rate: `docs/plugins.md`, "Reporters") keep or refuse them.
+    pub items: Vec<wit::ReportItem>,
+    pub fault: Option<String>,
+}
+
+/// Run reporter `plugin` over every tick of `trace` (a fault is recorded and the next
+/// tick gets a fresh instance, as in the agent).
+pub fn report_all(plugin: &mut ReporterPlugin, trace: &Trace) -> Result<Vec<Reported>, String> {
+    let curves = trace.curves();
+    trace
+        .ticks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let snap = t.snapshot.to_wit().map_err(|e| format!("tick {}: {e}", i + 1))?;
+            let cx = CallContext { curves: curves.clone(), wall: Some(t.wall()) };
+            Ok(match plugin.report(&snap, &cx) {
+                Ok((items, _)) => Reported { seq: snap.seq, items, fault: None },
+                Err(f) => Reported { seq: snap.seq, items: Vec::new(), fault: Some(f.to_string()) },
             })
         })
         .collect()

@@ -249,7 +249,7 @@ fn plugin_check_and_run_for_authors() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let report = text(&out.stdout);
     assert!(
-        report.contains("power-budget 0.1.0 (power plugin, API 0.1.1)")
+        report.contains("power-budget 0.1.0 (power plugin, API 0.1.2)")
             && report.contains("wasi:cli/stdout"),
         "{report}"
     );

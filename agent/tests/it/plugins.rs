@@ -442,7 +442,7 @@ fn power_plugins_get_the_calibrated_curves_and_0_1_0_plugins_still_run() {
         [("curve.points".into(), 4.0, Some(0)), ("curve.relative_min".into(), lowest, Some(0))]
     );
 
-    // A plugin built against wit/v0.1.0 links to this 0.1.1 host and runs unchanged.
+    // A plugin built against wit/v0.1.0 links to this 0.1.2 host and runs unchanged.
     let old = format!(
         "[[plugin]]\nname = \"old\"\npath = {:?}\ngrants = [\"lower\"]\n",
         wasm::FIXTURE_V010

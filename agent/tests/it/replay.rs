@@ -186,3 +186,32 @@ fn the_wall_clock_is_the_snapshots_recorded_and_replayed() {
         assert_eq!(r["actions"][0]["reason"], want.as_str(), "{r}");
     }
 }
+
+/// A reporter replayed over a recording: what it would have reported, tick by tick. The
+/// demo node's GPU 1 loses its cooling at 120 s; the anomaly reporter flags it.
+#[test]
+fn a_reporter_replays_what_it_would_have_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = record(dir.path(), 160);
+    let anomaly = gpulet_plugin_artifacts::ANOMALY;
+    let out = ok(&gpulet(&["plugin", "replay", anomaly, "--trace", &trace, "--json"]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "reporter");
+    assert_eq!(v["summary"]["ticks"], 160);
+    assert_eq!(v["summary"]["faults"], 0);
+    assert!(v["summary"]["metrics"].as_u64().unwrap() > 160, "{}", v["summary"]);
+    let flagged: Vec<&Value> = v["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["events"].as_array().unwrap())
+        .filter(|e| e["kind"] == "temp-departure")
+        .collect();
+    assert!(flagged.iter().any(|e| e["gpu"] == 1), "{}", v["summary"]);
+
+    let text = ok(&gpulet(&["plugin", "replay", anomaly, "--trace", &trace]));
+    assert!(text.contains("GPU 1 temp-departure: "), "{text}");
+    let out = gpulet(&["plugin", "replay", anomaly, "--trace", &trace, "--sim"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a reporter changes no limit"));
+}

@@ -33,12 +33,11 @@
 //! gets no clear event.
 
 use gpulet_guest::{
-    ConfigError, GpuInfo, Health, Metric, PluginInfo, ReportEvent, ReportItem, ReporterGuest,
-    Snapshot, Throttle,
+    ConfigError, GpuInfo, Health, Host, Metric, ReportEvent, ReportItem, ReporterPolicy, Snapshot,
+    Throttle,
 };
 use gpulet_policy_algos::anomaly::{self, Params, Reading, State};
 use serde::Deserialize;
-use std::cell::RefCell;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,8 +51,7 @@ struct Config {
     ignore_power_cap: Option<bool>,
 }
 
-fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
-    let c: Config = gpulet_guest::parse_config(json)?;
+fn params(c: Config) -> Result<Params, Vec<ConfigError>> {
     let d = Params::default();
     let p = Params {
         power_dev_pct: c.power_dev_pct.unwrap_or(d.power_dev_pct),
@@ -73,10 +71,6 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
     check(&mut errs, "$.debounce_ticks", p.debounce_ticks.into(), 1.0, 100.0, "ticks");
     check(&mut errs, "$.throttle_ticks", p.throttle_ticks.into(), 1.0, 86_400.0, "ticks");
     if errs.is_empty() { Ok(p) } else { Err(errs) }
-}
-
-thread_local! {
-    static STATE: RefCell<(Params, State)> = RefCell::new((Params::default(), State::default()));
 }
 
 /// The snapshot's GPUs as the detector sees them.
@@ -115,29 +109,22 @@ fn readings(s: &Snapshot) -> Vec<Reading> {
         .collect()
 }
 
-struct Plugin;
+struct Anomaly {
+    params: Params,
+    state: State,
+}
 
-impl ReporterGuest for Plugin {
-    fn info() -> PluginInfo {
-        gpulet_guest::info("anomaly", env!("CARGO_PKG_VERSION"))
+impl ReporterPolicy for Anomaly {
+    const NAME: &'static str = "anomaly";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    type Config = Config;
+
+    fn new(config: Config, _gpus: &[GpuInfo]) -> Result<Self, Vec<ConfigError>> {
+        Ok(Anomaly { params: params(config)?, state: State::default() })
     }
 
-    fn validate_config(config: String) -> Result<(), Vec<ConfigError>> {
-        params(&config).map(|_| ())
-    }
-
-    fn init(config: String, _gpus: Vec<GpuInfo>) -> Result<(), String> {
-        let p = params(&config).map_err(|e| format!("{}: {}", e[0].path, e[0].message))?;
-        STATE.with(|s| *s.borrow_mut() = (p, State::default()));
-        Ok(())
-    }
-
-    fn report(snapshot: Snapshot) -> Vec<ReportItem> {
-        let gpus = readings(&snapshot);
-        let r = STATE.with(|s| {
-            let (p, state) = &mut *s.borrow_mut();
-            anomaly::report(p, state, &gpus)
-        });
+    fn report(&mut self, snapshot: &Snapshot, _host: &dyn Host) -> Vec<ReportItem> {
+        let r = anomaly::report(&self.params, &mut self.state, &readings(snapshot));
         let metrics = r.metrics.into_iter().map(|m| {
             ReportItem::Metric(Metric { name: m.name.to_owned(), value: m.value, gpu: m.gpu })
         });
@@ -152,4 +139,4 @@ impl ReporterGuest for Plugin {
     }
 }
 
-gpulet_guest::export_reporter!(Plugin);
+gpulet_guest::reporter_plugin!(Anomaly);

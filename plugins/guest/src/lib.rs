@@ -1,9 +1,21 @@
-//! What a Rust policy plugin needs: the bindings of the `power` and `reporter` worlds of
-//! `wit/v0.1.2` (generated here once, exported by each plugin with
-//! `gpulet_guest::export_power!(MyPlugin)` or `gpulet_guest::export_reporter!(MyPlugin)`;
-//! the two share one set of types), the host imports, and helpers for the boring parts:
-//! strict JSON config with paths in the errors, and the snapshot's GPUs as the plain
-//! structs of `gpulet-policy-algos`.
+//! What a Rust policy plugin needs: the SDK ([`sdk`]: a trait per plugin kind, the host
+//! behind a trait so that the logic is tested natively, a macro to export), the bindings
+//! of the `power` and `reporter` worlds of `wit/v0.1.2` (generated here once; the two
+//! share one set of types), and helpers for the boring parts: strict JSON config with
+//! paths in the errors, and the snapshot's GPUs as the plain structs of
+//! `gpulet-policy-algos`. A plugin:
+//!
+//! ```ignore
+//! struct Cap { limit_w: f64 }
+//! impl gpulet_guest::PowerPolicy for Cap {
+//!     const NAME: &'static str = "cap";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     type Config = CapConfig; // serde, deny_unknown_fields
+//!     fn new(c: CapConfig, _gpus: &[GpuInfo]) -> Result<Cap, Vec<ConfigError>> { ... }
+//!     fn decide(&mut self, s: &Snapshot, host: &dyn Host) -> Vec<PowerAction> { ... }
+//! }
+//! gpulet_guest::power_plugin!(Cap);
+//! ```
 
 #![allow(unsafe_code)] // the generated bindings are unsafe glue
 
@@ -38,15 +50,18 @@ pub use power::export_power;
 pub use power::gpulet::policy::host;
 pub use power::gpulet::policy::types::{
     ConfigError, CurvePoint, Gpu, GpuInfo, Health, Metric, PluginInfo, PowerAction, ReportEvent,
-    ReportItem, Snapshot, Throttle,
+    ReportItem, Snapshot, Throttle, WallTime,
 };
+
+pub mod sdk;
 pub use reporter::Guest as ReporterGuest;
 pub use reporter::export_reporter;
+pub use sdk::{FakeHost, Host, PowerPolicy, ReporterPolicy};
 
 use serde::de::DeserializeOwned;
 
 /// The contract version this crate implements.
-pub const API_VERSION: &str = "0.1.1";
+pub const API_VERSION: &str = "0.1.2";
 
 /// Parse a plugin's JSON config strictly into `T` (use `#[serde(deny_unknown_fields)]`);
 /// an error names the JSON path (`$.margin_w`) and what is wrong.
@@ -106,11 +121,11 @@ pub fn gpus(s: &Snapshot) -> Vec<gpulet_policy_algos::Gpu> {
 
 /// The work-per-watt curve of each GPU of `s` (`host.gpu-curve`), for the algorithms.
 /// Curves do not change while a plugin instance lives: fetch them once and keep them.
-pub fn curves(s: &Snapshot) -> Vec<Option<gpulet_policy_algos::Curve>> {
+pub fn curves(s: &Snapshot, host: &dyn Host) -> Vec<Option<gpulet_policy_algos::Curve>> {
     s.gpus
         .iter()
         .map(|g| {
-            let points = host::gpu_curve(g.index)?;
+            let points = host.gpu_curve(g.index)?;
             gpulet_policy_algos::Curve::new(
                 points.iter().map(|p| (p.limit_w, p.relative)).collect(),
             )

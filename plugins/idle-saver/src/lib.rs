@@ -4,10 +4,9 @@
 //!
 //! Config (JSON, all optional): `{"idle_util_pct": 2, "idle_for_s": 60}`.
 
-use gpulet_guest::{ConfigError, GpuInfo, PluginInfo, PowerAction, PowerGuest, Snapshot};
+use gpulet_guest::{ConfigError, GpuInfo, Host, PowerAction, PowerPolicy, Snapshot};
 use gpulet_policy_algos::idle_saver::{self, Params, State};
 use serde::Deserialize;
-use std::cell::RefCell;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -16,8 +15,7 @@ struct Config {
     idle_for_s: Option<u64>,
 }
 
-fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
-    let c: Config = gpulet_guest::parse_config(json)?;
+fn params(c: Config) -> Result<Params, Vec<ConfigError>> {
     let d = Params::default();
     let p = Params {
         idle_util_pct: c.idle_util_pct.unwrap_or(d.idle_util_pct),
@@ -34,34 +32,29 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
     if errs.is_empty() { Ok(p) } else { Err(errs) }
 }
 
-thread_local! {
-    static STATE: RefCell<(Params, State)> = RefCell::new((Params::default(), State::default()));
+struct IdleSaver {
+    params: Params,
+    state: State,
 }
 
-struct Plugin;
+impl PowerPolicy for IdleSaver {
+    const NAME: &'static str = "idle-saver";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    type Config = Config;
 
-impl PowerGuest for Plugin {
-    fn info() -> PluginInfo {
-        gpulet_guest::info("idle-saver", env!("CARGO_PKG_VERSION"))
+    fn new(config: Config, _gpus: &[GpuInfo]) -> Result<Self, Vec<ConfigError>> {
+        Ok(IdleSaver { params: params(config)?, state: State::default() })
     }
 
-    fn validate_config(config: String) -> Result<(), Vec<ConfigError>> {
-        params(&config).map(|_| ())
-    }
-
-    fn init(config: String, _gpus: Vec<GpuInfo>) -> Result<(), String> {
-        let p = params(&config).map_err(|e| format!("{}: {}", e[0].path, e[0].message))?;
-        STATE.with(|s| *s.borrow_mut() = (p, State::default()));
-        Ok(())
-    }
-
-    fn decide_power(snapshot: Snapshot) -> Vec<PowerAction> {
-        let gpus = gpulet_guest::gpus(&snapshot);
-        STATE.with(|s| {
-            let (p, state) = &mut *s.borrow_mut();
-            gpulet_guest::actions(idle_saver::decide(p, state, snapshot.now_ms, &gpus))
-        })
+    fn decide(&mut self, snapshot: &Snapshot, _host: &dyn Host) -> Vec<PowerAction> {
+        let gpus = gpulet_guest::gpus(snapshot);
+        gpulet_guest::actions(idle_saver::decide(
+            &self.params,
+            &mut self.state,
+            snapshot.now_ms,
+            &gpus,
+        ))
     }
 }
 
-gpulet_guest::export_power!(Plugin);
+gpulet_guest::power_plugin!(IdleSaver);

@@ -7,11 +7,10 @@
 //! Config (JSON, all optional):
 //! `{"margin_w": 25, "capped_within": 0.03, "reserve": 0.01, "use_curves": false}`.
 
-use gpulet_guest::{ConfigError, GpuInfo, PluginInfo, PowerAction, PowerGuest, Snapshot};
+use gpulet_guest::{ConfigError, GpuInfo, Host, PowerAction, PowerPolicy, Snapshot};
 use gpulet_policy_algos::Curve;
 use gpulet_policy_algos::power_budget::{self, Params};
 use serde::Deserialize;
-use std::cell::RefCell;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,8 +21,7 @@ struct Config {
     use_curves: Option<bool>,
 }
 
-fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
-    let c: Config = gpulet_guest::parse_config(json)?;
+fn params(c: Config) -> Result<Params, Vec<ConfigError>> {
     let d = Params::default();
     let p = Params {
         margin_w: c.margin_w.unwrap_or(d.margin_w),
@@ -52,45 +50,31 @@ fn params(json: &str) -> Result<Params, Vec<ConfigError>> {
     if errs.is_empty() { Ok(p) } else { Err(errs) }
 }
 
-thread_local! {
-    static PARAMS: RefCell<Params> = RefCell::new(Params::default());
-    static CURVES: RefCell<Option<Vec<Option<Curve>>>> = const { RefCell::new(None) };
+struct PowerBudget {
+    params: Params,
+    /// Fetched at the first tick that needs them: they do not change while it lives.
+    curves: Option<Vec<Option<Curve>>>,
 }
 
-struct Plugin;
+impl PowerPolicy for PowerBudget {
+    const NAME: &'static str = "power-budget";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    type Config = Config;
 
-impl PowerGuest for Plugin {
-    fn info() -> PluginInfo {
-        gpulet_guest::info("power-budget", env!("CARGO_PKG_VERSION"))
+    fn new(config: Config, _gpus: &[GpuInfo]) -> Result<Self, Vec<ConfigError>> {
+        Ok(PowerBudget { params: params(config)?, curves: None })
     }
 
-    fn validate_config(config: String) -> Result<(), Vec<ConfigError>> {
-        params(&config).map(|_| ())
-    }
-
-    fn init(config: String, _gpus: Vec<GpuInfo>) -> Result<(), String> {
-        let p = params(&config).map_err(|e| format!("{}: {}", e[0].path, e[0].message))?;
-        PARAMS.with(|c| *c.borrow_mut() = p);
-        Ok(())
-    }
-
-    fn decide_power(snapshot: Snapshot) -> Vec<PowerAction> {
-        let mut gpus = gpulet_guest::gpus(&snapshot);
-        let use_curves = PARAMS.with(|p| p.borrow().use_curves);
-        CURVES.with(|c| {
-            if !use_curves {
-                return;
+    fn decide(&mut self, snapshot: &Snapshot, host: &dyn Host) -> Vec<PowerAction> {
+        let mut gpus = gpulet_guest::gpus(snapshot);
+        if self.params.use_curves {
+            let curves = self.curves.get_or_insert_with(|| gpulet_guest::curves(snapshot, host));
+            for (g, curve) in gpus.iter_mut().zip(curves.iter()) {
+                g.curve = curve.clone();
             }
-            let curves =
-                c.borrow_mut().get_or_insert_with(|| gpulet_guest::curves(&snapshot)).clone();
-            for (g, curve) in gpus.iter_mut().zip(curves) {
-                g.curve = curve;
-            }
-        });
-        PARAMS.with(|p| {
-            gpulet_guest::actions(power_budget::decide(&p.borrow(), snapshot.budget_w, &gpus))
-        })
+        }
+        gpulet_guest::actions(power_budget::decide(&self.params, snapshot.budget_w, &gpus))
     }
 }
 
-gpulet_guest::export_power!(Plugin);
+gpulet_guest::power_plugin!(PowerBudget);
