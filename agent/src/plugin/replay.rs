@@ -214,6 +214,18 @@ pub struct Replayed {
 /// proposed before it). A fault is recorded and the next tick gets a fresh instance, as
 /// in the agent.
 pub fn replay(plugin: &mut PowerPlugin, trace: &Trace) -> Result<Vec<Replayed>, String> {
+    each_tick(trace, |snap, cx| match plugin.decide(snap, cx) {
+        Ok(out) => Replayed { seq: snap.seq, actions: out.actions, fault: None },
+        Err(f) => Replayed { seq: snap.seq, actions: Vec::new(), fault: Some(f.to_string()) },
+    })
+}
+
+/// `call` on every tick of `trace`: its snapshot as a plugin sees it and what the host
+/// imports answer on it (the header's curves, the tick's wall time).
+fn each_tick<T>(
+    trace: &Trace,
+    mut call: impl FnMut(&wit::Snapshot, &CallContext) -> T,
+) -> Result<Vec<T>, String> {
     let curves = trace.curves();
     trace
         .ticks
@@ -221,13 +233,7 @@ pub fn replay(plugin: &mut PowerPlugin, trace: &Trace) -> Result<Vec<Replayed>, 
         .enumerate()
         .map(|(i, t)| {
             let snap = t.snapshot.to_wit().map_err(|e| format!("tick {}: {e}", i + 1))?;
-            let cx = CallContext { curves: curves.clone(), wall: Some(t.wall()) };
-            Ok(match plugin.decide(&snap, &cx) {
-                Ok(out) => Replayed { seq: snap.seq, actions: out.actions, fault: None },
-                Err(f) => {
-                    Replayed { seq: snap.seq, actions: Vec::new(), fault: Some(f.to_string()) }
-                }
-            })
+            Ok(call(&snap, &CallContext { curves: curves.clone(), wall: Some(t.wall()) }))
         })
         .collect()
 }
@@ -245,20 +251,10 @@ pub struct Reported {
 /// Run reporter `plugin` over every tick of `trace` (a fault is recorded and the next
 /// tick gets a fresh instance, as in the agent).
 pub fn report_all(plugin: &mut ReporterPlugin, trace: &Trace) -> Result<Vec<Reported>, String> {
-    let curves = trace.curves();
-    trace
-        .ticks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let snap = t.snapshot.to_wit().map_err(|e| format!("tick {}: {e}", i + 1))?;
-            let cx = CallContext { curves: curves.clone(), wall: Some(t.wall()) };
-            Ok(match plugin.report(&snap, &cx) {
-                Ok((items, _)) => Reported { seq: snap.seq, items, fault: None },
-                Err(f) => Reported { seq: snap.seq, items: Vec::new(), fault: Some(f.to_string()) },
-            })
-        })
-        .collect()
+    each_tick(trace, |snap, cx| match plugin.report(snap, cx) {
+        Ok((items, _)) => Reported { seq: snap.seq, items, fault: None },
+        Err(f) => Reported { seq: snap.seq, items: Vec::new(), fault: Some(f.to_string()) },
+    })
 }
 
 /// A replay in numbers.

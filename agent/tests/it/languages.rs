@@ -34,6 +34,26 @@ fn new_project(dir: &Path, name: &str, lang: &str) -> PathBuf {
     project
 }
 
+/// `plugin check` of the built `policy.wasm` in `dir` (a power plugin named `name`, of
+/// this contract, importing nothing the host refuses: a default JavaScript build would
+/// import wasi:http), then a run in the agent.
+fn check_and_run(dir: &Path, name: &str) {
+    let out = run(
+        Command::new(env!("CARGO_BIN_EXE_gpulet"))
+            .args(["plugin", "check"])
+            .arg(dir.join("policy.wasm"))
+            .env("XDG_CACHE_HOME", dir.join("xdg")),
+        "gpulet plugin check",
+    );
+    assert!(
+        out.contains(name)
+            && out.contains("(power plugin, API 0.1.2)")
+            && !out.contains("wasi:http"),
+        "{out}"
+    );
+    check_limits(run_in_agent(&dir.join("policy.wasm"), dir));
+}
+
 fn run(c: &mut Command, what: &str) -> String {
     let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     let text =
@@ -119,15 +139,7 @@ fn a_python_policy_builds_and_runs_in_the_agent() {
         Command::new(project.join("build.sh")).env("VENV", &venv).env("OUT", &dir),
         "the project's build.sh",
     );
-    let out = run(
-        Command::new(env!("CARGO_BIN_EXE_gpulet"))
-            .args(["plugin", "check"])
-            .arg(dir.join("policy.wasm"))
-            .env("XDG_CACHE_HOME", dir.join("xdg")),
-        "gpulet plugin check",
-    );
-    assert!(out.contains("py-policy") && out.contains("(power plugin, API 0.1.2)"), "{out}");
-    check_limits(run_in_agent(&dir.join("policy.wasm"), &dir));
+    check_and_run(&dir, "py-policy");
 }
 
 #[test]
@@ -145,19 +157,5 @@ fn a_javascript_policy_builds_and_runs_in_the_agent() {
         Command::new("node").args(["--test", "policy.test.js"]).current_dir(&project),
         "the JavaScript unit tests",
     );
-    // No wasi:http, and nothing else the host refuses.
-    let out = run(
-        Command::new(env!("CARGO_BIN_EXE_gpulet"))
-            .args(["plugin", "check"])
-            .arg(dir.join("policy.wasm"))
-            .env("XDG_CACHE_HOME", dir.join("xdg")),
-        "gpulet plugin check",
-    );
-    assert!(
-        out.contains("js-policy")
-            && out.contains("(power plugin, API 0.1.2)")
-            && !out.contains("wasi:http"),
-        "{out}"
-    );
-    check_limits(run_in_agent(&dir.join("policy.wasm"), &dir));
+    check_and_run(&dir, "js-policy");
 }

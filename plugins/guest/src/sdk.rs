@@ -154,49 +154,15 @@ pub fn init_error(errors: Vec<ConfigError>) -> String {
 #[macro_export]
 macro_rules! power_plugin {
     ($policy:ty) => {
-        const _: () = {
-            use $crate::PowerPolicy as _;
-            ::std::thread_local! {
-                static POLICY: ::std::cell::RefCell<::std::option::Option<$policy>> =
-                    const { ::std::cell::RefCell::new(None) };
-            }
-            struct Export;
-            impl $crate::PowerGuest for Export {
-                fn info() -> $crate::PluginInfo {
-                    $crate::info(
-                        <$policy as $crate::PowerPolicy>::NAME,
-                        <$policy as $crate::PowerPolicy>::VERSION,
-                    )
-                }
-                fn validate_config(
-                    config: ::std::string::String,
-                ) -> ::std::result::Result<(), ::std::vec::Vec<$crate::ConfigError>> {
-                    $crate::sdk::start(&config, &[], <$policy as $crate::PowerPolicy>::new)
-                        .map(|_| ())
-                }
-                fn init(
-                    config: ::std::string::String,
-                    gpus: ::std::vec::Vec<$crate::GpuInfo>,
-                ) -> ::std::result::Result<(), ::std::string::String> {
-                    let p =
-                        $crate::sdk::start(&config, &gpus, <$policy as $crate::PowerPolicy>::new)
-                            .map_err($crate::sdk::init_error)?;
-                    POLICY.with(|c| *c.borrow_mut() = Some(p));
-                    Ok(())
-                }
-                fn decide_power(
-                    snapshot: $crate::Snapshot,
-                ) -> ::std::vec::Vec<$crate::PowerAction> {
-                    POLICY.with(|c| {
-                        c.borrow_mut()
-                            .as_mut()
-                            .map(|p| p.decide(&snapshot, &$crate::sdk::Wasm))
-                            .unwrap_or_default()
-                    })
-                }
-            }
-            $crate::export_power!(Export);
-        };
+        $crate::__export_policy!(
+            $policy,
+            PowerPolicy,
+            PowerGuest,
+            export_power,
+            decide_power,
+            decide,
+            PowerAction
+        );
     };
 }
 
@@ -204,49 +170,65 @@ macro_rules! power_plugin {
 #[macro_export]
 macro_rules! reporter_plugin {
     ($policy:ty) => {
+        $crate::__export_policy!(
+            $policy,
+            ReporterPolicy,
+            ReporterGuest,
+            export_reporter,
+            report,
+            report,
+            ReportItem
+        );
+    };
+}
+
+/// What [`power_plugin!`](crate::power_plugin) and
+/// [`reporter_plugin!`](crate::reporter_plugin) expand to: the world's `Guest` for
+/// `$policy` (a `$policy_trait`), whose export `$export_fn` calls `$method`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_policy {
+    ($policy:ty, $policy_trait:ident, $guest:ident, $export:ident, $export_fn:ident, $method:ident, $item:ident) => {
         const _: () = {
-            use $crate::ReporterPolicy as _;
+            use $crate::$policy_trait as _;
             ::std::thread_local! {
                 static POLICY: ::std::cell::RefCell<::std::option::Option<$policy>> =
                     const { ::std::cell::RefCell::new(None) };
             }
             struct Export;
-            impl $crate::ReporterGuest for Export {
+            impl $crate::$guest for Export {
                 fn info() -> $crate::PluginInfo {
                     $crate::info(
-                        <$policy as $crate::ReporterPolicy>::NAME,
-                        <$policy as $crate::ReporterPolicy>::VERSION,
+                        <$policy as $crate::$policy_trait>::NAME,
+                        <$policy as $crate::$policy_trait>::VERSION,
                     )
                 }
                 fn validate_config(
                     config: ::std::string::String,
                 ) -> ::std::result::Result<(), ::std::vec::Vec<$crate::ConfigError>> {
-                    $crate::sdk::start(&config, &[], <$policy as $crate::ReporterPolicy>::new)
+                    $crate::sdk::start(&config, &[], <$policy as $crate::$policy_trait>::new)
                         .map(|_| ())
                 }
                 fn init(
                     config: ::std::string::String,
                     gpus: ::std::vec::Vec<$crate::GpuInfo>,
                 ) -> ::std::result::Result<(), ::std::string::String> {
-                    let p = $crate::sdk::start(
-                        &config,
-                        &gpus,
-                        <$policy as $crate::ReporterPolicy>::new,
-                    )
-                    .map_err($crate::sdk::init_error)?;
+                    let p =
+                        $crate::sdk::start(&config, &gpus, <$policy as $crate::$policy_trait>::new)
+                            .map_err($crate::sdk::init_error)?;
                     POLICY.with(|c| *c.borrow_mut() = Some(p));
                     Ok(())
                 }
-                fn report(snapshot: $crate::Snapshot) -> ::std::vec::Vec<$crate::ReportItem> {
+                fn $export_fn(snapshot: $crate::Snapshot) -> ::std::vec::Vec<$crate::$item> {
                     POLICY.with(|c| {
                         c.borrow_mut()
                             .as_mut()
-                            .map(|p| p.report(&snapshot, &$crate::sdk::Wasm))
+                            .map(|p| p.$method(&snapshot, &$crate::sdk::Wasm))
                             .unwrap_or_default()
                     })
                 }
             }
-            $crate::export_reporter!(Export);
+            $crate::$export!(Export);
         };
     };
 }
