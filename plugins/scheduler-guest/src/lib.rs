@@ -1,8 +1,8 @@
-//! What a Rust job-scheduler plugin needs: the bindings of the `job-scheduler` world of
-//! `wit/v0.1.2` (generated here once, exported by each plugin with
-//! `gpulet_scheduler_guest::export_scheduler!(MyPlugin)`), the host imports, strict JSON
-//! config with paths in the errors, and conversions between the WIT types and the plain
-//! ones of `gpulet_policy_algos::sched`.
+//! What a Rust job-scheduler plugin needs: the SDK's scheduler kind ([`SchedulerPolicy`],
+//! exported with [`scheduler_plugin!`]; a shipped algorithm with [`export_algorithm!`]),
+//! the bindings of the `job-scheduler` world of `wit/v0.1.2` (generated here once), the
+//! host imports, strict JSON config with paths in the errors, and conversions between
+//! the WIT types and the plain ones of `gpulet_policy_algos::sched`.
 //!
 //! Separate from `gpulet-guest` on purpose: a crate that links the `power` world's
 //! bindings would carry them into every scheduler component.
@@ -123,33 +123,118 @@ pub fn input(i: ScheduleInput) -> sched::Input {
     }
 }
 
+/// A job scheduler: given the queue, the running jobs and the GPUs' slots, which jobs
+/// start where and why the others wait. Its input is all it needs; the host imports
+/// (`host::log`, the key-value store) are there for what is not.
+pub trait SchedulerPolicy: Sized + 'static {
+    /// Its name in `info`.
+    const NAME: &'static str;
+    /// Its version (`env!("CARGO_PKG_VERSION")`).
+    const VERSION: &'static str;
+    /// Its config, parsed strictly from the plugin's JSON ([`NoOptions`] for none).
+    type Config: DeserializeOwned;
+    /// The scheduler for `config` on `gpus` (empty when only the config is validated):
+    /// errors name the JSON path and what is accepted.
+    fn new(config: Self::Config, gpus: &[GpuInfo]) -> Result<Self, Vec<ConfigError>>;
+    /// This tick's starts and waits.
+    fn schedule(&mut self, input: ScheduleInput) -> Vec<Decision>;
+}
+
+/// The config of a scheduler that takes no options: `{}` (or nothing); each key is an
+/// error at its path ([`no_options`]).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(transparent)]
+pub struct NoOptions(serde_json::Map<String, serde_json::Value>);
+
+impl NoOptions {
+    pub fn check(&self) -> Result<(), Vec<ConfigError>> {
+        no_options(&serde_json::Value::Object(self.0.clone()).to_string())
+    }
+}
+
+/// `validate-config` and `init` for [`scheduler_plugin!`]: the config parsed, then `new`.
+#[doc(hidden)]
+pub fn start<P: SchedulerPolicy>(json: &str, gpus: &[GpuInfo]) -> Result<P, Vec<ConfigError>> {
+    P::new(parse_config(json)?, gpus)
+}
+
+/// `init`'s error: the first problem, with its path.
+#[doc(hidden)]
+pub fn init_error(errors: Vec<ConfigError>) -> String {
+    errors.first().map_or_else(|| "invalid config".into(), |e| format!("{}: {}", e.path, e.message))
+}
+
+/// Export `$policy` (a [`SchedulerPolicy`]) as the component's `job-scheduler` world:
+/// `info`, `validate-config` and `init` from the type, the instance kept between calls.
+#[macro_export]
+macro_rules! scheduler_plugin {
+    ($policy:ty) => {
+        const _: () = {
+            use $crate::SchedulerPolicy as _;
+            ::std::thread_local! {
+                static POLICY: ::std::cell::RefCell<::std::option::Option<$policy>> =
+                    const { ::std::cell::RefCell::new(None) };
+            }
+            struct Export;
+            impl $crate::SchedulerGuest for Export {
+                fn info() -> $crate::PluginInfo {
+                    $crate::info(
+                        <$policy as $crate::SchedulerPolicy>::NAME,
+                        <$policy as $crate::SchedulerPolicy>::VERSION,
+                    )
+                }
+                fn validate_config(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<(), ::std::vec::Vec<$crate::ConfigError>> {
+                    $crate::start::<$policy>(&config, &[]).map(|_| ())
+                }
+                fn init(
+                    config: ::std::string::String,
+                    gpus: ::std::vec::Vec<$crate::GpuInfo>,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    let p = $crate::start::<$policy>(&config, &gpus).map_err($crate::init_error)?;
+                    POLICY.with(|c| *c.borrow_mut() = Some(p));
+                    Ok(())
+                }
+                fn schedule_jobs(
+                    input: $crate::ScheduleInput,
+                ) -> ::std::vec::Vec<$crate::Decision> {
+                    POLICY.with(|c| {
+                        c.borrow_mut().as_mut().map(|p| p.schedule(input)).unwrap_or_default()
+                    })
+                }
+            }
+            $crate::export_scheduler!(Export);
+        };
+    };
+}
+
 /// Export a scheduler plugin named `$name` that takes no options and decides with
 /// `$decide` (a function of `gpulet_policy_algos::sched`, `&Input -> Vec<Decision>`):
 /// what each shipped scheduler is, so that each is its algorithm and nothing else.
 #[macro_export]
 macro_rules! export_algorithm {
     ($name:literal, $decide:path) => {
-        struct Plugin;
+        struct Algorithm;
 
-        impl $crate::SchedulerGuest for Plugin {
-            fn info() -> $crate::PluginInfo {
-                $crate::info($name, env!("CARGO_PKG_VERSION"))
+        impl $crate::SchedulerPolicy for Algorithm {
+            const NAME: &'static str = $name;
+            const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+            type Config = $crate::NoOptions;
+
+            fn new(
+                config: $crate::NoOptions,
+                _gpus: &[$crate::GpuInfo],
+            ) -> Result<Self, Vec<$crate::ConfigError>> {
+                config.check().map(|()| Algorithm)
             }
 
-            fn validate_config(config: String) -> Result<(), Vec<$crate::ConfigError>> {
-                $crate::no_options(&config)
-            }
-
-            fn init(config: String, _gpus: Vec<$crate::GpuInfo>) -> Result<(), String> {
-                $crate::no_options(&config).map_err(|e| format!("{}: {}", e[0].path, e[0].message))
-            }
-
-            fn schedule_jobs(input: $crate::ScheduleInput) -> Vec<$crate::Decision> {
+            fn schedule(&mut self, input: $crate::ScheduleInput) -> Vec<$crate::Decision> {
                 $crate::decisions($decide(&$crate::input(input)))
             }
         }
 
-        $crate::export_scheduler!(Plugin);
+        $crate::scheduler_plugin!(Algorithm);
     };
 }
 
@@ -185,6 +270,56 @@ mod tests {
         let e = parse_config::<Options>(r#"{"margni": 1}"#).unwrap_err();
         assert_eq!(e[0].path, "$.margni", "{e:?}");
         assert!(e[0].message.starts_with("unknown field `margni`"), "{e:?}");
+    }
+
+    /// A scheduler on the trait, run natively: its config through `start` (as
+    /// `validate-config` and `init` take it), its decisions from its input.
+    struct Fifo;
+
+    impl SchedulerPolicy for Fifo {
+        const NAME: &'static str = "fifo";
+        const VERSION: &'static str = "1.0.0";
+        type Config = NoOptions;
+        fn new(c: NoOptions, _gpus: &[GpuInfo]) -> Result<Self, Vec<ConfigError>> {
+            c.check().map(|()| Fifo)
+        }
+        fn schedule(&mut self, input: ScheduleInput) -> Vec<Decision> {
+            decisions(sched::fifo_binpack::decide(&super::input(input)))
+        }
+    }
+
+    #[test]
+    fn a_scheduler_on_the_trait_runs_natively() {
+        let e = start::<Fifo>(r#"{"backfill": true}"#, &[]).err().unwrap();
+        assert_eq!(e[0].path, "$.backfill");
+        assert_eq!(init_error(e).split(':').next(), Some("$.backfill"));
+        let mut f = start::<Fifo>("", &[]).ok().unwrap();
+        let input = ScheduleInput {
+            snapshot: Snapshot { seq: 1, now_ms: 0, budget_w: None, gpus: vec![] },
+            gpus: vec![GpuSlot {
+                index: 0,
+                uuid: "GPU-0".into(),
+                memory_total_mib: 80_000,
+                reserved_mib: 0,
+                jobs: 0,
+                exclusive: false,
+                usable: true,
+            }],
+            running: vec![],
+            queue: vec![QueuedJob {
+                id: 1,
+                owner: 1000,
+                gpus: GpuRequest::Count(1),
+                mem_mib: 1_000,
+                exclusive: false,
+                priority: 0,
+                submitted_ms: 0,
+                time_limit_ms: None,
+            }],
+            labels: vec![],
+        };
+        let d = f.schedule(input);
+        assert!(matches!(&d[..], [Decision::Start(s)] if s.job == 1 && s.gpus == [0]), "{d:?}");
     }
 
     #[test]
