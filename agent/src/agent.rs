@@ -383,13 +383,13 @@ impl Agent {
                         format!("job {job}'s power cap ({cap} W) over {}: {}", d.source, d.reason);
                     d.source = "job".into();
                 }
-                // Only ever lower: a limit at or below the cap already, or one that
-                // cannot be read, is left alone.
-                None if current.is_none_or(|c| c <= cap) => {}
+                // Only ever lower: a limit at or below the cap already is held where it
+                // is (proposed, so that the guard does not release it to its upper
+                // bound: rule 3), and one that cannot be read is set to the cap.
                 None => decisions.push(PowerDecision {
                     gpu,
-                    limit_w: cap,
-                    reason: format!("job {job}'s power cap"),
+                    limit_w: current.map_or(cap, |c| c.min(cap)),
+                    reason: format!("job {job}'s power cap ({cap} W)"),
                     source: "job".into(),
                 }),
             }

@@ -42,13 +42,22 @@ impl Clock for SystemClock {
 #[allow(unsafe_code)]
 pub fn utc_offset_s(unix_ms: u64) -> i32 {
     let t = (unix_ms / 1000) as libc::time_t;
-    // SAFETY: `localtime_r` writes only into `tm`, which is ours and zeroed (a valid
-    // `struct tm`); it is the thread-safe variant.
+    // SAFETY: `tzset` reads `TZ` and the zone file (glibc's `localtime_r` alone reads
+    // them once per process: a node whose time zone is changed would keep the old one);
+    // gpulet never sets `TZ`. `localtime_r` writes only into `tm`, which is ours and
+    // zeroed (a valid `struct tm`); it is the thread-safe variant.
+    unsafe { tzset() };
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
         return 0;
     }
     tm.tm_gmtoff as i32
+}
+
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    // POSIX; the libc crate declares it for Windows only.
+    fn tzset();
 }
 
 /// A clock that moves only when told to. Cloning shares the same time.

@@ -397,7 +397,11 @@ impl PowerGuard {
     /// `enforced_w` (read back): a GPU enforcing something else did not obey.
     pub fn applied(&mut self, change: &Change, enforced_w: f64, now_ms: u64) {
         let i = change.gpu as usize;
-        self.changed[i] = true;
+        // A limit put back from before an unclean stop is the node's own, not one a
+        // policy set: nothing to release.
+        if change.source != "restore" {
+            self.changed[i] = true;
+        }
         if change.from_w.is_none_or(|from| change.to_w > from) {
             self.last_raise_ms[i] = Some(now_ms);
         }

@@ -3,7 +3,8 @@
 // The same policy as gpulet's Rust template (`gpulet plugin new`): a GPU whose
 // utilisation reading is below `idle_util_pct` gets `idle_limit_w` (or its lowest
 // limit), a busy one its highest. A GPU without a utilisation reading (lost, or the
-// reading failed this tick) gets no action, so the host keeps what it has.
+// reading failed this tick) gets no action, so the host gives it its upper bound (as to
+// any GPU no policy proposes for): what a busy one gets.
 //
 // Config (JSON, all optional): {"idle_util_pct": 5, "idle_limit_w": 200}. It needs the
 // grants "lower" and "raise".

@@ -2,7 +2,8 @@
 
 The same policy as the Rust template (`gpulet plugin new`): a GPU whose utilisation is
 below `idle_util_pct` is parked at `idle_limit_w` (default: its lowest limit), a busy one
-gets its highest limit. A GPU without a utilisation reading is left alone.
+gets its highest limit. A GPU without a utilisation reading gets no action, so the host
+gives it its upper bound, as to any GPU no policy proposes for: what a busy one gets.
 
 Config (JSON, all optional, strict): `{"idle_util_pct": 5, "idle_limit_w": 200}`.
 It needs the grants `lower` and `raise`.

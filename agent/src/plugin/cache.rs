@@ -81,22 +81,30 @@ impl Cache {
         let path = self.entry_path(engine, wasm);
         let mut source = Source::Compiled;
         match private_copy(&path, &self.dir) {
-            Ok(Some(file)) => {
-                // SAFETY: the file is a private copy of what `Engine::precompile_component`
-                // wrote, checked against its digest as it was copied, from a directory
-                // only this user can write (see the module docs), and no one else can
-                // open or change it; wasmtime checks version and configuration itself.
-                match unsafe { Component::deserialize_file(engine, path_of_open(&file, &path)) } {
-                    Ok(c) => return Ok((c, Source::Cached)),
-                    Err(e) => {
-                        tracing::warn!(entry = %path.display(), error = %e, "cached plugin is from another engine; rebuilding")
-                    }
+            Entry::Copy(file) => match from_copy(engine, file) {
+                Ok(c) => return Ok((c, Source::Cached)),
+                Err(e) => {
+                    tracing::warn!(entry = %path.display(), error = %e, "cached plugin is from another engine; rebuilding");
+                    source = Source::Rebuilt;
                 }
+            },
+            Entry::Missing => {}
+            Entry::Bad(why) => {
+                tracing::warn!(entry = %path.display(), %why, "cached plugin failed its integrity check; rebuilding");
                 source = Source::Rebuilt;
             }
-            Ok(None) => {}
-            Err(why) => {
-                tracing::warn!(entry = %path.display(), %why, "cached plugin failed its integrity check; rebuilding");
+            // The entry may be fine: no reason to delete it and compile for tens of
+            // seconds. Read and checked into memory instead, as before entries were mapped.
+            Entry::NoCopy(why) => {
+                tracing::warn!(entry = %path.display(), %why, "no private copy of the cached plugin; loading it into memory");
+                if let Some(code) = verified_bytes(&path) {
+                    // SAFETY: what `Engine::precompile_component` wrote, checked against
+                    // its digest after it was read, from a directory only this user can
+                    // write; wasmtime checks version and configuration itself.
+                    if let Ok(c) = unsafe { Component::deserialize(engine, &code) } {
+                        return Ok((c, Source::Cached));
+                    }
+                }
                 source = Source::Rebuilt;
             }
         }
@@ -115,14 +123,8 @@ impl Cache {
         code: &[u8],
         path: &Path,
     ) -> wasmtime::Result<Component> {
-        match self
-            .store(path, code)
-            .and_then(|()| private_copy(path, &self.dir).map_err(std::io::Error::other))
-        {
-            Ok(Some(file)) => {
-                // SAFETY: written by this engine just now and checked as above.
-                unsafe { Component::deserialize_file(engine, path_of_open(&file, path)) }
-            }
+        match self.store(path, code).map(|()| private_copy(path, &self.dir)) {
+            Ok(Entry::Copy(file)) => from_copy(engine, file),
             stored => {
                 if let Err(e) = stored {
                     tracing::warn!(entry = %path.display(), error = %e, "cannot write the plugin cache");
@@ -175,48 +177,86 @@ fn digest_path(entry: &Path) -> PathBuf {
     entry.with_extension("sha256")
 }
 
+/// What [`private_copy`] found.
+enum Entry {
+    /// No entry: compile.
+    Missing,
+    /// A private copy of a verified entry.
+    Copy(std::fs::File),
+    /// An entry that fails its checks: rebuilt.
+    Bad(String),
+    /// An entry that could not be copied (a full disk, no file descriptors): the entry
+    /// itself may be fine.
+    NoCopy(String),
+}
+
 /// A private copy of the entry, if its digest matches: an unlinked file in the cache
 /// directory (`O_TMPFILE`) that no one else can name, let alone change, while the plugin
 /// runs from its mapping (a mapped file truncated in place kills the process that maps
 /// it, with SIGBUS). Copied and checked in one pass, never read into the agent's memory.
-/// `Ok(None)` if there is no entry; `Err` saying what is wrong with one that is there.
-fn private_copy(path: &Path, dir: &Path) -> Result<Option<std::fs::File>, String> {
+fn private_copy(path: &Path, dir: &Path) -> Entry {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let mut entry =
         match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Entry::Missing,
+            Err(e) => return Entry::Bad(e.to_string()),
         };
     let expected = match crate::state::read(&digest_path(path)) {
         Ok(Some(d)) => d,
-        Ok(None) => return Err("its digest is missing".into()),
-        Err(e) => return Err(format!("its digest cannot be read: {e}")),
+        Ok(None) => return Entry::Bad("its digest is missing".into()),
+        Err(e) => return Entry::Bad(format!("its digest cannot be read: {e}")),
     };
-    let mut copy = tempfile::tempfile_in(dir).map_err(|e| format!("no private copy: {e}"))?;
+    let mut copy = match tempfile::tempfile_in(dir) {
+        Ok(f) => f,
+        Err(e) => return Entry::NoCopy(e.to_string()),
+    };
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = entry.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
+        let n = match entry.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => return Entry::Bad(e.to_string()),
+        };
         hasher.update(&buf[..n]);
-        copy.write_all(&buf[..n]).map_err(|e| format!("no private copy: {e}"))?;
+        if let Err(e) = copy.write_all(&buf[..n]) {
+            return Entry::NoCopy(e.to_string());
+        }
     }
     if hex(&hasher.finalize()).as_bytes() != expected.as_slice() {
-        return Err("its digest does not match".into());
+        return Entry::Bad("its digest does not match".into());
     }
-    Ok(Some(copy))
+    Entry::Copy(copy)
 }
 
-/// A path to the very file `file` has open (the private copy), so that what is mapped is
-/// what was checked; the entry's own path where `/proc` is not mounted.
-fn path_of_open(file: &std::fs::File, path: &Path) -> PathBuf {
+/// The component in a private copy: mapped through `/proc/self/fd/N`, the very file
+/// `copy` has open (so what is mapped is what was checked); read into memory where
+/// `/proc` is not mounted (never the entry's own path, which others could reach).
+fn from_copy(engine: &Engine, mut copy: std::fs::File) -> wasmtime::Result<Component> {
+    use std::io::{Read, Seek};
     use std::os::fd::AsRawFd;
-    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    if by_fd.exists() { by_fd } else { path.to_path_buf() }
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", copy.as_raw_fd()));
+    if by_fd.exists() {
+        // SAFETY: a private copy of what `Engine::precompile_component` wrote, checked
+        // against its digest as it was copied, from a directory only this user can write
+        // (see the module docs); no one else can open or change it. wasmtime checks
+        // version and configuration itself.
+        return unsafe { Component::deserialize_file(engine, by_fd) };
+    }
+    let mut code = Vec::new();
+    copy.rewind()?;
+    copy.read_to_end(&mut code)?;
+    // SAFETY: as above.
+    unsafe { Component::deserialize(engine, &code) }
+}
+
+/// The entry's code read into memory, if its digest matches.
+fn verified_bytes(path: &Path) -> Option<Vec<u8>> {
+    let code = crate::state::read(path).ok()??;
+    let expected = crate::state::read(&digest_path(path)).ok()??;
+    (hex(&Sha256::digest(&code)).as_bytes() == expected.as_slice()).then_some(code)
 }
 
 fn hex(b: &[u8]) -> String {

@@ -88,6 +88,9 @@ pub struct Instance<W: World> {
     live: Option<(Store<HostState>, W)>,
     /// Instances replaced for having outgrown `recycle_mib`.
     recycled: u64,
+    /// Off when the plugin's memory after `init` is already past `recycle_mib`: it would
+    /// start a fresh instance at every call.
+    recycle: bool,
 }
 
 impl<W: World> std::fmt::Debug for Instance<W> {
@@ -143,6 +146,7 @@ impl<W: World> Instance<W> {
             pre,
             live: None,
             recycled: 0,
+            recycle: true,
         };
         let _calling = plugin.sandbox.calling();
         let (mut store, bindings) = plugin.instantiate().map_err(stage("instantiation"))?;
@@ -167,6 +171,14 @@ impl<W: World> Instance<W> {
             return Err(PluginError::Config { plugin: shown, errors });
         }
         plugin.init(&mut store, &bindings).map_err(stage("init"))?;
+        if plugin.sandbox.outgrown(&store) {
+            plugin.recycle = false;
+            tracing::warn!(
+                plugin = %shown,
+                memory_mib = store.data().limits.largest >> 20,
+                "recycle_mib is below the plugin's memory once started: recycling is off (raise recycle_mib above it)"
+            );
+        }
         drop(_calling);
         plugin.info = info;
         plugin.live = Some((store, bindings));
@@ -219,7 +231,7 @@ impl<W: World> Instance<W> {
             Ok(done) => {
                 // Dropped now, between calls and not as a fault: its memory goes back to
                 // the system at once, and the next call starts a fresh instance.
-                if self.sandbox.outgrown(store) {
+                if self.recycle && self.sandbox.outgrown(store) {
                     self.live = None;
                     self.recycled += 1;
                     tracing::debug!(plugin = %self.name(), recycled = self.recycled, "past recycle_mib: a fresh instance for the next call");

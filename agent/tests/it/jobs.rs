@@ -617,7 +617,7 @@ fn a_jobs_power_cap_goes_through_the_guard_and_is_audited() {
     let d = dir();
     let a = Agent::start(d.path(), "allow_root = true");
     let id = submitted_id(&a.gpulet(
-        &["submit", "--power-cap", "300", "--workload", "training", "--", "sleep", "3"],
+        &["submit", "--power-cap", "300", "--workload", "training", "--", "sleep", "6"],
         None,
     ));
     let gpu = a.wait_for(id, "running")["gpus"][0].as_u64().unwrap() as usize;
@@ -630,6 +630,16 @@ fn a_jobs_power_cap_goes_through_the_guard_and_is_audited() {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "GPU {gpu} never capped: {limit} W");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And held there while the job runs: nothing proposes for the GPU but the cap, and
+    // the guard must not release it to its upper bound (rule 3) between two raises.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let o = a.gpulet(&["status", "--json"], None);
+        let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let limit = s["status"]["gpus"][gpu]["limit_w"].as_f64().unwrap();
+        assert!(limit <= 302.0, "GPU {gpu} left its job's cap: {limit} W");
         std::thread::sleep(Duration::from_millis(100));
     }
     a.wait_for(id, "finished");

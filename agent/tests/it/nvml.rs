@@ -280,6 +280,10 @@ fn limits_found_at_start_are_put_back_at_stop_and_after_a_crash() {
         events(&first, "limit-changed").into_iter().filter(|e| e["source"] == "restore").collect();
     assert_eq!(restored.len(), 1, "{first:?}");
     assert_eq!((restored[0]["gpu"].as_u64(), restored[0]["to_w"].as_f64()), (Some(0), Some(300.0)));
+    // The node's own limit, put back: not a policy's to release (guard rule 3).
+    let seq = first.last().unwrap()["seq"].as_u64().unwrap();
+    let later = agent.until("40 more records", |r| r["seq"].as_u64().unwrap() >= seq + 40);
+    assert!(later.iter().all(|r| r["gpus"][0]["power_limit_w"] == 300.0), "{later:?}");
     assert!(agent.stop().success());
 }
 

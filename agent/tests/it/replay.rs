@@ -172,6 +172,37 @@ fn the_wall_clock_is_the_snapshots_recorded_and_replayed() {
         assert_eq!(t["snapshot"]["ts_ms"], t["ts_ms"], "{t}");
     }
 
+    // The agent itself, under the same time zone: the fixture's metrics are the tick's.
+    let config = dir.path().join("clock.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[socket]\nenabled = false\n[plugins]\ncache_dir = \"c\"\nstate_dir = \"s\"\n\
+             [[sim.gpu]]\npreset = \"l40s\"\nworkload = \"idle\"\n[[plugin]]\nname = \"clock\"\npath = {:?}\n\
+             config = {{ mode = \"clock\" }}\n",
+            gpulet_plugin_artifacts::FIXTURE
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
+        .args(["run", "--config", config.to_str().unwrap(), "--ticks", "2", "--log-level", "error"])
+        .current_dir(dir.path())
+        .env("TZ", "XYZ-3")
+        .output()
+        .unwrap();
+    let records: Vec<Value> =
+        ok(&out).lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        let metric = |n: &str| {
+            r["metrics"].as_array().unwrap().iter().find(|m| m["name"] == n).unwrap()["value"]
+                .as_f64()
+                .unwrap()
+        };
+        assert_eq!(metric("unix_ms"), r["ts_ms"].as_f64().unwrap(), "{r}");
+        assert_eq!(metric("utc_offset_s"), 10_800.0, "{r}");
+    }
+
     let out = Command::new(env!("CARGO_BIN_EXE_gpulet"))
         .args(["plugin", "replay", gpulet_plugin_artifacts::FIXTURE, "--trace", &trace])
         .args(["--config", r#"{"mode": "clock"}"#, "--json"])

@@ -35,7 +35,21 @@ pub fn decide(p: &Params, state: &mut State, now_ms: u64, gpus: &[Gpu]) -> Vec<A
     }
     let mut out = Vec::new();
     for (i, g) in gpus.iter().enumerate() {
-        let (Some(util), false) = (g.util_pct, g.lost) else { continue };
+        if g.lost {
+            continue;
+        }
+        let Some(util) = g.util_pct else {
+            // No reading this tick: a parked GPU stays parked (the host would give a GPU
+            // nobody proposes for its upper bound back).
+            if state.parked[i] {
+                out.push(Action {
+                    gpu: g.index,
+                    limit_w: g.min_w,
+                    reason: "utilisation unreadable: kept parked".into(),
+                });
+            }
+            continue;
+        };
         if util <= p.idle_util_pct {
             let since = *state.idle_since_ms[i].get_or_insert(now_ms);
             if now_ms.saturating_sub(since) >= p.idle_for_ms {
@@ -95,5 +109,17 @@ mod tests {
         let back = decide(&p, &mut s, 11_000, &[gpu(90.0)]);
         assert_eq!(back[0].limit_w, 700.0);
         assert!(decide(&p, &mut s, 12_000, &[gpu(90.0)]).is_empty(), "released once");
+    }
+
+    #[test]
+    fn a_parked_gpu_without_a_reading_stays_parked() {
+        let p = Params { idle_util_pct: 2.0, idle_for_ms: 0 };
+        let mut s = State::default();
+        assert_eq!(decide(&p, &mut s, 0, &[gpu(0.0)])[0].limit_w, 200.0);
+        let mut blind = gpu(0.0);
+        blind.util_pct = None;
+        let a = decide(&p, &mut s, 1_000, &[blind.clone()]);
+        assert_eq!(a[0].limit_w, 200.0, "{a:?}");
+        assert!(decide(&p, &mut State::default(), 0, &[blind]).is_empty());
     }
 }

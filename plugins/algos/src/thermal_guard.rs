@@ -33,8 +33,23 @@ pub fn decide(p: &Params, state: &mut State, gpus: &[Gpu]) -> Vec<Action> {
     }
     let mut out = Vec::new();
     for (g, guard) in gpus.iter().zip(state.iter_mut()) {
-        let (Some(t), false) = (g.temp_c, g.lost) else { continue };
+        if g.lost {
+            continue;
+        }
         let current = g.proposed_w.or(g.limit_w).unwrap_or(g.default_w);
+        let Some(t) = g.temp_c else {
+            // No reading this tick: a GPU it guards stays held (the host would give a
+            // GPU nobody proposes for its upper bound back).
+            if let Some(w) = *guard {
+                let limit = w.min(current);
+                out.push(Action {
+                    gpu: g.index,
+                    limit_w: limit,
+                    reason: format!("temperature unreadable: held at {limit:.0} W"),
+                });
+            }
+            continue;
+        };
         if t >= p.threshold_c {
             let from = guard.map_or(current, |w| w.min(current));
             *guard = Some((from - p.step_w).max(g.min_w));
@@ -97,6 +112,21 @@ mod tests {
         );
         assert_eq!(decide(&p, &mut s, &[gpu(77.0, 550.0)])[0].limit_w, 700.0, "let go below 78 °C");
         assert!(decide(&p, &mut s, &[gpu(70.0, 700.0)]).is_empty(), "and silent after");
+    }
+
+    /// A missing reading is no reason to let go: the host would give the GPU its upper
+    /// bound back if nothing proposed for it.
+    #[test]
+    fn a_guarded_gpu_without_a_reading_stays_held() {
+        let p = Params::default();
+        let mut s = State::new();
+        assert_eq!(decide(&p, &mut s, &[gpu(90.0, 600.0)])[0].limit_w, 575.0);
+        let mut blind = gpu(0.0, 575.0);
+        blind.temp_c = None;
+        let a = decide(&p, &mut s, &[blind.clone()]);
+        assert_eq!(a[0].limit_w, 575.0, "{a:?}");
+        assert!(a[0].reason.contains("unreadable"), "{a:?}");
+        assert!(decide(&p, &mut State::new(), &[blind]).is_empty(), "an unguarded one: nothing");
     }
 
     #[test]
